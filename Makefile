@@ -1,0 +1,33 @@
+# Set-up is part of every target: a clean clone needs nothing but python3 (3.10+).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_OUT := build/demo
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, exactly pinned: this version is the local CPU build; anything else pulls CUDA.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(VENV)/bin/qwen-edge export default $(DEMO_OUT) --force
+	$(VENV)/bin/qwen-edge verify default $(DEMO_OUT)
+	$(VENV)/bin/qwen-edge generate $(DEMO_OUT) --prompt "On Monday the" --max-new-tokens 40
+	$(VENV)/bin/qwen-edge generate $(DEMO_OUT) --chat --prompt "What is 12 plus 7?" --max-new-tokens 30
+
+bench: $(STAMP)
+	$(PY) -m exporter.bench_export --preset qwen3.5-0.8b --out BENCHMARKS.md
+
+clean:
+	rm -rf build $(VENV)

@@ -1,0 +1,112 @@
+"""Export the embedding and the stateful decoder to ONNX (onnx-community Qwen3.5 layout).
+
+Recipe per graph: wrap, trace with `torch.onnx.export(dynamo=True)` with the recurrent custom ops
+translated to single nodes, name every input and output from the I/O spec, place the recurrent ops
+in the chosen domain, save with weights as external data beside the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import onnx_ir as ir
+import torch
+from torch.export import Dim
+
+from exporter.onnx_recurrent import place_recurrent_ops, translation_table
+from graphs.config import TextConfig
+from graphs.io_spec import GraphSpec, decoder_spec, embed_spec
+from graphs.qwen3_5 import EmbedTokens, Qwen35Decoder
+
+EMBED_FILE = "embed_tokens.onnx"
+DECODER_FILE = "decoder_model_merged.onnx"
+# Trace-time sizes: all different and > 1, so no dynamic axis is specialised to a constant.
+TRACE_BATCH, TRACE_SEQ, TRACE_PAST = 2, 7, 5
+
+
+def _dims(spec: GraphSpec) -> list[dict[int, object]]:
+    """torch.export dynamic-shape entries for each input of a spec (str dims are dynamic)."""
+    shared: dict[str, object] = {}
+    out = []
+    for t in spec.inputs:
+        entry = {}
+        for axis, dim in enumerate(t.dims):
+            if isinstance(dim, str):
+                # The mask spans past + current tokens: a relation torch.export infers itself.
+                entry[axis] = Dim.AUTO if dim == "total_sequence_length" else shared.setdefault(dim, Dim(dim))
+        out.append(entry)
+    return out
+
+
+def _sample_inputs(cfg: TextConfig, model: Qwen35Decoder) -> tuple[torch.Tensor, ...]:
+    b, t, p = TRACE_BATCH, TRACE_SEQ, TRACE_PAST
+    state = []
+    for s in model.initial_state(b):
+        if s.shape[2] == 0:  # attention cache: give it a non-empty past
+            s = torch.zeros(b, s.shape[1], p, s.shape[3])
+        state.append(s)
+    return (
+        torch.zeros(b, t, cfg.hidden_size),
+        torch.ones(b, p + t, dtype=torch.int64),
+        torch.arange(p, p + t).expand(3, b, t).contiguous(),
+        *state,
+    )
+
+
+def _describe(model: ir.Model, spec: GraphSpec, doc: str) -> None:
+    """Put the spec's descriptions on the graph's inputs and outputs (self-describing artifact)."""
+    model.graph.doc_string = doc
+    docs = {t.name: t.doc for t in (*spec.inputs, *spec.outputs)}
+    for value in (*model.graph.inputs, *model.graph.outputs):
+        value.doc_string = docs.get(value.name, "")
+    model.producer_name = "qwen-edge"
+
+
+def _trace(module: torch.nn.Module, args: tuple, spec: GraphSpec, dynamic: list) -> ir.Model:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_shapes=tuple(dynamic),
+            custom_translation_table=translation_table(),
+            verbose=False,
+        )
+    model = program.model
+    got_inputs = [v.name for v in model.graph.inputs]
+    if got_inputs != spec.input_names:
+        raise RuntimeError(f"exported inputs {got_inputs} differ from the I/O spec {spec.input_names}")
+    return model
+
+
+def _save(model: ir.Model, path: Path) -> None:
+    ir.save(model, path, external_data=path.name + "_data")
+
+
+def export_embed(model: Qwen35Decoder, onnx_dir: Path) -> Path:
+    spec = embed_spec(model.cfg)
+    ids = torch.zeros(TRACE_BATCH, TRACE_SEQ, dtype=torch.int64)
+    graph = _trace(EmbedTokens(model.embed_tokens), (ids,), spec, _dims(spec))
+    _describe(graph, spec, "Qwen3.5 token embedding (qwen-edge)")
+    path = onnx_dir / EMBED_FILE
+    _save(graph, path)
+    return path
+
+
+def export_decoder(model: Qwen35Decoder, onnx_dir: Path, recurrent_ops: str) -> Path:
+    spec = decoder_spec(model.cfg)
+    dims = _dims(spec)
+    fixed = len(spec.inputs) - len(model.initial_state(1))
+    dynamic = [*dims[:fixed], tuple(dims[fixed:])]  # the state arrives as forward's *state varargs
+    graph = _trace(model, _sample_inputs(model.cfg, model), spec, dynamic)
+    place_recurrent_ops(graph, recurrent_ops)
+    _describe(graph, spec, f"Qwen3.5 hybrid decoder, prefill and decode, recurrent ops: {recurrent_ops} (qwen-edge)")
+    path = onnx_dir / DECODER_FILE
+    _save(graph, path)
+    return path

@@ -1,0 +1,170 @@
+"""Load a Hugging Face Qwen3.5 checkpoint folder lazily and check it against its config.
+
+Tensors are memory-mapped with `safetensors.safe_open` and read one at a time, so a checkpoint is
+never held twice in memory. Every shape is checked against the config before any weight is read,
+so a wrong or damaged file fails in seconds with the name of the tensor at fault.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from graphs.config import TextConfig, load_text_config
+from graphs.errors import QwenEdgeError
+from graphs.qwen3_5 import Qwen35Decoder
+
+# Checkpoint name prefixes of the text decoder: multimodal layout first, then text-only.
+TEXT_PREFIXES = ("model.language_model.", "model.")
+# Parts of a published checkpoint that the text decoder does not use.
+IGNORED_PREFIXES = ("mtp.", "model.visual.", "visual.", "model.mtp.")
+FLOAT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one decoder tensor lives: its file and its name inside the file."""
+
+    file: Path
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def _shard_files(folder: Path) -> list[Path]:
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise QwenEdgeError(f"{index}: not a valid safetensors index ({exc}); re-download it") from exc
+        files = sorted({folder / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise QwenEdgeError(f"{folder}: shard {missing[0]} named in {INDEX_NAME} is missing; download all shards")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise QwenEdgeError(f"{folder}: no *.safetensors weights found; point at a checkpoint folder with weights")
+    return files
+
+
+def _decoder_name(key: str) -> str | None:
+    """Map a checkpoint key to the decoder's parameter name, or None if the decoder does not use it."""
+    if key.startswith(IGNORED_PREFIXES):
+        return None
+    if key == "lm_head.weight":
+        return key
+    for prefix in TEXT_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return None
+
+
+def index_tensors(folder: Path) -> dict[str, TensorEntry]:
+    """Read only the headers of every shard: decoder parameter name -> where it is stored."""
+    entries: dict[str, TensorEntry] = {}
+    for file in _shard_files(folder):
+        try:
+            with safe_open(file, framework="pt") as handle:
+                for key in handle.keys():
+                    name = _decoder_name(key)
+                    if name is None:
+                        continue
+                    tslice = handle.get_slice(key)
+                    entries[name] = TensorEntry(file, key, tuple(tslice.get_shape()), tslice.get_dtype())
+        except QwenEdgeError:
+            raise
+        except Exception as exc:  # safetensors raises several types for damaged files
+            raise QwenEdgeError(
+                f"{file}: unreadable safetensors file ({str(exc).splitlines()[0]}); it is truncated or corrupt, re-download it"
+            ) from exc
+    return entries
+
+
+def expected_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter the decoder needs, with its shape, derived from the config alone."""
+    with torch.device("meta"):
+        model = Qwen35Decoder(cfg)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def check_against_config(cfg: TextConfig, entries: dict[str, TensorEntry], folder: Path) -> None:
+    expected = expected_shapes(cfg)
+    for name, shape in expected.items():
+        entry = entries.get(name)
+        if entry is None:
+            raise QwenEdgeError(
+                f"{folder}: tensor '{name}' is missing from the weights; the checkpoint does not match its config.json"
+            )
+        if entry.shape != shape:
+            raise QwenEdgeError(
+                f"{entry.file.name}: tensor '{entry.key}' has shape {list(entry.shape)} but config.json implies "
+                f"{list(shape)}; the weights and config.json are from different models"
+            )
+        if entry.dtype not in FLOAT_DTYPES:
+            raise QwenEdgeError(
+                f"{entry.file.name}: tensor '{entry.key}' is {entry.dtype}; expected bf16, fp16 or fp32 weights"
+            )
+    unexpected = sorted(set(entries) - set(expected) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
+    if unexpected:
+        raise QwenEdgeError(
+            f"{folder}: tensor '{unexpected[0]}' is not part of the decoder described by config.json "
+            f"({len(unexpected)} such); the weights and config.json are from different models"
+        )
+
+
+@dataclass
+class Checkpoint:
+    """A validated checkpoint folder: its config and an index of its decoder tensors."""
+
+    folder: Path
+    config: TextConfig
+    tensors: dict[str, TensorEntry]
+
+    def iter_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield decoder tensors one at a time, converted to `dtype`, read from the memory map."""
+        by_file: dict[Path, list[str]] = {}
+        for name in expected_shapes(self.config):
+            by_file.setdefault(self.tensors[name].file, []).append(name)
+        with ExitStack() as stack:
+            for file, names in by_file.items():
+                handle = stack.enter_context(safe_open(file, framework="pt"))
+                for name in names:
+                    try:
+                        tensor = handle.get_tensor(self.tensors[name].key)
+                    except Exception as exc:
+                        raise QwenEdgeError(
+                            f"{file}: cannot read tensor '{self.tensors[name].key}' ({exc}); the file is corrupt, re-download it"
+                        ) from exc
+                    yield name, tensor.to(dtype)
+
+    def build_decoder(self, dtype: torch.dtype = torch.float32) -> Qwen35Decoder:
+        """The export-friendly decoder with this checkpoint's weights, in `dtype`."""
+        with torch.device("meta"):
+            model = Qwen35Decoder(self.config)
+        params = dict(self.iter_tensors(dtype))
+        if self.config.tie_word_embeddings:
+            params["lm_head.weight"] = params["embed_tokens.weight"]
+        model.load_state_dict(params, strict=True, assign=True)
+        if self.config.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        return model.eval()
+
+
+def open_checkpoint(folder: Path | str) -> Checkpoint:
+    """Open and validate a checkpoint folder (config.json + single or sharded *.safetensors)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise QwenEdgeError(f"{folder}: no such checkpoint folder; pass a folder with config.json and *.safetensors")
+    cfg = load_text_config(folder)
+    entries = index_tensors(folder)
+    check_against_config(cfg, entries, folder)
+    return Checkpoint(folder, cfg, entries)

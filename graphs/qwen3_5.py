@@ -1,0 +1,289 @@
+"""The Qwen3.5 text decoder, written for export: every piece of state is an explicit input and output.
+
+One forward call is a pure function `(inputs_embeds, attention_mask, position_ids, state) ->
+(logits, new_state)`. It serves prefill (T > 1) and decode (T = 1) alike; the state is, per layer,
+conv + recurrent state (Gated DeltaNet) or key + value cache (gated attention). Parameter names
+match the Hugging Face checkpoint (minus its `model.` / `model.language_model.` prefix), so loading
+is a rename, not a conversion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graphs import recurrent_ops
+from graphs.config import TextConfig
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centred: bool = True) -> torch.Tensor:
+    """RMSNorm in fp32. Qwen3.5's decoder norms store `w - 1` (zero-centred); the gated norm does not."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    scale = 1.0 + weight.float() if zero_centred else weight.float()
+    return (xf * scale).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, zero_centred: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim) if zero_centred else torch.ones(dim))
+        self.eps, self.zero_centred = eps, zero_centred
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, self.zero_centred)
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+DeltaRule = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+CausalConv = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+class GatedDeltaNet(nn.Module):
+    """Linear-attention mixer: projections, stateful causal conv, gated delta rule, gated norm."""
+
+    # The kernels are swappable: custom ops (one node each at export) by default, the plain
+    # differentiable references for training.
+    delta_rule: DeltaRule = staticmethod(recurrent_ops.gated_delta_rule)
+    causal_conv: CausalConv = staticmethod(recurrent_ops.causal_conv_with_state)
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.in_proj_qkv = nn.Linear(cfg.hidden_size, cfg.conv_dim, bias=False)
+        self.in_proj_z = nn.Linear(cfg.hidden_size, cfg.value_dim, bias=False)
+        self.in_proj_b = nn.Linear(cfg.hidden_size, hv, bias=False)
+        self.in_proj_a = nn.Linear(cfg.hidden_size, hv, bias=False)
+        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.linear_conv_kernel_dim, groups=cfg.conv_dim, bias=False)
+        self.dt_bias = nn.Parameter(torch.ones(hv))
+        self.A_log = nn.Parameter(torch.zeros(hv))
+        self.norm = RMSNorm(cfg.linear_value_head_dim, cfg.rms_norm_eps, zero_centred=False)
+        self.out_proj = nn.Linear(cfg.value_dim, cfg.hidden_size, bias=False)
+        self.repeat = hv // hk
+
+    def forward(
+        self, x: torch.Tensor, token_mask: torch.Tensor, conv_state: torch.Tensor, recurrent_state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B,T,hidden]; token_mask [B,T] (0 = padding, kept out of both states)."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        x = x * token_mask[:, :, None].to(x.dtype)
+        mixed, conv_state = self.causal_conv(self.in_proj_qkv(x).transpose(1, 2), self.conv1d.weight, conv_state)
+        q, k, v = torch.split(mixed.transpose(1, 2), [cfg.key_dim, cfg.key_dim, cfg.value_dim], dim=-1)
+        q = l2_normalize(q.reshape(b, t, cfg.linear_num_key_heads, -1).float())
+        k = l2_normalize(k.reshape(b, t, cfg.linear_num_key_heads, -1).float())
+        if self.repeat > 1:  # value heads outnumber key heads (4B, 9B): each q/k head serves `repeat`
+            q, k = q.repeat_interleave(self.repeat, dim=2), k.repeat_interleave(self.repeat, dim=2)
+        beta = torch.sigmoid(self.in_proj_b(x)).float()
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
+        out, recurrent_state = self.delta_rule(
+            q.reshape(b, t, -1),
+            k.reshape(b, t, -1),
+            v.float(),
+            g,
+            beta,
+            recurrent_state,
+            cfg.linear_num_value_heads,
+            cfg.linear_key_head_dim**-0.5,
+        )
+        out = out.reshape(b, t, cfg.linear_num_value_heads, -1)
+        z = self.in_proj_z(x).reshape(b, t, cfg.linear_num_value_heads, -1)
+        out = (self.norm(out) * F.silu(z.float())).to(x.dtype)
+        return self.out_proj(out.reshape(b, t, -1)), conv_state, recurrent_state
+
+
+def rope_cos_sin(cfg: TextConfig, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interleaved multimodal RoPE: position_ids [3,B,T] (time, height, width rows) -> cos, sin [B,T,rot].
+
+    Frequency j takes its position from row 1 (height) when j % 3 == 1 and j < 3*sections[1], from
+    row 2 (width) when j % 3 == 2 and j < 3*sections[2], else from row 0. For text, rows are equal.
+    """
+    half = cfg.rotary_dim // 2
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, half, dtype=torch.float32) * 2 / cfg.rotary_dim))
+    rows = [0] * half
+    for row in (1, 2):
+        for j in range(row, min(3 * cfg.mrope_section[row], half), 3):
+            rows[j] = row
+    pos = position_ids.float()[torch.tensor(rows)]  # [half, B, T]
+    freqs = pos.permute(1, 2, 0) * inv_freq  # [B, T, half]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on the leading `rot` dims of x [B,H,T,D]; the rest passes through."""
+    rot = cos.shape[-1]
+    xr, xp = x[..., :rot], x[..., rot:]
+    x1, x2 = xr[..., : rot // 2], xr[..., rot // 2 :]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    cos, sin = cos[:, None], sin[:, None]
+    return torch.cat([xr * cos + rotated * sin, xp], dim=-1)
+
+
+class GatedAttention(nn.Module):
+    """Full attention with per-head q/k norms, partial RoPE, GQA and a sigmoid output gate."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_attention_heads * d * 2, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * d, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * d, bias=False)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * d, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        bias: torch.Tensor,
+        past_key: torch.Tensor,
+        past_value: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """bias [B,1,T,past+T] is 0 where attending is allowed and very negative elsewhere."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        d = cfg.head_dim
+        q, gate = self.q_proj(x).reshape(b, t, cfg.num_attention_heads, 2 * d).chunk(2, dim=-1)
+        q = self.q_norm(q).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).reshape(b, t, -1, d)).transpose(1, 2)
+        v = self.v_proj(x).reshape(b, t, -1, d).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        key = torch.cat([past_key.to(k.dtype), k], dim=2)
+        value = torch.cat([past_value.to(v.dtype), v], dim=2)
+        groups = cfg.num_attention_heads // cfg.num_key_value_heads
+        q = q.reshape(b, cfg.num_key_value_heads, groups * t, d)  # fold the query group into T
+        scores = (q @ key.transpose(-1, -2)) * d**-0.5
+        scores = scores.reshape(b, cfg.num_key_value_heads, groups, t, -1) + bias[:, :, None]
+        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype).reshape(b, cfg.num_key_value_heads, groups * t, -1)
+        out = (probs @ value).reshape(b, cfg.num_attention_heads, t, d).transpose(1, 2).reshape(b, t, -1)
+        out = out * torch.sigmoid(gate.reshape(b, t, -1))
+        return self.o_proj(out), key, value
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_type: str) -> None:
+        super().__init__()
+        self.is_linear = layer_type == "linear_attention"
+        if self.is_linear:
+            self.linear_attn = GatedDeltaNet(cfg)
+        else:
+            self.self_attn = GatedAttention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Qwen35Decoder(nn.Module):
+    """Embedding, decoder layers, final norm and LM head; forward takes embeddings and explicit state.
+
+    State order (flat, as in the ONNX graph): for each layer in order, (conv, recurrent) for a
+    Gated DeltaNet layer or (key, value) for an attention layer.
+    """
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, t) for t in cfg.layer_types)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        *state: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        """inputs_embeds [B,T,hidden]; attention_mask [B,past+T] (1 = real token); position_ids [3,B,T]."""
+        x = inputs_embeds
+        t = x.shape[1]
+        token_mask = attention_mask[:, -t:]
+        bias = attention_bias(attention_mask, t, x.dtype)
+        cos, sin = rope_cos_sin(self.cfg, position_ids, x.dtype)
+        new_state: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers):
+            s0, s1 = state[2 * i], state[2 * i + 1]
+            h = layer.input_layernorm(x)
+            if layer.is_linear:
+                h, s0, s1 = layer.linear_attn(h, token_mask, s0, s1)
+            else:
+                h, s0, s1 = layer.self_attn(h, cos, sin, bias, s0, s1)
+            x = x + h
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            new_state += [s0, s1]
+        logits = self.lm_head(self.norm(x)).float()
+        return (logits, *new_state)
+
+    def initial_state(self, batch: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        """Zero state for a fresh sequence: empty KV cache, zero conv and recurrent states."""
+        cfg = self.cfg
+        state: list[torch.Tensor] = []
+        for layer_type in cfg.layer_types:
+            if layer_type == "linear_attention":
+                state.append(torch.zeros(batch, cfg.conv_dim, cfg.linear_conv_kernel_dim - 1, dtype=dtype))
+                state.append(
+                    torch.zeros(batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)
+                )
+            else:
+                state += [torch.zeros(batch, cfg.num_key_value_heads, 0, cfg.head_dim, dtype=dtype)] * 2
+        return state
+
+    def use_reference_kernels(self) -> None:
+        """Swap the export custom ops for the plain differentiable references (training)."""
+
+        def delta(q, k, v, g, beta, state, num_heads, scale):  # noqa: ANN001, ANN202
+            return recurrent_ops.gated_delta_rule_reference(q, k, v, g, beta, state, num_heads, scale)
+
+        for layer in self.layers:
+            if layer.is_linear:
+                layer.linear_attn.delta_rule = delta
+                layer.linear_attn.causal_conv = recurrent_ops.causal_conv_reference
+
+
+def attention_bias(attention_mask: torch.Tensor, t: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B,1,T,past+T] additive bias: causal over absolute positions, padding keys masked.
+
+    Uses the dtype's lowest finite value, not -inf, so a fully masked (padding) query row stays finite.
+    """
+    total = attention_mask.shape[1]
+    key_pos = torch.arange(total, device=attention_mask.device)
+    query_pos = key_pos[total - t :]
+    allowed = (key_pos[None, :] <= query_pos[:, None])[None] & (attention_mask[:, None, :] > 0)
+    zero = torch.zeros((), dtype=dtype)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
+
+
+class EmbedTokens(nn.Module):
+    """The token-embedding graph of the onnx-community layout: input_ids -> inputs_embeds."""
+
+    def __init__(self, embed: nn.Embedding) -> None:
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids)
