@@ -1,0 +1,1 @@
+"""Phone and laptop device profiles and fit/speed estimates: issue #4, not implemented yet."""

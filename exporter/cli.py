@@ -1,0 +1,115 @@
+"""The `qwen-edge` command line. Each command works on the embedded default model (`default`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from graphs.errors import QwenEdgeError
+
+
+class CliGroup(click.Group):
+    """Turns QwenEdgeError into one clear line on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except QwenEdgeError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=CliGroup)
+@click.version_option(package_name="qwen-edge")
+def main() -> None:
+    """Export, verify and run Qwen3.5 hybrid models for phones."""
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--recurrent-ops", type=click.Choice(["standard", "contrib"]), default="standard", show_default=True,
+              help="standard: ONNX opset 27 ops (ORT >= 1.32); contrib: com.microsoft ops (ORT >= 1.25, web, Android).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def export(checkpoint: str, out: Path, recurrent_ops: str, force: bool, quiet: bool) -> None:
+    """Export CHECKPOINT (a Hugging Face folder, or 'default') to ONNX in OUT."""
+    from exporter.export import export_checkpoint
+
+    export_checkpoint(checkpoint, out, recurrent_ops=recurrent_ops, force=force, progress=not quiet)
+    click.echo(f"exported {checkpoint} -> {out}")
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--decode-steps", default=32, show_default=True, help="Greedy decode steps after each prefill.")
+@click.option("--prompt-lengths", default="1,63,64,65,130", show_default=True, help="Comma-separated prompt lengths.")
+@click.option("--rtol", default=1e-4, show_default=True, help="Logit tolerance, relative to the logit scale.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full per-step report here.")
+@click.option("--per-step", is_flag=True, help="Print every step's difference.")
+def verify(checkpoint: str, export_dir: Path, decode_steps: int, prompt_lengths: str, rtol: float,
+           json_path: Path | None, per_step: bool) -> None:
+    """Check EXPORT_DIR against the PyTorch reference of CHECKPOINT; exit 1 when a tolerance is missed."""
+    from exporter.verify import format_report, verify_export
+
+    try:
+        lengths = tuple(int(x) for x in prompt_lengths.split(","))
+    except ValueError:
+        raise QwenEdgeError(f"--prompt-lengths {prompt_lengths!r}: give comma-separated integers, e.g. 1,64,130")
+    if any(n < 1 for n in lengths):
+        raise QwenEdgeError("--prompt-lengths: every prompt needs at least one token")
+    report = verify_export(checkpoint, export_dir, lengths, decode_steps, rtol)
+    click.echo(format_report(report, per_step))
+    if json_path:
+        json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    if not report.passed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="Prompt text.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt as a user message with the model's chat template.")
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Sampling seed (reproducible output).")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+def generate(export_dir: Path, prompt: str, chat: bool, max_new_tokens: int, temperature: float, top_p: float,
+             seed: int | None, threads: int | None) -> None:
+    """Generate text from an export, streaming tokens to stdout."""
+    from runtime_py.generate import Sampling, generate as run_generate
+    from runtime_py.session import OnnxModel
+    from runtime_py.tokenizer import StreamDecoder, TextTokenizer
+
+    try:
+        sampling = Sampling(temperature, top_p, seed)
+    except ValueError as exc:
+        raise QwenEdgeError(str(exc)) from exc
+    tokenizer = TextTokenizer(export_dir)
+    model = OnnxModel(export_dir, threads=threads)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+    stream = StreamDecoder(tokenizer)
+    click.echo(prompt if not chat else "", nl=False)
+    run_generate(model, tokenizer.encode(text), max_new_tokens, sampling, stop_ids=_stop_ids(export_dir),
+                 on_token=lambda t: click.echo(stream.push(t), nl=False))
+    click.echo()
+
+
+def _stop_ids(export_dir: Path) -> list[int]:
+    """End-of-sequence ids from generation_config.json, else config.json."""
+    for name in ("generation_config.json", "config.json"):
+        path = export_dir / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if eos is not None:
+                return eos if isinstance(eos, list) else [eos]
+    return []
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""ONNX Runtime sessions for an export, with the sequence state owned here between calls.
+
+State tensors stay ORT-owned `OrtValue`s: each step's `present_*` outputs are bound as the next
+step's `past_*` inputs through IO binding, so no state is copied through NumPy between steps.
+Input names, shapes and dtypes are read from the graphs themselves (they carry the I/O spec).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from graphs.errors import QwenEdgeError
+
+EMBED_FILE = "embed_tokens.onnx"
+DECODER_FILE = "decoder_model_merged.onnx"
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+
+def past_name_for(present: str) -> str:
+    """`present.3.key` -> `past_key_values.3.key`; `present_conv.0` -> `past_conv.0`."""
+    if present.startswith("present."):
+        return "past_key_values." + present[len("present.") :]
+    return "past_" + present[len("present_") :]
+
+
+@dataclass
+class SequenceState:
+    """Everything a batch of sequences carries between calls."""
+
+    values: dict[str, ort.OrtValue]
+    attention_mask: np.ndarray  # [B, past] int64
+    positions: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))  # next position per row
+
+    @property
+    def past_length(self) -> int:
+        return self.attention_mask.shape[1]
+
+
+class OnnxModel:
+    """embed_tokens + decoder_model_merged of one export folder."""
+
+    def __init__(self, export_dir: Path | str, threads: int | None = None, suffix: str = "") -> None:
+        onnx_dir = Path(export_dir) / "onnx"
+        embed = onnx_dir / EMBED_FILE.replace(".onnx", f"{suffix}.onnx")
+        decoder = onnx_dir / DECODER_FILE.replace(".onnx", f"{suffix}.onnx")
+        for path in (embed, decoder):
+            if not path.is_file():
+                raise QwenEdgeError(f"{path}: not found; pass a folder written by 'qwen-edge export'")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        try:
+            self.embed = ort.InferenceSession(str(embed), opts, providers=["CPUExecutionProvider"])
+            self.decoder = ort.InferenceSession(str(decoder), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own exception types for unloadable models
+            raise QwenEdgeError(f"{decoder}: ONNX Runtime {ort.__version__} cannot load it ({str(exc).splitlines()[0]})") from exc
+        self.state_inputs = [i for i in self.decoder.get_inputs() if i.name.startswith("past_")]
+        self.output_names = [o.name for o in self.decoder.get_outputs()]
+        self.embeds_dtype = _NP_TYPES[self.decoder.get_inputs()[0].type]
+
+    def new_state(self, batch: int) -> SequenceState:
+        """Zero state: empty KV cache, zero conv and recurrent state."""
+        values = {}
+        for spec in self.state_inputs:
+            shape = [batch if d == "batch_size" else (0 if isinstance(d, str) else d) for d in spec.shape]
+            values[spec.name] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, _NP_TYPES[spec.type]))
+        return SequenceState(values, np.zeros((batch, 0), np.int64), np.zeros((batch,), np.int64))
+
+    def embed_ids(self, input_ids: np.ndarray) -> np.ndarray:
+        return self.embed.run(None, {"input_ids": input_ids.astype(np.int64)})[0]
+
+    def forward(self, input_ids: np.ndarray, state: SequenceState, token_mask: np.ndarray | None = None) -> np.ndarray:
+        """Run T new tokens per row ([B, T] ids) through the decoder; updates `state`; returns logits [B, T, V].
+
+        token_mask [B, T] marks padding (0) among the new tokens, e.g. left padding of a batch prompt.
+        """
+        return self.forward_embeds(self.embed_ids(input_ids), state, token_mask)
+
+    def forward_embeds(self, embeds: np.ndarray, state: SequenceState, token_mask: np.ndarray | None = None) -> np.ndarray:
+        b, t = embeds.shape[:2]
+        new_mask = np.ones((b, t), np.int64) if token_mask is None else token_mask.astype(np.int64)
+        # Positions count real tokens only, so a left-padded row starts at 0 like an unpadded one.
+        positions = state.positions[:, None] + np.cumsum(new_mask, axis=1) - 1
+        positions = np.where(new_mask > 0, positions, 0).astype(np.int64)
+        mask = np.concatenate([state.attention_mask, new_mask], axis=1)
+        binding = self.decoder.io_binding()
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=self.embeds_dtype))
+        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(np.broadcast_to(positions, (3, b, t))))
+        for name, value in state.values.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.decoder.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        for name, value in zip(self.output_names[1:], outputs[1:]):
+            state.values[past_name_for(name)] = value
+        state.attention_mask = mask
+        state.positions = state.positions + new_mask.sum(axis=1)
+        return outputs[0].numpy()

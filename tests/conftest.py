@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny random checkpoints of the real architecture, and their exports."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from exporter.export import DEFAULT_MODEL_DIR, export_checkpoint
+from graphs.random_checkpoint import write_random_checkpoint
+
+TINY_TEXT = {
+    "model_type": "qwen3_5_text",
+    "vocab_size": 320,
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "intermediate_size": 128,
+    "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 2,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_conv_kernel_dim": 4,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25,
+                        "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+    "tie_word_embeddings": True,
+}
+
+
+def tiny_config(*, value_heads: int = 2, tie: bool = True, multimodal: bool = False) -> dict:
+    """A tiny config; value_heads=4 gives the 4B/9B layout (Hv = 2·Hk). multimodal nests it like the
+    published checkpoints (model_type qwen3_5 with text_config)."""
+    text = copy.deepcopy(TINY_TEXT)
+    text["linear_num_value_heads"] = value_heads
+    text["tie_word_embeddings"] = tie
+    if not multimodal:
+        return text
+    text["model_type"] = "qwen3_5_text"
+    return {"model_type": "qwen3_5", "architectures": ["Qwen3_5ForConditionalGeneration"],
+            "tie_word_embeddings": tie, "text_config": text}
+
+
+LAYOUTS = {
+    # name: (config kwargs, checkpoint writer kwargs)
+    "kv_equal_tied": (dict(value_heads=2, tie=True), dict(multimodal_names=False)),
+    "kv_double_untied": (dict(value_heads=4, tie=False, multimodal=True), dict(multimodal_names=True)),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    out = {}
+    for name, (cfg_kwargs, writer_kwargs) in LAYOUTS.items():
+        out[name] = write_random_checkpoint(tiny_config(**cfg_kwargs), root / name, seed=7,
+                                            dtype=torch.float32, **writer_kwargs)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each tiny layout exported; the Hv = 2·Hk one with contrib ops, so both forms are exercised."""
+    root = tmp_path_factory.mktemp("exports")
+    forms = {"kv_equal_tied": "standard", "kv_double_untied": "contrib"}
+    return {name: export_checkpoint(ck, root / name, recurrent_ops=forms[name], progress=False)
+            for name, ck in tiny_checkpoints.items()}
+
+
+@pytest.fixture(scope="session")
+def default_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_checkpoint("default", tmp_path_factory.mktemp("default") / "export", progress=False)
+
+
+@pytest.fixture(scope="session")
+def default_checkpoint() -> Path:
+    return DEFAULT_MODEL_DIR
