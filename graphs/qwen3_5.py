@@ -255,13 +255,9 @@ class Qwen35Decoder(nn.Module):
 
     def use_reference_kernels(self) -> None:
         """Swap the export custom ops for the plain differentiable references (training)."""
-
-        def delta(q, k, v, g, beta, state, num_heads, scale):  # noqa: ANN001, ANN202
-            return recurrent_ops.gated_delta_rule_reference(q, k, v, g, beta, state, num_heads, scale)
-
         for layer in self.layers:
             if layer.is_linear:
-                layer.linear_attn.delta_rule = delta
+                layer.linear_attn.delta_rule = recurrent_ops.gated_delta_rule_reference
                 layer.linear_attn.causal_conv = recurrent_ops.causal_conv_reference
 
 

@@ -128,38 +128,22 @@ def causal_conv_reference(
     """
     window = torch.cat([state.to(x.dtype), x], dim=-1)
     y = F.conv1d(window, weight.to(x.dtype), groups=x.shape[1])
-    return F.silu(y), window[:, :, -(weight.shape[-1] - 1) :]
+    return F.silu(y), window[:, :, -(weight.shape[-1] - 1) :].to(state.dtype)
 
 
 # ---- custom ops: one graph node each at export time ------------------------------------------------
-@torch.library.custom_op("qwen_edge::gated_delta_rule", mutates_args=())
-def gated_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    state: torch.Tensor,
-    num_heads: int,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    out, new_state = gated_delta_rule_reference(q, k, v, g, beta, state, num_heads, scale)
-    return out.contiguous(), new_state.contiguous()
+# The eager kernels are the references themselves (their outputs never alias their inputs).
+gated_delta_rule = torch.library.custom_op("qwen_edge::gated_delta_rule", mutates_args=())(gated_delta_rule_reference)
+causal_conv_with_state = torch.library.custom_op("qwen_edge::causal_conv_with_state", mutates_args=())(
+    causal_conv_reference
+)
 
 
 @gated_delta_rule.register_fake
-def _(q, k, v, g, beta, state, num_heads, scale):
+def _(q, k, v, g, beta, state, num_heads, scale):  # noqa: ANN001, ANN202
     return torch.empty_like(v), torch.empty_like(state, dtype=torch.float32)
 
 
-@torch.library.custom_op("qwen_edge::causal_conv_with_state", mutates_args=())
-def causal_conv_with_state(
-    x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    y, new_state = causal_conv_reference(x, weight, state)
-    return y.contiguous(), new_state.to(state.dtype).contiguous()
-
-
 @causal_conv_with_state.register_fake
-def _(x, weight, state):
+def _(x, weight, state):  # noqa: ANN001, ANN202
     return torch.empty_like(x), torch.empty_like(state)

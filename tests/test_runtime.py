@@ -62,3 +62,13 @@ def test_chat_template_renders_the_model_format(default_checkpoint):
     text = tok.apply_chat_template([{"role": "user", "content": "What is 2 plus 2?"}])
     assert text == "<|im_start|>user\nWhat is 2 plus 2?<|im_end|>\n<|im_start|>assistant\n"
     assert tok.encode("<|im_end|>") == [tok.token_id("<|im_end|>")]
+
+
+def test_runtime_does_not_import_torch():
+    """runtime_py must run where an app-side Python would: onnxruntime, numpy and tokenizers only."""
+    import subprocess
+    import sys
+
+    code = ("import sys, runtime_py.session, runtime_py.generate, runtime_py.tokenizer; "
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

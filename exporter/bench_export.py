@@ -1,0 +1,128 @@
+"""Benchmark: export and verify a random-weight checkpoint of a real Qwen3.5 shape.
+
+    .venv/bin/python -m exporter.bench_export --preset qwen3.5-0.8b
+
+Each stage runs as its own process so its wall time and peak resident memory (from the kernel's
+rusage of that process) are measured separately. Results go to bench_out/export_<preset>.json and
+into BENCHMARKS.md between markers for that preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+QWEN_EDGE = [sys.executable, "-m", "exporter.cli"]
+
+
+def run_measured(cmd: list[str]) -> dict:
+    """Run cmd; return wall seconds, peak RSS (MiB) of that process tree's largest process, exit code."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    return {"command": " ".join(cmd), "wall_s": round(wall, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024), "exit": code}
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
+
+
+def folder_size_mib(path: Path) -> float:
+    return round(sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20, 1)
+
+
+def replace_section(doc: Path, key: str, body: str) -> None:
+    """Put `body` between `<!-- key -->` markers in doc (appending the section if new)."""
+    start, end = f"<!-- {key} -->", f"<!-- /{key} -->"
+    text = doc.read_text() if doc.is_file() else "# Benchmarks\n"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    doc.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--preset", default="qwen3.5-0.8b")
+    parser.add_argument("--work", type=Path, default=ROOT / "build" / "bench")
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args()
+    work = args.work / args.preset
+    ck, export = work / "checkpoint", work / "export"
+    report_json = work / "verify.json"
+    work.mkdir(parents=True, exist_ok=True)
+
+    make_ck = [sys.executable, "-c",
+               "import sys; from graphs.config import preset_config_dict as p; "
+               "from graphs.random_checkpoint import write_random_checkpoint as w; "
+               f"w(p('{args.preset}'), '{ck}')"]
+    stages = {
+        "write random checkpoint (bf16)": make_ck,
+        "export (fp32 ONNX, standard ops)": [*QWEN_EDGE, "export", str(ck), str(export), "--force", "--quiet"],
+        "verify (prompts 1/64/130, 32 decode steps)": [*QWEN_EDGE, "verify", str(ck), str(export),
+                                                       "--prompt-lengths", "1,64,130", "--json", str(report_json)],
+    }
+    results = {}
+    for name, cmd in stages.items():
+        print(f"== {name}", flush=True)
+        results[name] = run_measured(cmd)
+        if results[name]["exit"] != 0 and "verify" not in name:
+            sys.exit(f"stage failed: {name}")
+    verify = json.loads(report_json.read_text())
+    worst = max(s["max_abs_diff"] / max(1, s["logit_scale"]) for p in verify["prompts"] for s in p["steps"])
+    record = {
+        "preset": args.preset,
+        "date": dt.date.today().isoformat(),
+        "machine": machine(),
+        "stages": results,
+        "checkpoint_mib": folder_size_mib(ck),
+        "export_mib": folder_size_mib(export),
+        "verify_passed": verify["passed"],
+        "verify_worst_relative_diff": worst,
+        "verify_greedy_agreement": min(p["greedy_agreement"] for p in verify["prompts"]),
+    }
+    (ROOT / "bench_out").mkdir(exist_ok=True)
+    (ROOT / "bench_out" / f"export_{args.preset}.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    rows = "\n".join(f"| {name} | {r['wall_s']} | {r['peak_rss_mib']} | {r['exit']} |" for name, r in results.items())
+    body = f"""## Export of the {args.preset} shape (random weights)
+
+Measured {record['date']} on {record['machine']}.
+Command: `.venv/bin/python -m exporter.bench_export --preset {args.preset}` (each stage a separate process;
+peak RSS is the kernel's maxrss of that process).
+
+| stage | wall time (s) | peak RSS (MiB) | exit |
+|---|---|---|---|
+{rows}
+
+Checkpoint {record['checkpoint_mib']} MiB (bf16) → export {record['export_mib']} MiB (fp32 ONNX, external data).
+Verify: {'PASS' if record['verify_passed'] else 'FAIL'}, worst per-call max |Δlogits| / logit scale
+{worst:.2e}, greedy agreement {record['verify_greedy_agreement']:.0%}.
+"""
+    replace_section(args.out, f"export:{args.preset}", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
