@@ -33,14 +33,27 @@ def main() -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--recurrent-ops", type=click.Choice(["standard", "contrib"]), default="standard", show_default=True,
               help="standard: ONNX opset 27 ops (ORT >= 1.32); contrib: com.microsoft ops (ORT >= 1.25, web, Android).")
+@click.option("--quant", "quant_names", default="fp32", show_default=True,
+              help="Comma-separated variants: fp32, fp16, q8, q4, q4f16 (file suffixes '', _fp16, _quantized, _q4, _q4f16).")
+@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
+              help="Quantization block size along the input dimension.")
+@click.option("--asymmetric", is_flag=True, help="Per-block zero points (default: symmetric).")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
+              help="MatMulNBits compute: 4 = int8 activations (fastest on CPU), 1 = fp32, 0 = runtime default.")
+@click.option("--all-logits", is_flag=True, help="Logits for every position (default: last position only).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def export(checkpoint: str, out: Path, recurrent_ops: str, force: bool, quiet: bool) -> None:
+def export(checkpoint: str, out: Path, recurrent_ops: str, quant_names: str, block_size: str, asymmetric: bool,
+           accuracy_level: int, all_logits: bool, force: bool, quiet: bool) -> None:
     """Export CHECKPOINT (a Hugging Face folder, or 'default') to ONNX in OUT."""
     from exporter.export import export_checkpoint
+    from quant.schemes import QuantOptions, parse_schemes
 
-    export_checkpoint(checkpoint, out, recurrent_ops=recurrent_ops, force=force, progress=not quiet)
-    click.echo(f"exported {checkpoint} -> {out}")
+    schemes = parse_schemes(quant_names)
+    options = QuantOptions(int(block_size), not asymmetric, accuracy_level)
+    export_checkpoint(checkpoint, out, recurrent_ops=recurrent_ops, schemes=schemes, quant=options,
+                      all_logits=all_logits, force=force, progress=not quiet)
+    click.echo(f"exported {checkpoint} -> {out} ({', '.join(s.name for s in schemes)})")
 
 
 @main.command()
@@ -79,11 +92,12 @@ def verify(checkpoint: str, export_dir: Path, decode_steps: int, prompt_lengths:
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None, help="Sampling seed (reproducible output).")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--variant", default=None, help="Which exported variant to run (default: the first one exported).")
 def generate(export_dir: Path, prompt: str, chat: bool, max_new_tokens: int, temperature: float, top_p: float,
-             seed: int | None, threads: int | None) -> None:
+             seed: int | None, threads: int | None, variant: str | None) -> None:
     """Generate text from an export, streaming tokens to stdout."""
     from runtime_py.generate import Sampling, generate as run_generate
-    from runtime_py.session import OnnxModel
+    from runtime_py.session import OnnxModel, export_variants
     from runtime_py.tokenizer import StreamDecoder, TextTokenizer
 
     try:
@@ -91,7 +105,7 @@ def generate(export_dir: Path, prompt: str, chat: bool, max_new_tokens: int, tem
     except ValueError as exc:
         raise QwenEdgeError(str(exc)) from exc
     tokenizer = TextTokenizer(export_dir)
-    model = OnnxModel(export_dir, threads=threads)
+    model = OnnxModel(export_dir, variant or export_variants(export_dir)[0], threads=threads)
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
     stream = StreamDecoder(tokenizer)
     click.echo(prompt if not chat else "", nl=False)

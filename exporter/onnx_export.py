@@ -20,8 +20,6 @@ from graphs.config import TextConfig
 from graphs.io_spec import GraphSpec, decoder_spec, embed_spec
 from graphs.qwen3_5 import EmbedTokens, Qwen35Decoder
 
-EMBED_FILE = "embed_tokens.onnx"
-DECODER_FILE = "decoder_model_merged.onnx"
 # Trace-time sizes: all different and > 1, so no dynamic axis is specialised to a constant.
 TRACE_BATCH, TRACE_SEQ, TRACE_PAST = 2, 7, 5
 
@@ -40,15 +38,20 @@ def _dims(spec: GraphSpec) -> list[dict[int, object]]:
     return out
 
 
+def activation_dtype(model: Qwen35Decoder) -> torch.dtype:
+    return model.embed_tokens.weight.dtype
+
+
 def _sample_inputs(cfg: TextConfig, model: Qwen35Decoder) -> tuple[torch.Tensor, ...]:
     b, t, p = TRACE_BATCH, TRACE_SEQ, TRACE_PAST
+    dtype = activation_dtype(model)
     state = []
-    for s in model.initial_state(b):
+    for s in model.initial_state(b, dtype):
         if s.shape[2] == 0:  # attention cache: give it a non-empty past
-            s = torch.zeros(b, s.shape[1], p, s.shape[3])
+            s = torch.zeros(b, s.shape[1], p, s.shape[3], dtype=dtype)
         state.append(s)
     return (
-        torch.zeros(b, t, cfg.hidden_size),
+        torch.zeros(b, t, cfg.hidden_size, dtype=dtype),
         torch.ones(b, p + t, dtype=torch.int64),
         torch.arange(p, p + t).expand(3, b, t).contiguous(),
         *state,
@@ -85,28 +88,35 @@ def _trace(module: torch.nn.Module, args: tuple, spec: GraphSpec, dynamic: list)
     return model
 
 
-def _save(model: ir.Model, path: Path) -> None:
+def save_graph(model: ir.Model, path: Path) -> Path:
+    """Save with every weight in one external data file beside the graph (`<name>.onnx_data`)."""
     ir.save(model, path, external_data=path.name + "_data")
+    return path
 
 
-def export_embed(model: Qwen35Decoder, onnx_dir: Path) -> Path:
-    spec = embed_spec(model.cfg)
+def _dtype_name(model: Qwen35Decoder) -> str:
+    return {torch.float32: "float32", torch.float16: "float16"}[activation_dtype(model)]
+
+
+def trace_embed(model: Qwen35Decoder) -> ir.Model:
+    spec = embed_spec(model.cfg, _dtype_name(model))
     ids = torch.zeros(TRACE_BATCH, TRACE_SEQ, dtype=torch.int64)
     graph = _trace(EmbedTokens(model.embed_tokens), (ids,), spec, _dims(spec))
     _describe(graph, spec, "Qwen3.5 token embedding (qwen-edge)")
-    path = onnx_dir / EMBED_FILE
-    _save(graph, path)
-    return path
+    return graph
 
 
-def export_decoder(model: Qwen35Decoder, onnx_dir: Path, recurrent_ops: str) -> Path:
-    spec = decoder_spec(model.cfg)
+def trace_decoder(model: Qwen35Decoder, recurrent_ops: str, all_logits: bool = False) -> ir.Model:
+    """The stateful decoder graph; logits for the last position only unless `all_logits`."""
+    spec = decoder_spec(model.cfg, _dtype_name(model), all_logits)
     dims = _dims(spec)
     fixed = len(spec.inputs) - len(model.initial_state(1))
     dynamic = [*dims[:fixed], tuple(dims[fixed:])]  # the state arrives as forward's *state varargs
-    graph = _trace(model, _sample_inputs(model.cfg, model), spec, dynamic)
+    model.last_logits_only = not all_logits
+    try:
+        graph = _trace(model, _sample_inputs(model.cfg, model), spec, dynamic)
+    finally:
+        model.last_logits_only = False
     place_recurrent_ops(graph, recurrent_ops)
     _describe(graph, spec, f"Qwen3.5 hybrid decoder, prefill and decode, recurrent ops: {recurrent_ops} (qwen-edge)")
-    path = onnx_dir / DECODER_FILE
-    _save(graph, path)
-    return path
+    return graph

@@ -59,8 +59,11 @@ def state_specs(cfg: TextConfig, past: bool, dtype: str = "float32") -> list[Ten
     return specs
 
 
-def decoder_spec(cfg: TextConfig, dtype: str = "float32") -> GraphSpec:
-    """`decoder_model_merged`: one graph for prefill (T > 1) and decode (T = 1)."""
+def decoder_spec(cfg: TextConfig, dtype: str = "float32", all_logits: bool = False) -> GraphSpec:
+    """`decoder_model_merged`: one graph for prefill (T > 1) and decode (T = 1).
+
+    Logits cover every position only when `all_logits`; by default just the last one.
+    """
     inputs = [
         TensorSpec("inputs_embeds", ("batch_size", "sequence_length", cfg.hidden_size), dtype,
                    "token embeddings from embed_tokens (or image features)"),
@@ -71,7 +74,8 @@ def decoder_spec(cfg: TextConfig, dtype: str = "float32") -> GraphSpec:
         *state_specs(cfg, past=True, dtype=dtype),
     ]
     outputs = [
-        TensorSpec("logits", ("batch_size", "sequence_length", cfg.vocab_size), "float32", "next-token logits"),
+        TensorSpec("logits", ("batch_size", "sequence_length" if all_logits else 1, cfg.vocab_size), "float32",
+                   "next-token logits" + ("" if all_logits else " (last position only)")),
         *state_specs(cfg, past=False, dtype=dtype),
     ]
     return GraphSpec(tuple(inputs), tuple(outputs))

@@ -74,7 +74,7 @@ class GatedDeltaNet(nn.Module):
         """x [B,T,hidden]; token_mask [B,T] (0 = padding, kept out of both states)."""
         cfg = self.cfg
         b, t, _ = x.shape
-        x = x * token_mask[:, :, None].to(x.dtype)
+        x = torch.where(token_mask[:, :, None] > 0, x, torch.zeros((), dtype=x.dtype))  # padding stays out
         mixed, conv_state = self.causal_conv(self.in_proj_qkv(x).transpose(1, 2), self.conv1d.weight, conv_state)
         q, k, v = torch.split(mixed.transpose(1, 2), [cfg.key_dim, cfg.key_dim, cfg.value_dim], dim=-1)
         q = l2_normalize(q.reshape(b, t, cfg.linear_num_key_heads, -1).float())
@@ -163,9 +163,9 @@ class GatedAttention(nn.Module):
         value = torch.cat([past_value.to(v.dtype), v], dim=2)
         groups = cfg.num_attention_heads // cfg.num_key_value_heads
         q = q.reshape(b, cfg.num_key_value_heads, groups * t, d)  # fold the query group into T
-        scores = (q @ key.transpose(-1, -2)) * d**-0.5
+        scores = (q @ key.transpose(-1, -2)).float() * d**-0.5  # fp32 from here: the mask must not overflow
         scores = scores.reshape(b, cfg.num_key_value_heads, groups, t, -1) + bias[:, :, None]
-        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype).reshape(b, cfg.num_key_value_heads, groups * t, -1)
+        probs = torch.softmax(scores, dim=-1).to(v.dtype).reshape(b, cfg.num_key_value_heads, groups * t, -1)
         out = (probs @ value).reshape(b, cfg.num_attention_heads, t, d).transpose(1, 2).reshape(b, t, -1)
         out = out * torch.sigmoid(gate.reshape(b, t, -1))
         return self.o_proj(out), key, value
@@ -199,8 +199,11 @@ class Qwen35Decoder(nn.Module):
     """Embedding, decoder layers, final norm and LM head; forward takes embeddings and explicit state.
 
     State order (flat, as in the ONNX graph): for each layer in order, (conv, recurrent) for a
-    Gated DeltaNet layer or (key, value) for an attention layer.
+    Gated DeltaNet layer or (key, value) for an attention layer. With `last_logits_only`, logits are
+    computed for the last position only (a 512-token prefill then never holds 512 × vocab logits).
     """
+
+    last_logits_only: bool = False
 
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
@@ -223,7 +226,7 @@ class Qwen35Decoder(nn.Module):
         x = inputs_embeds
         t = x.shape[1]
         token_mask = attention_mask[:, -t:]
-        bias = attention_bias(attention_mask, t, x.dtype)
+        bias = attention_bias(attention_mask, t)
         cos, sin = rope_cos_sin(self.cfg, position_ids, x.dtype)
         new_state: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
@@ -236,6 +239,8 @@ class Qwen35Decoder(nn.Module):
             x = x + h
             x = x + layer.mlp(layer.post_attention_layernorm(x))
             new_state += [s0, s1]
+        if self.last_logits_only:
+            x = x[:, -1:]
         logits = self.lm_head(self.norm(x)).float()
         return (logits, *new_state)
 
@@ -246,7 +251,7 @@ class Qwen35Decoder(nn.Module):
         for layer_type in cfg.layer_types:
             if layer_type == "linear_attention":
                 state.append(torch.zeros(batch, cfg.conv_dim, cfg.linear_conv_kernel_dim - 1, dtype=dtype))
-                state.append(
+                state.append(  # the delta-rule state is fp32 whatever the activation dtype
                     torch.zeros(batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)
                 )
             else:
@@ -261,17 +266,17 @@ class Qwen35Decoder(nn.Module):
                 layer.linear_attn.causal_conv = recurrent_ops.causal_conv_reference
 
 
-def attention_bias(attention_mask: torch.Tensor, t: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B,1,T,past+T] additive bias: causal over absolute positions, padding keys masked.
+def attention_bias(attention_mask: torch.Tensor, t: int) -> torch.Tensor:
+    """[B,1,T,past+T] fp32 additive bias: causal over absolute positions, padding keys masked.
 
-    Uses the dtype's lowest finite value, not -inf, so a fully masked (padding) query row stays finite.
+    Uses the lowest finite fp32 value, not -inf, so a fully masked (padding) query row stays finite.
     """
     total = attention_mask.shape[1]
     key_pos = torch.arange(total, device=attention_mask.device)
     query_pos = key_pos[total - t :]
     allowed = (key_pos[None, :] <= query_pos[:, None])[None] & (attention_mask[:, None, :] > 0)
-    zero = torch.zeros((), dtype=dtype)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
+    zero = torch.zeros((), dtype=torch.float32)
+    return torch.where(allowed, zero, torch.finfo(torch.float32).min)[:, None]
 
 
 class EmbedTokens(nn.Module):

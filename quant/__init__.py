@@ -1,1 +1,1 @@
-"""Quantization schemes and transforms (int8, block-wise int4, fp16): issue #3, not implemented yet."""
+"""Quantization: the export variants (`schemes`) and the ONNX weight transforms (`onnx_weights`)."""

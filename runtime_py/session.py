@@ -7,6 +7,7 @@ Input names, shapes and dtypes are read from the graphs themselves (they carry t
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,10 +15,34 @@ import numpy as np
 import onnxruntime as ort
 
 from graphs.errors import QwenEdgeError
+from quant.schemes import SCHEMES
 
-EMBED_FILE = "embed_tokens.onnx"
-DECODER_FILE = "decoder_model_merged.onnx"
+MANIFEST = "qwen_edge.json"
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+
+def variant_files(export_dir: Path, variant: str) -> tuple[Path, Path]:
+    """(embed_tokens, decoder) graph paths of one variant, from the export's manifest when present."""
+    manifest = export_dir / MANIFEST
+    if manifest.is_file():
+        variants = json.loads(manifest.read_text()).get("variants", {})
+        if variant not in variants:
+            raise QwenEdgeError(f"{export_dir}: has no '{variant}' variant (it has {', '.join(variants)}); "
+                                f"pick one of those or export with --quant {variant}")
+        entry = variants[variant]
+        return export_dir / entry["embed_tokens"], export_dir / entry["decoder"]
+    if variant not in SCHEMES:
+        raise QwenEdgeError(f"unknown variant {variant!r}; choose from {', '.join(SCHEMES)}")
+    suffix = SCHEMES[variant].suffix
+    return export_dir / "onnx" / f"embed_tokens{suffix}.onnx", export_dir / "onnx" / f"decoder_model_merged{suffix}.onnx"
+
+
+def export_variants(export_dir: Path) -> list[str]:
+    """Variant names an export folder holds, in the order they were exported."""
+    manifest = export_dir / MANIFEST
+    if not manifest.is_file():
+        raise QwenEdgeError(f"{export_dir}: no {MANIFEST}; pass a folder written by 'qwen-edge export'")
+    return list(json.loads(manifest.read_text()).get("variants", {}))
 
 
 def past_name_for(present: str) -> str:
@@ -43,10 +68,8 @@ class SequenceState:
 class OnnxModel:
     """embed_tokens + decoder_model_merged of one export folder."""
 
-    def __init__(self, export_dir: Path | str, threads: int | None = None, suffix: str = "") -> None:
-        onnx_dir = Path(export_dir) / "onnx"
-        embed = onnx_dir / EMBED_FILE.replace(".onnx", f"{suffix}.onnx")
-        decoder = onnx_dir / DECODER_FILE.replace(".onnx", f"{suffix}.onnx")
+    def __init__(self, export_dir: Path | str, variant: str = "fp32", threads: int | None = None) -> None:
+        embed, decoder = variant_files(Path(export_dir), variant)
         for path in (embed, decoder):
             if not path.is_file():
                 raise QwenEdgeError(f"{path}: not found; pass a folder written by 'qwen-edge export'")
@@ -75,7 +98,9 @@ class OnnxModel:
         return self.embed.run(None, {"input_ids": input_ids.astype(np.int64)})[0]
 
     def forward(self, input_ids: np.ndarray, state: SequenceState, token_mask: np.ndarray | None = None) -> np.ndarray:
-        """Run T new tokens per row ([B, T] ids) through the decoder; updates `state`; returns logits [B, T, V].
+        """Run T new tokens per row ([B, T] ids) through the decoder; updates `state`.
+
+        Returns logits [B, T, V], or [B, 1, V] for exports with last-position logits (the default).
 
         token_mask [B, T] marks padding (0) among the new tokens, e.g. left padding of a batch prompt.
         """

@@ -69,7 +69,7 @@ def tiny_exports(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.Tem
     """Each tiny layout exported; the Hv = 2·Hk one with contrib ops, so both forms are exercised."""
     root = tmp_path_factory.mktemp("exports")
     forms = {"kv_equal_tied": "standard", "kv_double_untied": "contrib"}
-    return {name: export_checkpoint(ck, root / name, recurrent_ops=forms[name], progress=False)
+    return {name: export_checkpoint(ck, root / name, recurrent_ops=forms[name], all_logits=True, progress=False)
             for name, ck in tiny_checkpoints.items()}
 
 

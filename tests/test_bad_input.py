@@ -118,13 +118,13 @@ def test_force_replaces_existing_output(tmp_path):
 
 
 def test_failure_during_export_leaves_nothing(tmp_path, monkeypatch):
-    """An error after files were written (here: in the decoder export) still leaves no output."""
+    """An error after files were written (here: while tracing the decoder) still leaves no output."""
     import exporter.export as export_module
 
     def boom(*args, **kwargs):
         raise RuntimeError("simulated crash while writing the decoder")
 
-    monkeypatch.setattr(export_module, "export_decoder", boom)
+    monkeypatch.setattr(export_module, "trace_decoder", boom)
     ck = _checkpoint(tmp_path)
     out = tmp_path / "out" / "export"
     out.parent.mkdir()

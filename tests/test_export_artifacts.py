@@ -24,8 +24,9 @@ def test_layout_and_manifest(tiny_exports, tiny_checkpoints):
                  "onnx/decoder_model_merged.onnx_data", "config.json", "qwen_edge.json"):
         assert (export / name).is_file(), name
     manifest = json.loads((export / "qwen_edge.json").read_text())
-    assert manifest["recurrent_ops"] == "standard" and manifest["opset_imports"] == {"ai.onnx": 27}
-    assert manifest["graphs"]["decoder"] == "onnx/decoder_model_merged.onnx"
+    assert manifest["recurrent_ops"] == "standard" and manifest["logits"] == "all positions"
+    assert manifest["variants"]["fp32"]["opset_imports"] == {"ai.onnx": 27}
+    assert manifest["variants"]["fp32"]["decoder"] == "onnx/decoder_model_merged.onnx"
     assert (export / "config.json").read_text() == (tiny_checkpoints["kv_equal_tied"] / "config.json").read_text()
 
 
