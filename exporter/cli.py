@@ -12,14 +12,28 @@ from graphs.errors import QwenEdgeError
 
 
 class CliGroup(click.Group):
-    """Turns QwenEdgeError into one clear line on stderr and exit status 1."""
+    """Every user error is one clear line on stderr: ours exit 1, click's usage errors exit 2."""
+
+    def main(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        kwargs.pop("standalone_mode", None)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            hint = f" (see 'qwen-edge {exc.ctx.info_name} --help')" if getattr(exc, "ctx", None) and exc.ctx.parent else ""
+            click.echo(f"error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
 
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except QwenEdgeError as exc:
             click.echo(f"error: {exc}", err=True)
-            ctx.exit(1)
+            sys.exit(1)
 
 
 @click.group(cls=CliGroup)
@@ -57,16 +71,36 @@ def export(checkpoint: str, out: Path, recurrent_ops: str, quant_names: str, blo
 
 
 @main.command()
-@click.argument("checkpoint")
-@click.argument("export_dir", type=click.Path(path_type=Path))
-@click.option("--decode-steps", default=32, show_default=True, help="Greedy decode steps after each prefill.")
-@click.option("--prompt-lengths", default="1,63,64,65,130", show_default=True, help="Comma-separated prompt lengths.")
-@click.option("--rtol", default=1e-4, show_default=True, help="Logit tolerance, relative to the logit scale.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full per-step report here.")
-@click.option("--per-step", is_flag=True, help="Print every step's difference.")
-def verify(checkpoint: str, export_dir: Path, decode_steps: int, prompt_lengths: str, rtol: float,
-           json_path: Path | None, per_step: bool) -> None:
-    """Check EXPORT_DIR against the PyTorch reference of CHECKPOINT; exit 1 when a tolerance is missed."""
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--against", type=click.Path(path_type=Path),
+              help="Quality mode: measure every variant of EXPORT against this float export or checkpoint.")
+@click.option("--variant", default="fp32", show_default=True, help="Parity mode: the variant to check.")
+@click.option("--decode-steps", default=32, show_default=True, help="Parity: greedy decode steps after each prefill.")
+@click.option("--prompt-lengths", default="1,63,64,65,130", show_default=True, help="Parity: comma-separated prompt lengths.")
+@click.option("--rtol", default=1e-4, show_default=True, help="Parity: logit tolerance, relative to the logit scale.")
+@click.option("--per-step", is_flag=True, help="Parity: print every step's difference.")
+@click.option("--variants", "variant_names", default=None, help="Quality: comma-separated variants (default: all).")
+@click.option("--text", "text_path", type=click.Path(path_type=Path), help="Quality: held-out text file.")
+@click.option("--tokens", default=1024, show_default=True, help="Quality: tokens of held-out text to score.")
+@click.option("--gate", "gate_items", multiple=True, help="Quality: override a gate, e.g. q4.min_top1=0.95.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full report as JSON.")
+@click.option("--junit", "junit_path", type=click.Path(path_type=Path), help="Quality: write a JUnit XML report.")
+def verify(paths: tuple[Path, ...], against: Path | None, variant: str, decode_steps: int, prompt_lengths: str,
+           rtol: float, per_step: bool, variant_names: str | None, text_path: Path | None, tokens: int,
+           gate_items: tuple[str, ...], json_path: Path | None, junit_path: Path | None) -> None:
+    """Check an export; exit 1 when a tolerance or quality gate is missed.
+
+    \b
+    Parity:  qwen-edge verify CHECKPOINT EXPORT   (PyTorch reference vs ONNX, per-step logits)
+    Quality: qwen-edge verify EXPORT --against REF (each variant vs a float export or checkpoint)
+    """
+    if against is not None:
+        if len(paths) != 1:
+            raise QwenEdgeError("with --against give exactly one path, the export to measure: verify EXPORT --against REF")
+        _verify_quality(paths[0], against, variant_names, text_path, tokens, gate_items, json_path, junit_path)
+        return
+    if len(paths) != 2:
+        raise QwenEdgeError("give CHECKPOINT and EXPORT (parity), or EXPORT with --against REF (quality)")
     from exporter.verify import format_report, verify_export
 
     try:
@@ -75,10 +109,28 @@ def verify(checkpoint: str, export_dir: Path, decode_steps: int, prompt_lengths:
         raise QwenEdgeError(f"--prompt-lengths {prompt_lengths!r}: give comma-separated integers, e.g. 1,64,130")
     if any(n < 1 for n in lengths):
         raise QwenEdgeError("--prompt-lengths: every prompt needs at least one token")
-    report = verify_export(checkpoint, export_dir, lengths, decode_steps, rtol)
+    report = verify_export(str(paths[0]), paths[1], lengths, decode_steps, rtol, variant)
     click.echo(format_report(report, per_step))
     if json_path:
         json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    if not report.passed:
+        sys.exit(1)
+
+
+def _verify_quality(export_dir: Path, against: Path, variant_names: str | None, text_path: Path | None, tokens: int,
+                    gate_items: tuple[str, ...], json_path: Path | None, junit_path: Path | None) -> None:
+    from exporter.export import resolve_checkpoint
+    from exporter.quality import format_quality, measure_quality, write_json, write_junit
+    from quant.schemes import GateOverrides
+
+    names = [n.strip() for n in variant_names.split(",")] if variant_names else None
+    report = measure_quality(export_dir, resolve_checkpoint(against), names, text_path, tokens,
+                             gates=GateOverrides.parse(gate_items))
+    click.echo(format_quality(report))
+    if json_path:
+        write_json(report, json_path)
+    if junit_path:
+        write_junit(report, junit_path)
     if not report.passed:
         sys.exit(1)
 

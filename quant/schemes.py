@@ -30,14 +30,18 @@ class Scheme:
     doc: str
 
 
+# Default gates, measured against the float reference on the default model's held-out text. Top-1
+# agreement is volatile where the reference itself hesitates (the synthetic grammar has many
+# near-equal choices: q8 measured 98.7-99.0 % top-1 with mean KL 2e-5 and no perplexity change),
+# so KL and perplexity carry most of the weight for the near-lossless schemes.
 SCHEMES: dict[str, Scheme] = {
     s.name: s
     for s in (
-        Scheme("fp32", "", "float32", None, QualityGate(1.0, 1e-6, 1e-4), "reference precision"),
-        Scheme("fp16", "_fp16", "float16", None, QualityGate(0.99, 0.01, 0.01), "fp16 weights and activations"),
-        Scheme("q8", "_quantized", "float32", 8, QualityGate(0.99, 0.01, 0.01), "int8 block-wise weights"),
-        Scheme("q4", "_q4", "float32", 4, QualityGate(0.90, 0.1, 0.10), "int4 block-wise weights"),
-        Scheme("q4f16", "_q4f16", "float16", 4, QualityGate(0.90, 0.1, 0.10), "int4 weights, fp16 activations"),
+        Scheme("fp32", "", "float32", None, QualityGate(0.99, 1e-4, 0.001), "reference precision"),
+        Scheme("fp16", "_fp16", "float16", None, QualityGate(0.99, 1e-3, 0.01), "fp16 weights and activations"),
+        Scheme("q8", "_quantized", "float32", 8, QualityGate(0.98, 1e-3, 0.01), "int8 block-wise weights"),
+        Scheme("q4", "_q4", "float32", 4, QualityGate(0.90, 0.1, 0.05), "int4 block-wise weights"),
+        Scheme("q4f16", "_q4f16", "float16", 4, QualityGate(0.90, 0.1, 0.05), "int4 weights, fp16 activations"),
     )
 }
 BLOCK_SIZES = (32, 64, 128)

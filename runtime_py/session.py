@@ -85,6 +85,8 @@ class OnnxModel:
         self.state_inputs = [i for i in self.decoder.get_inputs() if i.name.startswith("past_")]
         self.output_names = [o.name for o in self.decoder.get_outputs()]
         self.embeds_dtype = _NP_TYPES[self.decoder.get_inputs()[0].type]
+        # Exports give logits for the last position only unless exported with --all-logits.
+        self.all_logits = not isinstance(self.decoder.get_outputs()[0].shape[1], int)
 
     def new_state(self, batch: int) -> SequenceState:
         """Zero state: empty KV cache, zero conv and recurrent state."""

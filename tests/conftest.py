@@ -81,3 +81,24 @@ def default_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def default_checkpoint() -> Path:
     return DEFAULT_MODEL_DIR
+
+
+ALL_SCHEMES = "fp32,fp16,q8,q4,q4f16"
+
+
+@pytest.fixture(scope="session")
+def default_all_variants(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model in every scheme, written by one export call."""
+    from quant.schemes import parse_schemes
+
+    return export_checkpoint("default", tmp_path_factory.mktemp("variants") / "export",
+                             schemes=parse_schemes(ALL_SCHEMES), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_untied_quantized(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from quant.schemes import QuantOptions, parse_schemes
+
+    return export_checkpoint(tiny_checkpoints["kv_double_untied"], tmp_path_factory.mktemp("untied") / "export",
+                             schemes=parse_schemes("fp32,q8,q4f16"), quant=QuantOptions(64, False, 4),
+                             recurrent_ops="contrib", all_logits=True, progress=False)

@@ -1,0 +1,218 @@
+"""Accuracy of export variants against a float reference, measured on held-out text.
+
+Per variant: top-1 agreement with the reference's next-token choice, mean KL(reference ‖ variant)
+over positions, perplexity of the true next tokens (and its change against the reference), and
+greedy-sequence agreement (the share of greedy tokens, from short prompts, produced before the
+first divergence). Variants run token by token, the decode path a phone app uses. Each scheme has
+a default gate (`quant/schemes.py`); a missed gate fails the run.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from exporter.verify import ReferenceRunner
+from graphs.checkpoint import open_checkpoint
+from graphs.errors import QwenEdgeError
+from quant.schemes import SCHEMES, GateOverrides, QualityGate
+from runtime_py.generate import generate
+from runtime_py.session import MANIFEST, OnnxModel, export_variants
+from runtime_py.tokenizer import TextTokenizer
+
+DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "default_model" / "heldout.txt"
+PositionLogits = Callable[[list[int]], np.ndarray]  # ids [T] -> logits [T, V] (row t predicts ids[t+1])
+Greedy = Callable[[list[int], int], list[int]]
+
+
+@dataclass
+class VariantQuality:
+    variant: str
+    positions: int
+    top1_agreement: float
+    mean_kl: float
+    perplexity: float
+    reference_perplexity: float
+    perplexity_increase: float  # relative
+    greedy_agreement: float
+    gate: QualityGate
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+@dataclass
+class QualityReport:
+    export: str
+    reference: str
+    text: str
+    variants: list[VariantQuality]
+
+    @property
+    def passed(self) -> bool:
+        return all(v.passed for v in self.variants)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for v, raw in zip(self.variants, out["variants"]):
+            raw["passed"] = v.passed
+        out["passed"] = self.passed
+        return out
+
+
+class _Accumulator:
+    def __init__(self) -> None:
+        self.agree = self.count = 0
+        self.kl = self.nll = self.ref_nll = 0.0
+
+    def add(self, ref: np.ndarray, got: np.ndarray, targets: np.ndarray) -> None:
+        ref_logp, got_logp = _log_softmax(ref), _log_softmax(got)
+        self.kl += float((np.exp(ref_logp) * (ref_logp - got_logp)).sum())
+        self.agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
+        rows = np.arange(len(targets))
+        self.nll -= float(got_logp[rows, targets].sum())
+        self.ref_nll -= float(ref_logp[rows, targets].sum())
+        self.count += len(targets)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _onnx_runner(model: OnnxModel) -> tuple[PositionLogits, Greedy]:
+    def logits(ids: list[int]) -> np.ndarray:
+        state = model.new_state(1)
+        if model.all_logits:
+            return model.forward(np.array([ids]), state)[0]
+        return np.stack([model.forward(np.array([[t]]), state)[0, -1] for t in ids])
+
+    return logits, lambda prompt, n: generate(model, prompt, n)
+
+
+def _checkpoint_runner(folder: Path) -> tuple[PositionLogits, Greedy]:
+    model = open_checkpoint(folder).build_decoder()
+
+    def greedy(prompt: list[int], n: int) -> list[int]:
+        runner = ReferenceRunner(model)
+        out, logits = [], runner.forward(prompt)
+        for _ in range(n):
+            out.append(int(logits[-1].argmax()))
+            logits = runner.forward([out[-1]])
+        return out
+
+    return (lambda ids: ReferenceRunner(model).forward(ids)), greedy
+
+
+def _reference(against: Path) -> tuple[PositionLogits, Greedy, str]:
+    """A float export (its fp32 variant, else its first) or a checkpoint (the PyTorch reference)."""
+    if (against / MANIFEST).is_file():
+        names = export_variants(against)
+        variant = "fp32" if "fp32" in names else names[0]
+        return (*_onnx_runner(OnnxModel(against, variant)), f"{against} ({variant})")
+    if (against / "config.json").is_file():
+        return (*_checkpoint_runner(against), f"{against} (PyTorch reference)")
+    raise QwenEdgeError(f"--against {against}: neither an export folder ({MANIFEST}) nor a checkpoint (config.json)")
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def measure_quality(
+    export_dir: Path,
+    against: Path,
+    variants: list[str] | None = None,
+    text_path: Path | None = None,
+    tokens: int = 1024,
+    window: int = 128,
+    greedy_prompts: int = 4,
+    greedy_tokens: int = 32,
+    gates: GateOverrides = GateOverrides(),
+) -> QualityReport:
+    text_path = text_path or DEFAULT_TEXT
+    if not text_path.is_file():
+        raise QwenEdgeError(f"--text {text_path}: file not found; give a UTF-8 text file of held-out text")
+    names = variants or export_variants(export_dir)
+    unknown = [v for v in names if v not in SCHEMES]
+    if unknown:
+        raise QwenEdgeError(f"--variants {unknown[0]!r} is not a scheme; choose from {', '.join(SCHEMES)}")
+    ids = TextTokenizer(export_dir).encode(text_path.read_text())[:tokens]
+    if len(ids) < 2 * window:
+        raise QwenEdgeError(f"{text_path}: only {len(ids)} tokens; need at least {2 * window} of held-out text")
+    windows = [ids[i : i + window] for i in range(0, len(ids) - window + 1, window)]
+    ref_logits, ref_greedy, ref_name = _reference(against)
+    runners = {name: _onnx_runner(OnnxModel(export_dir, name)) for name in names}
+    stats = {name: _Accumulator() for name in names}
+    agreement = {name: [] for name in names}
+    for n, w in enumerate(windows):
+        ref = ref_logits(w)[:-1]
+        targets = np.array(w[1:])
+        for name, (logits, greedy) in runners.items():
+            stats[name].add(ref, logits(w)[:-1], targets)
+            if n < greedy_prompts:
+                prompt = w[:16]
+                agreement[name].append(_common_prefix(ref_greedy(prompt, greedy_tokens), greedy(prompt, greedy_tokens))
+                                       / greedy_tokens)
+    results = []
+    for name in names:
+        s = stats[name]
+        ppl, ref_ppl = float(np.exp(s.nll / s.count)), float(np.exp(s.ref_nll / s.count))
+        gate = gates.gate_for(SCHEMES[name])
+        q = VariantQuality(name, s.count, s.agree / s.count, s.kl / s.count, ppl, ref_ppl, ppl / ref_ppl - 1,
+                           float(np.mean(agreement[name])), gate)
+        if q.top1_agreement < gate.min_top1:
+            q.failures.append(f"top-1 agreement {q.top1_agreement:.2%} < {gate.min_top1:.2%}")
+        if q.mean_kl > gate.max_kl:
+            q.failures.append(f"mean KL {q.mean_kl:.4g} > {gate.max_kl:g}")
+        if q.perplexity_increase > gate.max_ppl_increase:
+            q.failures.append(f"perplexity +{q.perplexity_increase:.2%} > +{gate.max_ppl_increase:.2%}")
+        results.append(q)
+    return QualityReport(str(export_dir), ref_name, str(text_path), results)
+
+
+def format_quality(report: QualityReport) -> str:
+    lines = [f"reference: {report.reference}", f"text: {report.text}",
+             f"{'variant':>8}  {'top-1':>7}  {'mean KL':>9}  {'ppl':>8}  {'Δppl':>7}  {'greedy':>7}  result"]
+    for v in report.variants:
+        lines.append(f"{v.variant:>8}  {v.top1_agreement:>7.2%}  {v.mean_kl:>9.2e}  {v.perplexity:>8.3f}  "
+                     f"{v.perplexity_increase:>+7.2%}  {v.greedy_agreement:>7.1%}  "
+                     + ("ok" if v.passed else "FAIL: " + "; ".join(v.failures)))
+    lines.append(("PASS" if report.passed else "FAIL") + f": reference perplexity "
+                 f"{report.variants[0].reference_perplexity:.3f} over {report.variants[0].positions} positions")
+    return "\n".join(lines)
+
+
+def write_junit(report: QualityReport, path: Path) -> None:
+    """One test case per variant and gated metric, so CI systems show exactly which gate failed."""
+    suite = ET.Element("testsuite", name="qwen-edge quality")
+    cases = failures = 0
+    for v in report.variants:
+        checks = {"top1_agreement": (v.top1_agreement >= v.gate.min_top1, f"{v.top1_agreement:.4f} < {v.gate.min_top1}"),
+                  "mean_kl": (v.mean_kl <= v.gate.max_kl, f"{v.mean_kl:.4g} > {v.gate.max_kl}"),
+                  "perplexity_increase": (v.perplexity_increase <= v.gate.max_ppl_increase,
+                                          f"{v.perplexity_increase:.4f} > {v.gate.max_ppl_increase}")}
+        for metric, (ok, message) in checks.items():
+            case = ET.SubElement(suite, "testcase", classname=f"quality.{v.variant}", name=metric)
+            cases += 1
+            if not ok:
+                failures += 1
+                ET.SubElement(case, "failure", message=message)
+    suite.set("tests", str(cases))
+    suite.set("failures", str(failures))
+    ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
+
+
+def write_json(report: QualityReport, path: Path) -> None:
+    path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
