@@ -27,7 +27,9 @@ demo: $(STAMP)
 	$(VENV)/bin/qwen-edge generate $(DEMO_OUT) --chat --prompt "What is 12 plus 7?" --max-new-tokens 30
 
 bench: $(STAMP)
-	$(PY) -m exporter.bench_export --preset qwen3.5-0.8b --out BENCHMARKS.md
+	$(PY) -m exporter.bench_export --quality-default
+	$(PY) -m exporter.bench_export --preset qwen3.5-0.8b --quant fp32,fp16,q8,q4,q4f16
+	$(PY) -m exporter.bench_export --preset qwen3.5-2b --quant fp32,fp16,q8,q4,q4f16
 
 clean:
 	rm -rf build $(VENV)

@@ -23,7 +23,7 @@ import onnx_ir as ir
 import onnxruntime
 
 from exporter.atomic import atomic_output_dir, check_destination
-from exporter.onnx_export import save_graph, trace_decoder, trace_embed
+from exporter.onnx_export import name_nodes_and_strip_trace_metadata, save_graph, trace_decoder, trace_embed
 from exporter.onnx_recurrent import DOMAINS
 from graphs.checkpoint import open_checkpoint
 from quant.onnx_weights import pack_blockwise, quantize_projections, quantized_embed_graph, share_lm_head_bytes
@@ -98,6 +98,7 @@ def _write_quantized(scheme: Scheme, float_dir: Path, out_dir: Path, opts: Quant
     embed_name, decoder_name = _variant_files(scheme)
     decoder = ir.load(float_dir / "decoder.onnx")
     lm_head = quantize_projections(decoder, scheme.weight_bits, opts)
+    name_nodes_and_strip_trace_metadata(decoder)
     decoder_path = save_graph(decoder, out_dir / decoder_name)
     doc = f"Qwen3.5 token embedding, {scheme.name} (qwen-edge)"
     if tied:  # the gather reads the LM head's quantized bytes from the decoder's data file
@@ -181,7 +182,9 @@ def export_checkpoint(
 def _copy_float_graphs(float_dir: Path, out_dir: Path, scheme: Scheme) -> None:
     """The float variant is the traced graph itself, re-saved under its published name."""
     for src, dst in zip(("embed.onnx", "decoder.onnx"), _variant_files(scheme)):
-        save_graph(ir.load(float_dir / src), out_dir / dst)
+        graph = ir.load(float_dir / src)
+        name_nodes_and_strip_trace_metadata(graph)
+        save_graph(graph, out_dir / dst)
 
 
 def _variant_record(scheme: Scheme, quant: QuantOptions, root: Path) -> dict:

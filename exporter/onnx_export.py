@@ -16,6 +16,7 @@ import torch
 from torch.export import Dim
 
 from exporter.onnx_recurrent import place_recurrent_ops, translation_table
+from quant.onnx_weights import module_path
 from graphs.config import TextConfig
 from graphs.io_spec import GraphSpec, decoder_spec, embed_spec
 from graphs.qwen3_5 import EmbedTokens, Qwen35Decoder
@@ -86,6 +87,21 @@ def _trace(module: torch.nn.Module, args: tuple, spec: GraphSpec, dynamic: list)
     if got_inputs != spec.input_names:
         raise RuntimeError(f"exported inputs {got_inputs} differ from the I/O spec {spec.input_names}")
     return model
+
+
+def name_nodes_and_strip_trace_metadata(model: ir.Model) -> None:
+    """Name each node by its place in the model (`/layers/3/self_attn/q_proj/MatMul`) and drop the
+    exporter's per-node trace metadata (stack traces, FX names): a smaller graph whose profiles read well."""
+    seen: dict[str, int] = {}
+    for node in model.graph:
+        path = module_path(node)
+        if path is not None:
+            path = "" if path.startswith("_") else path  # the exporter's placeholder for the root module
+            base = f"/{path.replace('.', '/')}/{node.op_type}" if path else f"/{node.op_type}"
+            count = seen.get(base, 0)
+            seen[base] = count + 1
+            node.name = base if count == 0 else f"{base}_{count}"
+        node.metadata_props.clear()
 
 
 def save_graph(model: ir.Model, path: Path) -> Path:

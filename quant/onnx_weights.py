@@ -42,7 +42,7 @@ def module_path(node: ir.Node) -> str | None:
     if not scopes:
         return None
     names = ast.literal_eval(scopes)
-    return names[-2] if len(names) >= 2 else None
+    return names[-2] if len(names) >= 2 else None  # the last entry names the op itself
 
 
 @dataclass
@@ -100,7 +100,8 @@ def quantize_projections(model: ir.Model, bits: int, opts: QuantOptions) -> Pack
         attrs = {"K": packed.k, "N": packed.n, "bits": bits, "block_size": opts.block_size,
                  "accuracy_level": opts.accuracy_level}
         new = ir.Node(CONTRIB, "MatMulNBits", inputs, [ir.AttrInt64(k, v) for k, v in attrs.items()],
-                      name=f"/{path}/MatMulNBits", num_outputs=1)
+                      name=f"/{path.replace('.', '/')}/MatMulNBits", num_outputs=1,
+                      metadata_props=dict(node.metadata_props))
         new.outputs[0].shape, new.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
         ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
         if not weight_value.uses() and weight_value.name in graph.initializers:

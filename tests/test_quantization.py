@@ -56,10 +56,10 @@ def test_large_projections_and_lm_head_are_matmulnbits_small_ones_stay_float(sch
     assert len(nbits) == expected
     assert {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {bits}
     assert "/lm_head/MatMulNBits" in {n.name for n in nbits}
+    assert "/layers/3/self_attn/q_proj/MatMulNBits" in {n.name for n in nbits}
     float_matmuls = [n for n in graph.node if n.op_type == "MatMul" and any(i in {t.name for t in graph.initializer}
                                                                              for i in n.input)]
-    leaves = sorted({dict((p.key, p.value) for p in n.metadata_props)["pkg.torch.onnx.name_scopes"].split("'")[-4]
-                     .rsplit(".", 1)[-1] for n in float_matmuls})
+    leaves = sorted({n.name.split("/")[-2] for n in float_matmuls})  # nodes are named by module path
     assert leaves == ["in_proj_a", "in_proj_b"]
     # Only MatMulNBits reads integer weights; conv weights and norms are float initializers.
     nbits_inputs = {i for n in nbits for i in n.input}
