@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, exactly pinned: this version is the local CPU build; anything else pulls CUDA.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,6 +29,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m exporter.bench_export --quality-default
 	$(PY) -m exporter.bench_export --preset qwen3.5-0.8b --quant fp32,fp16,q8,q4,q4f16
+	$(PY) -m exporter.bench_export --preset qwen3.5-0.8b --quant q4 --block-size 64
 	$(PY) -m exporter.bench_export --preset qwen3.5-2b --quant fp32,fp16,q8,q4,q4f16
 
 clean:

@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "bench")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--quant", default="fp32", help="variants to export (the size table lists each)")
+    parser.add_argument("--block-size", default="32", choices=["32", "64", "128"])
     parser.add_argument("--quality-default", action="store_true",
                         help="instead: the quality table of every variant of the default model")
     args = parser.parse_args()
@@ -86,7 +87,7 @@ def main() -> None:
     stages = {
         "write random checkpoint (bf16)": make_ck,
         f"export ({args.quant})": [*QWEN_EDGE, "export", str(ck), str(export), "--force", "--quiet",
-                                   "--quant", args.quant],
+                                   "--quant", args.quant, "--block-size", args.block_size],
         "verify (prompts 1/64/130, 32 decode steps)": [*QWEN_EDGE, "verify", str(ck), str(export),
                                                        "--prompt-lengths", "1,64,130", "--json", str(report_json)],
     }
@@ -112,15 +113,16 @@ def main() -> None:
         "variant_bytes": {name: v["bytes_on_disk"] for name, v in variants.items()},
     }
     (ROOT / "bench_out").mkdir(exist_ok=True)
-    (ROOT / "bench_out" / f"export_{args.preset}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (ROOT / "bench_out" / f"export_{args.preset}_{args.quant.replace(',', '-')}_b{args.block_size}.json").write_text(json.dumps(record, indent=2) + "\n")
 
     rows = "\n".join(f"| {name} | {r['wall_s']} | {r['peak_rss_mib']} | {r['exit']} |" for name, r in results.items())
     size_rows = "\n".join(f"| {name} | {b:,} | {b / 1e9:.3f} | {b / 2**20:.1f} |"
                           for name, b in record["variant_bytes"].items())
-    body = f"""## Export of the {args.preset} shape (random weights)
+    command = f".venv/bin/python -m exporter.bench_export --preset {args.preset} --quant {args.quant} --block-size {args.block_size}"
+    body = f"""## Export of the {args.preset} shape (random weights), {args.quant}, block {args.block_size}
 
 Measured {record['date']} on {record['machine']}.
-Command: `.venv/bin/python -m exporter.bench_export --preset {args.preset}` (each stage a separate process;
+Command: `{command}` (each stage a separate process;
 peak RSS is the kernel's maxrss of that process).
 
 | stage | wall time (s) | peak RSS (MiB) | exit |
@@ -132,13 +134,13 @@ Checkpoint {record['checkpoint_mib']} MiB (bf16). Verify (fp32 variant vs the Py
 greedy agreement {record['verify_greedy_agreement']:.0%}.
 
 Size on disk per variant, embed_tokens + decoder_model_merged with their data files (tied embedding
-stored once in the quantized variants; block size 32, symmetric):
+stored once in the quantized variants; block size {args.block_size}, symmetric):
 
 | variant | bytes | GB (10⁹) | MiB |
 |---|---|---|---|
 {size_rows}
 """
-    replace_section(args.out, f"export:{args.preset}", body)
+    replace_section(args.out, f"export:{args.preset}:{args.quant}:{args.block_size}", body)
     print(body)
 
 

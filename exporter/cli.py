@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -164,6 +165,108 @@ def generate(export_dir: Path, prompt: str, chat: bool, max_new_tokens: int, tem
     run_generate(model, tokenizer.encode(text), max_new_tokens, sampling, stop_ids=_stop_ids(export_dir),
                  on_token=lambda t: click.echo(stream.push(t), nl=False))
     click.echo()
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise QwenEdgeError(f"{option} {text!r}: give comma-separated integers") from None
+    if not values or min(values) < 1:
+        raise QwenEdgeError(f"{option} {text!r}: give one or more positive integers")
+    return values
+
+
+@main.command()
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--variant", default=None, help="Variant to measure (default: the first one exported).")
+@click.option("--threads", "threads_text", default=None, help="Comma-separated thread counts (default: 1 and all cores).")
+@click.option("--prompt-lengths", default="128,512", show_default=True)
+@click.option("--decode-tokens", default=128, show_default=True)
+@click.option("--repeats", default=3, show_default=True, help="Measured repetitions after one warm-up.")
+@click.option("--contexts", default="1024,2048,4096,8192,16384,32768", show_default=True,
+              help="Context lengths for the state-memory curve.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench_out"), show_default=True)
+def bench(export_dir: Path, variant: str | None, threads_text: str | None, prompt_lengths: str, decode_tokens: int,
+          repeats: int, contexts: str, out_dir: Path) -> None:
+    """Measure speed, latency, memory and CPU cost of EXPORT_DIR; write JSON, Markdown and PNG plots."""
+    from exporter.bench_report import write_report
+    from runtime_py.bench import markdown_table, run_benchmark
+    from runtime_py.session import export_variants
+
+    cores = os.cpu_count() or 1
+    threads = _int_list(threads_text, "--threads") if threads_text else sorted({1, cores})
+    report = run_benchmark(export_dir, variant or export_variants(export_dir)[0], threads,
+                           _int_list(prompt_lengths, "--prompt-lengths"), decode_tokens, repeats,
+                           _int_list(contexts, "--contexts"))
+    files = write_report(report, out_dir)
+    click.echo(markdown_table(report))
+    click.echo("wrote " + ", ".join(str(f) for f in files))
+
+
+@main.group()
+def devices() -> None:
+    """Target device profiles, and whether an export fits them."""
+
+
+@devices.command("list")
+def devices_list() -> None:
+    """Every profile with its numbers and sources."""
+    from devices.profiles import DEVICES
+
+    for d in DEVICES:
+        click.echo(f"{d.name} ({d.soc})")
+        for field in ("ram_gb", "app_memory_gb", "bandwidth_gb_s", "performance_cores", "npu", "sustained_power_w"):
+            v = getattr(d, field)
+            shown = "unknown" if v.value is None else v.value
+            extra = f" [{v.note}]" if v.note else ""
+            click.echo(f"  {field}: {shown}{extra} — {v.source or 'no source'} ({v.confidence}"
+                       f"{', derived' if v.derived else ''})")
+
+
+@devices.command("fit")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--context", default=4096, show_default=True, help="Context length the state must hold.")
+@click.option("--threads", type=int, default=None, help="Threads for the calibration run on this machine.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the estimates as JSON.")
+def devices_fit(export_dir: Path, context: int, threads: int | None, json_path: Path | None) -> None:
+    """Per device and variant: does it fit, and an ESTIMATE of decode tok/s and joules per token."""
+    import dataclasses
+
+    from devices.fit import FORMULA, bytes_per_token, calibrate_efficiency, fit, measure_host_bandwidth
+    from devices.profiles import DEVICES
+    from runtime_py.bench import measure_config, state_bytes
+    from runtime_py.session import OnnxModel, export_variants
+
+    manifest = json.loads((export_dir / "qwen_edge.json").read_text()) if (export_dir / "qwen_edge.json").is_file() else None
+    names = export_variants(export_dir)
+    bandwidth = measure_host_bandwidth()
+    rows = []
+    for name in names:
+        entry = manifest["variants"][name]
+        decoder = export_dir / entry["decoder"]
+        weight_bytes = decoder.stat().st_size + (Path(str(decoder) + "_data").stat().st_size
+                                                 if Path(str(decoder) + "_data").is_file() else 0)
+        state = state_bytes(OnnxModel(export_dir, name, threads=1), context)
+        per_token = bytes_per_token(weight_bytes, state["recurrent_and_conv_bytes"], state["kv_cache_bytes"])
+        measured = measure_config(export_dir, name, threads or (os.cpu_count() or 1), [16], 32, 1)
+        tok_s = measured["decode"]["tokens_per_s"]["median"]
+        efficiency = calibrate_efficiency(tok_s, per_token, bandwidth)
+        for device in DEVICES:
+            rows.append(fit(device, name, entry["bytes_on_disk"], state["total_bytes"], per_token, efficiency))
+        click.echo(f"{name}: {tok_s:.1f} tok/s here, {per_token / 2**20:.1f} MiB read per token, "
+                   f"host copy bandwidth {bandwidth:.1f} GB/s -> efficiency {efficiency:.3f}")
+    click.echo(f"ESTIMATES ({FORMULA}); context {context}")
+    click.echo(f"{'device':<24} {'variant':<7} {'needs MiB':>9} {'budget':>16} {'fits':>5} {'tok/s*':>8} {'J/tok*':>8}")
+    for r in rows:
+        budget = f"{r.budget_bytes / 1e9:.0f} GB {r.budget_kind}" if r.budget_bytes else "unknown"
+        fits = "?" if r.fits is None else ("yes" if r.fits else "no")
+        tok = f"{r.decode_tok_s:.1f}" if r.decode_tok_s else "?"
+        joules = f"{r.joules_per_token:.3f}" if r.joules_per_token else "?"
+        click.echo(f"{r.device:<24} {r.variant:<7} {r.needed_bytes / 2**20:>9.1f} {budget:>16} {fits:>5} {tok:>8} {joules:>8}")
+    if json_path:
+        json_path.write_text(json.dumps({"formula": FORMULA, "context": context, "host_bandwidth_gb_s": bandwidth,
+                                         "estimates": [dataclasses.asdict(r) for r in rows]}, indent=2) + "\n")
 
 
 def _stop_ids(export_dir: Path) -> list[int]:

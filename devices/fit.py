@@ -1,0 +1,81 @@
+"""Does an export fit a device, and how fast might it decode there? An estimate, labelled as one.
+
+Decoding a token on a CPU or NPU is memory-bound: every weight of the decoder is read once, the
+recurrent and conv state is read and written, and the attention layers read their KV cache. So
+
+    bytes_per_token = decoder weight bytes + 2 × fixed state bytes + KV-cache bytes at the context
+    efficiency      = measured tok/s here × bytes_per_token / measured bandwidth here
+    decode tok/s    ≈ efficiency × device peak bandwidth / bytes_per_token
+    joules / token  ≈ device sustained power / estimated tok/s
+
+The efficiency (the share of peak bandwidth this runtime turns into tokens) is calibrated on this
+machine and assumed to carry over; real devices differ in cache sizes, thermal limits and kernels.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from devices.profiles import Device
+
+FORMULA = ("decode tok/s ≈ efficiency × device bandwidth / bytes per token; efficiency = tok/s × bytes per token / "
+           "bandwidth, measured on this machine; J/token ≈ sustained power / tok/s")
+
+
+@dataclass(frozen=True)
+class FitEstimate:
+    device: str
+    variant: str
+    needed_bytes: int
+    budget_bytes: int | None
+    budget_kind: str  # "app limit", "total RAM" or "unknown"
+    fits: bool | None
+    decode_tok_s: float | None
+    joules_per_token: float | None
+
+
+def bytes_per_token(weight_bytes: int, fixed_state_bytes: int, kv_bytes: int) -> int:
+    return weight_bytes + 2 * fixed_state_bytes + kv_bytes
+
+
+def calibrate_efficiency(measured_tok_s: float, per_token_bytes: int, host_bandwidth_gb_s: float) -> float:
+    return measured_tok_s * per_token_bytes / (host_bandwidth_gb_s * 1e9)
+
+
+def estimate_tok_s(efficiency: float, bandwidth_gb_s: float, per_token_bytes: int) -> float:
+    return efficiency * bandwidth_gb_s * 1e9 / per_token_bytes
+
+
+def measure_host_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Copy bandwidth of this machine in GB/s (bytes read + written per second, best of `repeats`)."""
+    src = np.ones(megabytes * 2**20 // 8, np.float64)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best / 1e9
+
+
+def fit(device: Device, variant: str, model_bytes: int, state_total_bytes: int, per_token_bytes: int,
+        efficiency: float) -> FitEstimate:
+    """Fit against the app's memory limit where a source gives one, else against total RAM."""
+    if device.app_memory_gb.value is not None:
+        budget, kind = int(float(device.app_memory_gb.value) * 1e9), "app limit"
+    elif device.ram_gb.value is not None:
+        budget, kind = int(float(device.ram_gb.value) * 1e9), "total RAM"
+    else:
+        budget, kind = None, "unknown"
+    needed = model_bytes + state_total_bytes
+    tok_s = None
+    if device.bandwidth_gb_s.value is not None:
+        tok_s = estimate_tok_s(efficiency, float(device.bandwidth_gb_s.value), per_token_bytes)
+    joules = None
+    if tok_s and device.sustained_power_w.value is not None:
+        joules = float(device.sustained_power_w.value) / tok_s
+    return FitEstimate(device.name, variant, needed, budget, kind, None if budget is None else needed <= budget,
+                       tok_s, joules)

@@ -1,0 +1,53 @@
+"""Write a benchmark report: JSON (machine-readable), Markdown table, and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from runtime_py.bench import markdown_table
+
+
+def write_plots(report: dict, out_dir: Path) -> list[Path]:
+    """speed.png: prefill and decode tok/s per thread count; memory.png: state memory vs context."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = report["configs"]
+    threads = [c["threads"] for c in configs]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(threads, [c["decode"]["tokens_per_s"]["median"] for c in configs], "o-", label="decode")
+    for length in configs[0]["prefill"]:
+        ax.plot(threads, [c["prefill"][length]["tokens_per_s"] for c in configs], "s--", label=f"prefill {length}")
+    ax.set(xlabel="threads", ylabel="tokens / s", title=f"{report['variant']}: speed per thread count", xticks=threads)
+    ax.set_yscale("log")
+    ax.legend()
+    speed = out_dir / "speed.png"
+    fig.tight_layout()
+    fig.savefig(speed, dpi=100)
+    plt.close(fig)
+
+    mem = report["state_memory"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ctx = [m["context"] for m in mem]
+    ax.plot(ctx, [m["recurrent_and_conv_bytes"] / 2**20 for m in mem], "o-", label="recurrent + conv state (fixed)")
+    ax.plot(ctx, [m["kv_cache_bytes"] / 2**20 for m in mem], "s-", label="KV cache (attention layers)")
+    ax.plot(ctx, [m["total_bytes"] / 2**20 for m in mem], "k--", label="total")
+    ax.set(xlabel="context (tokens)", ylabel="MiB per sequence", title="state memory vs context")
+    ax.set_xscale("log", base=2)
+    ax.legend()
+    memory = out_dir / "memory.png"
+    fig.tight_layout()
+    fig.savefig(memory, dpi=100)
+    plt.close(fig)
+    return [speed, memory]
+
+
+def write_report(report: dict, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / "bench.json", out_dir / "bench.md"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    md_path.write_text(markdown_table(report) + "\n")
+    return [json_path, md_path, *write_plots(report, out_dir)]

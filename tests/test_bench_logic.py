@@ -1,0 +1,70 @@
+"""Benchmark harness logic that does not depend on timing: statistics, power-mode choice, state-memory
+arithmetic (checked against real state tensors), the report schema and files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from exporter.bench_report import write_report
+from runtime_py.bench import BENCH_SCHEMA_VERSION, Spread, choose_power_mode, markdown_table, run_benchmark, state_bytes
+from runtime_py.session import OnnxModel
+
+
+def _config(threads, tok_s, cpu_per_tok):
+    return {"threads": threads, "load_s": 0.1, "peak_rss_mib": 100.0,
+            "prefill": {"128": {"tokens_per_s": 100.0 * threads, "time_to_first_token_s": 1.28 / threads,
+                                "seconds": {"median": 1.28 / threads, "low": 1.2, "high": 1.3, "n": 3}}},
+            "decode": {"tokens": 128, "after_prompt": 128,
+                       "tokens_per_s": {"median": tok_s, "low": tok_s, "high": tok_s, "n": 3},
+                       "cpu_s_per_token": {"median": cpu_per_tok, "low": cpu_per_tok, "high": cpu_per_tok, "n": 3}}}
+
+
+def test_spread_is_median_and_range():
+    assert Spread.of([3.0, 1.0, 2.0, 10.0]) == Spread(2.5, 1.0, 10.0, 4)
+    with pytest.raises(ValueError):
+        Spread.of([])
+
+
+def test_power_mode_prefers_fewer_busy_cores_at_nearly_the_same_speed():
+    configs = [_config(1, 20.0, 0.050), _config(2, 21.0, 0.090), _config(4, 22.0, 0.170)]
+    pm = choose_power_mode(configs)
+    assert pm["threads"] == 1 and pm["fastest_threads"] == 4
+    assert pm["tokens_per_cpu_s"] == pytest.approx(20.0)
+
+
+def test_power_mode_never_drops_below_ninety_percent_of_the_best_speed():
+    configs = [_config(1, 10.0, 0.1), _config(2, 19.0, 0.104), _config(4, 20.0, 0.2)]
+    pm = choose_power_mode(configs)
+    assert pm["threads"] == 2  # 1 thread is most frugal but at 50 % of the best speed
+    assert pm["decode_tokens_per_s"] >= 0.9 * pm["fastest_decode_tokens_per_s"]
+
+
+def test_state_memory_arithmetic_matches_real_state(default_export):
+    model = OnnxModel(default_export)
+    state = model.new_state(1)
+    model.forward(np.arange(40)[None] + 5, state)
+    real = sum(v.numpy().nbytes for v in state.values.values())
+    assert state_bytes(model, 40)["total_bytes"] == real
+    small, large = state_bytes(model, 1024), state_bytes(model, 32768)
+    assert small["recurrent_and_conv_bytes"] == large["recurrent_and_conv_bytes"] > 0  # constant
+    assert large["kv_cache_bytes"] == 32 * small["kv_cache_bytes"]  # linear in context
+
+
+def test_benchmark_report_schema_and_files(default_export, tmp_path):
+    report = run_benchmark(default_export, "fp32", [1], [8, 16], decode_tokens=4, repeats=1, contexts=[1024, 4096])
+    assert report["schema_version"] == BENCH_SCHEMA_VERSION
+    config = report["configs"][0]
+    assert config["threads"] == 1 and set(config["prefill"]) == {"8", "16"}
+    for key in ("load_s", "peak_rss_mib"):
+        assert config[key] > 0
+    assert config["decode"]["tokens_per_s"]["n"] == 1 and config["decode"]["cpu_s_per_token"]["median"] > 0
+    assert report["power_mode"]["threads"] == 1
+    files = write_report(report, tmp_path)
+    assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(report))
+    assert "| threads |" in (tmp_path / "bench.md").read_text() and "Power mode" in markdown_table(report)
+    for png in ("speed.png", "memory.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(files) == 4
