@@ -1,1 +1,1 @@
-"""Phone and laptop device profiles and fit/speed estimates: issue #4, not implemented yet."""
+"""Target device profiles (`profiles`) and the fit / speed / energy estimates (`fit`)."""

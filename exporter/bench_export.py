@@ -71,9 +71,14 @@ def main() -> None:
     parser.add_argument("--block-size", default="32", choices=["32", "64", "128"])
     parser.add_argument("--quality-default", action="store_true",
                         help="instead: the quality table of every variant of the default model")
+    parser.add_argument("--speed", metavar="VARIANT", default=None,
+                        help="instead: run `qwen-edge bench` on this variant of the preset's export")
     args = parser.parse_args()
     if args.quality_default:
         quality_default(args.work / "default", args.out)
+        return
+    if args.speed:
+        speed(args.preset, args.speed, args.work / args.preset, args.quant, args.block_size, args.out)
         return
     work = args.work / args.preset
     ck, export = work / "checkpoint", work / "export"
@@ -141,6 +146,34 @@ stored once in the quantized variants; block size {args.block_size}, symmetric):
 {size_rows}
 """
     replace_section(args.out, f"export:{args.preset}:{args.quant}:{args.block_size}", body)
+    print(body)
+
+
+def speed(preset: str, variant: str, work: Path, quant: str, block_size: str, doc: Path) -> None:
+    """Export the preset (random weights) with `quant` and benchmark one variant with `qwen-edge bench`."""
+    ck, export, out = work / "checkpoint", work / "export-speed", ROOT / "bench_out" / f"{preset}-{variant}"
+    if not (ck / "config.json").is_file():
+        subprocess.run([sys.executable, "-c", "from graphs.config import preset_config_dict as p; "
+                        "from graphs.random_checkpoint import write_random_checkpoint as w; "
+                        f"w(p('{preset}'), '{ck}')"], cwd=ROOT, check=True)
+    subprocess.run([*QWEN_EDGE, "export", str(ck), str(export), "--force", "--quiet", "--quant", quant,
+                    "--block-size", block_size], cwd=ROOT, check=True)
+    command = [*QWEN_EDGE, "bench", str(export), "--variant", variant, "--out", str(out)]
+    subprocess.run(command, cwd=ROOT, check=True)
+    report = json.loads((out / "bench.json").read_text())
+    from runtime_py.bench import markdown_table
+
+    body = f"""## Speed of the {preset} shape, {variant} (block {block_size}), random weights
+
+Measured {dt.date.today().isoformat()} on {machine()}.
+Command: `qwen-edge bench EXPORT --variant {variant}` on an export made with `--quant {quant} --block-size {block_size}`
+(via `.venv/bin/python -m exporter.bench_export --preset {preset} --speed {variant} --quant {quant}`); median of 3
+runs after 1 warm-up, min–max in brackets; each thread count in a fresh process. Plots:
+`bench_out/{preset}-{variant}/speed.png`, `memory.png`.
+
+{markdown_table(report)}
+"""
+    replace_section(doc, f"speed:{preset}:{variant}:{block_size}", body)
     print(body)
 
 

@@ -140,15 +140,17 @@ def measure_quality(
     greedy_prompts: int = 4,
     greedy_tokens: int = 32,
     gates: GateOverrides = GateOverrides(),
+    token_ids: list[int] | None = None,
 ) -> QualityReport:
+    """Score `variants` of `export_dir` against `against` on held-out text (or on `token_ids` directly)."""
     text_path = text_path or DEFAULT_TEXT
-    if not text_path.is_file():
+    if token_ids is None and not text_path.is_file():
         raise QwenEdgeError(f"--text {text_path}: file not found; give a UTF-8 text file of held-out text")
     names = variants or export_variants(export_dir)
     unknown = [v for v in names if v not in SCHEMES]
     if unknown:
         raise QwenEdgeError(f"--variants {unknown[0]!r} is not a scheme; choose from {', '.join(SCHEMES)}")
-    ids = TextTokenizer(export_dir).encode(text_path.read_text())[:tokens]
+    ids = (token_ids if token_ids is not None else TextTokenizer(export_dir).encode(text_path.read_text()))[:tokens]
     if len(ids) < 2 * window:
         raise QwenEdgeError(f"{text_path}: only {len(ids)} tokens; need at least {2 * window} of held-out text")
     windows = [ids[i : i + window] for i in range(0, len(ids) - window + 1, window)]
@@ -179,7 +181,7 @@ def measure_quality(
         if q.perplexity_increase > gate.max_ppl_increase:
             q.failures.append(f"perplexity +{q.perplexity_increase:.2%} > +{gate.max_ppl_increase:.2%}")
         results.append(q)
-    return QualityReport(str(export_dir), ref_name, str(text_path), results)
+    return QualityReport(str(export_dir), ref_name, "given token ids" if token_ids is not None else str(text_path), results)
 
 
 def format_quality(report: QualityReport) -> str:

@@ -100,5 +100,5 @@ def tiny_untied_quantized(tiny_checkpoints: dict[str, Path], tmp_path_factory: p
     from quant.schemes import QuantOptions, parse_schemes
 
     return export_checkpoint(tiny_checkpoints["kv_double_untied"], tmp_path_factory.mktemp("untied") / "export",
-                             schemes=parse_schemes("fp32,q8,q4f16"), quant=QuantOptions(64, False, 4),
+                             schemes=parse_schemes(ALL_SCHEMES), quant=QuantOptions(64, False, 4),
                              recurrent_ops="contrib", all_logits=True, progress=False)

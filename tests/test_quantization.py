@@ -107,10 +107,22 @@ def test_untied_quantized_embedding_has_its_own_table(tiny_untied_quantized, tin
     assert zero_points, "asymmetric quantization writes zero points"
     ids = np.array([[1, 2, 3, 4, 5, 6, 7, 8]])
     ref = HfRunner(hf_causal_lm(tiny_checkpoints["kv_double_untied"])).forward(ids)
-    for scheme in ("q8", "q4f16"):
-        got = OnnxModel(tiny_untied_quantized, scheme).forward(ids, OnnxModel(tiny_untied_quantized, scheme).new_state(1))
+    for scheme in ALL_SCHEMES.split(","):
+        model = OnnxModel(tiny_untied_quantized, scheme)
+        got = model.forward(ids, model.new_state(1))
         assert got.shape == ref.shape and np.isfinite(got).all()
         assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.9  # quantized, yet clearly the same model
+
+
+def test_float_variants_pass_their_gates_on_a_tiny_random_model(tiny_untied_quantized, tiny_checkpoints):
+    """fp32 and fp16 hold their gates even on a random-weight model (the int gates need a trained one:
+    random weights give chaotic logits, where int4 measured KL ≈ 0.9)."""
+    from exporter.quality import measure_quality
+
+    ids = np.random.default_rng(0).integers(0, 320, size=300).tolist()
+    report = measure_quality(tiny_untied_quantized, tiny_checkpoints["kv_double_untied"], ["fp32", "fp16"],
+                             tokens=300, window=64, greedy_prompts=2, token_ids=ids)
+    assert report.passed, [v.failures for v in report.variants]
 
 
 def test_last_position_logits_by_default(default_all_variants, tiny_exports):
