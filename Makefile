@@ -21,10 +21,11 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(VENV)/bin/qwen-edge export default $(DEMO_OUT) --force
+	$(VENV)/bin/qwen-edge export default $(DEMO_OUT) --quant fp32,q4f16 --force
 	$(VENV)/bin/qwen-edge verify default $(DEMO_OUT)
+	$(VENV)/bin/qwen-edge verify $(DEMO_OUT) --against default
 	$(VENV)/bin/qwen-edge generate $(DEMO_OUT) --prompt "On Monday the" --max-new-tokens 40
-	$(VENV)/bin/qwen-edge generate $(DEMO_OUT) --chat --prompt "What is 12 plus 7?" --max-new-tokens 30
+	$(VENV)/bin/qwen-edge generate $(DEMO_OUT) --variant q4f16 --chat --prompt "What is 12 plus 7?" --max-new-tokens 30
 
 bench: $(STAMP)
 	$(PY) -m exporter.bench_export --quality-default
