@@ -187,10 +187,13 @@ def _int_list(text: str, option: str) -> list[int]:
 @click.option("--contexts", default="1024,2048,4096,8192,16384,32768", show_default=True,
               help="Context lengths for the state-memory curve.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench_out"), show_default=True)
+@click.option("--compare", "compare_checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Also run the peers on this checkpoint: onnxruntime-genai int4 (its own builder) and transformers eager.")
 def bench(export_dir: Path, variant: str | None, threads_text: str | None, prompt_lengths: str, decode_tokens: int,
-          repeats: int, contexts: str, out_dir: Path) -> None:
+          repeats: int, contexts: str, out_dir: Path, compare_checkpoint: Path | None) -> None:
     """Measure speed, latency, memory and CPU cost of EXPORT_DIR; write JSON, Markdown and PNG plots."""
     from exporter.bench_report import write_report
+    from exporter.export import resolve_checkpoint
     from runtime_py.bench import markdown_table, run_benchmark
     from runtime_py.session import export_variants
 
@@ -199,6 +202,9 @@ def bench(export_dir: Path, variant: str | None, threads_text: str | None, promp
     report = run_benchmark(export_dir, variant or export_variants(export_dir)[0], threads,
                            _int_list(prompt_lengths, "--prompt-lengths"), decode_tokens, repeats,
                            _int_list(contexts, "--contexts"))
+    if compare_checkpoint is not None:
+        report.update(_compare_peers(report, resolve_checkpoint(compare_checkpoint), threads, out_dir,
+                                     _int_list(prompt_lengths, "--prompt-lengths"), decode_tokens, repeats))
     files = write_report(report, out_dir)
     click.echo(markdown_table(report))
     click.echo("wrote " + ", ".join(str(f) for f in files))
@@ -267,6 +273,23 @@ def devices_fit(export_dir: Path, context: int, threads: int | None, json_path: 
     if json_path:
         json_path.write_text(json.dumps({"formula": FORMULA, "context": context, "host_bandwidth_gb_s": bandwidth,
                                          "estimates": [dataclasses.asdict(r) for r in rows]}, indent=2) + "\n")
+
+
+def _compare_peers(report: dict, checkpoint: Path, threads: list[int], out_dir: Path, prompt_lengths: list[int],
+                   decode_tokens: int, repeats: int) -> dict:
+    from exporter.peers import build_genai_export, missing_peer, ratios, run_peer
+
+    peers, skipped = [], {}
+    for name, kind in (("onnxruntime-genai", "genai"), ("transformers", "transformers")):
+        reason = missing_peer(name)
+        if reason:
+            skipped[name] = reason
+            click.echo(f"skipping {name}: {reason}", err=True)
+            continue
+        path = build_genai_export(checkpoint, out_dir / "peers" / "genai-int4") if kind == "genai" else checkpoint
+        for t in threads:
+            peers.append(run_peer(kind, path, t, prompt_lengths, decode_tokens, repeats))
+    return {"peers": peers, "skipped_peers": skipped, "ratios": ratios(report["configs"], peers)}
 
 
 def _stop_ids(export_dir: Path) -> list[int]:

@@ -168,6 +168,24 @@ def markdown_table(report: dict) -> str:
     for s in report["state_memory"]:
         lines.append(f"| {s['context']:,} | {s['recurrent_and_conv_bytes'] / 2**20:.2f} | "
                      f"{s['kv_cache_bytes'] / 2**20:.2f} | {s['total_bytes'] / 2**20:.2f} |")
+    if report.get("peers") or report.get("skipped_peers"):
+        lines += ["", "Peers (same machine, same prompts, each configuration in a fresh process):", "",
+                  "| peer | threads | " + " | ".join(f"prefill {k} tok/s" for k in report["configs"][0]["prefill"])
+                  + " | decode tok/s | CPU-s/token | peak RSS MiB |", "|---" * (5 + len(report["configs"][0]["prefill"])) + "|"]
+        for p in report.get("peers", []):
+            prefill = " | ".join(f"{p['prefill'][k]['tokens_per_s']:.1f}" if k in p["prefill"] else "-"
+                                 for k in report["configs"][0]["prefill"])
+            lines.append(f"| {p['peer']} | {p['threads']} | {prefill} | {p['decode']['tokens_per_s']['median']:.1f} | "
+                         f"{p['decode']['cpu_s_per_token']['median']:.4f} | {p['peak_rss_mib']:.0f} |")
+        for name, reason in report.get("skipped_peers", {}).items():
+            lines.append(f"| {name} | skipped: {reason} | |")
+        if report.get("ratios"):
+            lines += ["", "| qwen-edge ÷ peer | threads | decode speed | prefill speed | CPU-s/token | peak RSS |",
+                      "|---|---|---|---|---|---|"]
+            for r in report["ratios"]:
+                prefill = ", ".join(f"{k.split('_')[1]}: {v:.2f}×" for k, v in r.items() if k.startswith("prefill_"))
+                lines.append(f"| {r['peer']} | {r['threads']} | {r['decode_speed_ratio']:.2f}× | {prefill} | "
+                             f"{r['cpu_s_per_token_ratio']:.2f}× | {r['peak_rss_ratio']:.2f}× |")
     return "\n".join(lines)
 
 

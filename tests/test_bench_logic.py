@@ -68,3 +68,33 @@ def test_benchmark_report_schema_and_files(default_export, tmp_path):
     for png in ("speed.png", "memory.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(files) == 4
+
+
+def test_peer_ratios_pair_configs_by_thread_count():
+    from exporter.peers import ratios
+
+    ours = [_config(1, 20.0, 0.05), _config(2, 30.0, 0.066)]
+    peer = dict(_config(2, 24.0, 0.0825), peer="onnxruntime-genai int4", peak_rss_mib=200.0)
+    peer["prefill"]["128"]["tokens_per_s"] = 100.0
+    [row] = ratios(ours, [peer])
+    assert row["threads"] == 2 and row["peer"] == "onnxruntime-genai int4"
+    assert row["decode_speed_ratio"] == pytest.approx(1.25)
+    assert row["cpu_s_per_token_ratio"] == pytest.approx(0.8)
+    assert row["prefill_128_speed_ratio"] == pytest.approx(2.0)
+    assert row["peak_rss_ratio"] == pytest.approx(0.5)
+
+
+def test_missing_peer_is_skipped_with_the_reason(monkeypatch):
+    import importlib.util
+
+    from exporter import peers
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(peers.importlib.util, "find_spec",
+                        lambda name: None if name == "onnxruntime_genai" else real(name))
+    assert peers.missing_peer("onnxruntime-genai") == \
+        "onnxruntime-genai is not installed (pip install onnxruntime-genai)"
+    assert peers.missing_peer("transformers") is None
+    report = {"configs": [_config(1, 20.0, 0.05)], "state_memory": [], "power_mode": choose_power_mode([_config(1, 20.0, 0.05)]),
+              "peers": [], "skipped_peers": {"onnxruntime-genai": peers.missing_peer("onnxruntime-genai")}}
+    assert "skipped: onnxruntime-genai is not installed" in markdown_table(report)
