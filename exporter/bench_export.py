@@ -158,18 +158,22 @@ def speed(preset: str, variant: str, work: Path, quant: str, block_size: str, do
                         f"w(p('{preset}'), '{ck}')"], cwd=ROOT, check=True)
     subprocess.run([*QWEN_EDGE, "export", str(ck), str(export), "--force", "--quiet", "--quant", quant,
                     "--block-size", block_size], cwd=ROOT, check=True)
-    command = [*QWEN_EDGE, "bench", str(export), "--variant", variant, "--out", str(out)]
+    command = [*QWEN_EDGE, "bench", str(export), "--variant", variant, "--out", str(out), "--compare", str(ck)]
     subprocess.run(command, cwd=ROOT, check=True)
     report = json.loads((out / "bench.json").read_text())
+    write_speed_section(doc, preset, variant, block_size, quant, report)
+
+
+def write_speed_section(doc: Path, preset: str, variant: str, block_size: str, quant: str, report: dict) -> None:
     from runtime_py.bench import markdown_table
 
     body = f"""## Speed of the {preset} shape, {variant} (block {block_size}), random weights
 
 Measured {dt.date.today().isoformat()} on {machine()}.
-Command: `qwen-edge bench EXPORT --variant {variant}` on an export made with `--quant {quant} --block-size {block_size}`
-(via `.venv/bin/python -m exporter.bench_export --preset {preset} --speed {variant} --quant {quant}`); median of 3
-runs after 1 warm-up, min–max in brackets; each thread count in a fresh process. Plots:
-`bench_out/{preset}-{variant}/speed.png`, `memory.png`.
+Command: `qwen-edge bench EXPORT --variant {variant} --compare CHECKPOINT` on an export made with
+`--quant {quant} --block-size {block_size}` (via `.venv/bin/python -m exporter.bench_export --preset {preset}
+--speed {variant} --quant {quant}`); median of 3 runs after 1 warm-up, min–max in brackets; each thread count
+and each peer in a fresh process. Plots: `bench_out/{preset}-{variant}/speed.png`, `memory.png`.
 
 {markdown_table(report)}
 """

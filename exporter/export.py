@@ -55,7 +55,7 @@ class Stages:
     """A progress bar over the named stages of a long job (on stderr, so stdout stays clean)."""
 
     def __init__(self, names: list[str], enabled: bool) -> None:
-        self.names, self.enabled, self.done = names, enabled, 0
+        self.names, self.done = names, 0
         self.bar = click.progressbar(length=len(names), label="export", file=sys.stderr,
                                      item_show_func=lambda _: self.current, show_eta=False) if enabled else None
         self.current = names[0]
@@ -67,7 +67,12 @@ class Stages:
         self.current = self.names[self.done]
         if self.bar:
             self.bar.render_progress()
-        result = fn()
+        try:
+            result = fn()
+        except BaseException:
+            if self.bar:  # end the bar's line so the error message stands on its own line
+                click.echo(err=True)
+            raise
         self.done += 1
         if self.bar:
             self.bar.update(1)
