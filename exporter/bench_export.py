@@ -156,8 +156,9 @@ def speed(preset: str, variant: str, work: Path, quant: str, block_size: str, do
         subprocess.run([sys.executable, "-c", "from graphs.config import preset_config_dict as p; "
                         "from graphs.random_checkpoint import write_random_checkpoint as w; "
                         f"w(p('{preset}'), '{ck}')"], cwd=ROOT, check=True)
+    # contrib recurrent ops: ORT's CPU kernels for them are fused (the opset-27 ones expand to Scan + Conv)
     subprocess.run([*QWEN_EDGE, "export", str(ck), str(export), "--force", "--quiet", "--quant", quant,
-                    "--block-size", block_size], cwd=ROOT, check=True)
+                    "--block-size", block_size, "--recurrent-ops", "contrib"], cwd=ROOT, check=True)
     command = [*QWEN_EDGE, "bench", str(export), "--variant", variant, "--out", str(out), "--compare", str(ck)]
     subprocess.run(command, cwd=ROOT, check=True)
     report = json.loads((out / "bench.json").read_text())
@@ -171,7 +172,7 @@ def write_speed_section(doc: Path, preset: str, variant: str, block_size: str, q
 
 Measured {dt.date.today().isoformat()} on {machine()}.
 Command: `qwen-edge bench EXPORT --variant {variant} --compare CHECKPOINT` on an export made with
-`--quant {quant} --block-size {block_size}` (via `.venv/bin/python -m exporter.bench_export --preset {preset}
+`--quant {quant} --block-size {block_size} --recurrent-ops contrib` (via `.venv/bin/python -m exporter.bench_export --preset {preset}
 --speed {variant} --quant {quant}`); median of 3 runs after 1 warm-up, min–max in brackets; each thread count
 and each peer in a fresh process. Plots: `bench_out/{preset}-{variant}/speed.png`, `memory.png`.
 
