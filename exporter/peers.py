@@ -12,6 +12,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from runtime_py.bench import Spread
@@ -31,11 +32,21 @@ def build_genai_export(checkpoint: Path, out: Path) -> Path:
     return out
 
 
-def _result(name: str, threads: int, load_s: float, prefill: dict, rates: list[float], cpu: list[float],
-            decode_tokens: int, prompt: int) -> dict:
+Run = Callable[[list[int], int], tuple[float, float, float]]  # (prompt, new tokens) -> prefill s, decode s, decode CPU s
+
+
+def _measure(name: str, threads: int, load_s: float, run: Run, vocab: int, prompt_lengths: list[int],
+             decode_tokens: int, repeats: int) -> dict:
+    """The fields of `runtime_py.bench.measure_config`, from a peer's `run`; one warm-up is dropped."""
+    prefill = {}
+    for length in prompt_lengths:
+        s = Spread.of([run(_prompt(length, vocab), 0)[0] for _ in range(repeats + 1)][1:])
+        prefill[str(length)] = {"seconds": s.__dict__, "tokens_per_s": length / s.median, "time_to_first_token_s": s.median}
+    decode = [run(_prompt(min(prompt_lengths), vocab), decode_tokens) for _ in range(repeats + 1)][1:]
     return {"peer": name, "threads": threads, "load_s": load_s, "prefill": prefill,
-            "decode": {"tokens": decode_tokens, "after_prompt": prompt,
-                       "tokens_per_s": Spread.of(rates).__dict__, "cpu_s_per_token": Spread.of(cpu).__dict__},
+            "decode": {"tokens": decode_tokens, "after_prompt": min(prompt_lengths),
+                       "tokens_per_s": Spread.of([decode_tokens / d[1] for d in decode]).__dict__,
+                       "cpu_s_per_token": Spread.of([d[2] / decode_tokens for d in decode]).__dict__},
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -66,14 +77,7 @@ def measure_genai(model_dir: Path, threads: int, prompt_lengths: list[int], deco
             gen.generate_next_token()
         return t1 - t0, time.perf_counter() - t1, time.process_time() - c1
 
-    prefill = {}
-    for length in prompt_lengths:
-        times = [run(_prompt(length, vocab), 0)[0] for _ in range(repeats + 1)][1:]
-        s = Spread.of(times)
-        prefill[str(length)] = {"seconds": s.__dict__, "tokens_per_s": length / s.median, "time_to_first_token_s": s.median}
-    decode = [run(_prompt(min(prompt_lengths), vocab), decode_tokens) for _ in range(repeats + 1)][1:]
-    return _result("onnxruntime-genai int4", threads, load_s, prefill, [decode_tokens / d[1] for d in decode],
-                   [d[2] / decode_tokens for d in decode], decode_tokens, min(prompt_lengths))
+    return _measure("onnxruntime-genai int4", threads, load_s, run, vocab, prompt_lengths, decode_tokens, repeats)
 
 
 def measure_transformers(checkpoint: Path, threads: int, prompt_lengths: list[int], decode_tokens: int,
@@ -98,14 +102,7 @@ def measure_transformers(checkpoint: Path, threads: int, prompt_lengths: list[in
             out = model(input_ids=token, past_key_values=cache, use_cache=True)
         return t1 - t0, time.perf_counter() - t1, time.process_time() - c1
 
-    prefill = {}
-    for length in prompt_lengths:
-        times = [run(_prompt(length, vocab), 0)[0] for _ in range(repeats + 1)][1:]
-        s = Spread.of(times)
-        prefill[str(length)] = {"seconds": s.__dict__, "tokens_per_s": length / s.median, "time_to_first_token_s": s.median}
-    decode = [run(_prompt(min(prompt_lengths), vocab), decode_tokens) for _ in range(repeats + 1)][1:]
-    return _result("transformers eager fp32", threads, load_s, prefill, [decode_tokens / d[1] for d in decode],
-                   [d[2] / decode_tokens for d in decode], decode_tokens, min(prompt_lengths))
+    return _measure("transformers eager fp32", threads, load_s, run, vocab, prompt_lengths, decode_tokens, repeats)
 
 
 def run_peer(kind: str, path: Path, threads: int, prompt_lengths: list[int], decode_tokens: int, repeats: int) -> dict:
