@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from runtime_py.session import read_manifest
+
 ROOT = Path(__file__).resolve().parent.parent
 QWEN_EDGE = [sys.executable, "-m", "exporter.cli"]
 
@@ -103,7 +105,7 @@ def main() -> None:
         if results[name]["exit"] != 0 and "verify" not in name:
             sys.exit(f"stage failed: {name}")
     verify = json.loads(report_json.read_text())
-    variants = json.loads((export / "qwen_edge.json").read_text())["variants"]
+    variants = read_manifest(export)["variants"]
     worst = max(s["max_abs_diff"] / max(1, s["logit_scale"]) for p in verify["prompts"] for s in p["steps"])
     record = {
         "preset": args.preset,
@@ -192,7 +194,7 @@ def quality_default(work: Path, doc: Path) -> None:
     for cmd in cmds:
         subprocess.run(cmd, cwd=ROOT, check=False)
     data = json.loads(report.read_text())
-    sizes = json.loads((export / "qwen_edge.json").read_text())["variants"]
+    sizes = read_manifest(export)["variants"]
     rows = "\n".join(
         f"| {v['variant']} | {v['top1_agreement']:.2%} | {v['mean_kl']:.2e} | {v['perplexity']:.4f} | "
         f"{v['perplexity_increase']:+.2%} | {v['greedy_agreement']:.1%} | {sizes[v['variant']]['bytes_on_disk'] / 2**20:.2f} | "

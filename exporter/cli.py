@@ -242,10 +242,10 @@ def devices_fit(export_dir: Path, context: int, threads: int | None, json_path: 
     from devices.fit import FORMULA, bytes_per_token, calibrate_efficiency, fit, measure_host_bandwidth
     from devices.profiles import DEVICES
     from runtime_py.bench import measure_config, state_bytes
-    from runtime_py.session import OnnxModel, export_variants
+    from runtime_py.session import OnnxModel, read_manifest
 
-    manifest = json.loads((export_dir / "qwen_edge.json").read_text()) if (export_dir / "qwen_edge.json").is_file() else None
-    names = export_variants(export_dir)
+    manifest = read_manifest(export_dir)
+    names = list(manifest["variants"])
     bandwidth = measure_host_bandwidth()
     rows = []
     for name in names:

@@ -17,7 +17,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import click
-import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime
@@ -28,13 +27,13 @@ from exporter.onnx_recurrent import DOMAINS
 from graphs.checkpoint import open_checkpoint
 from quant.onnx_weights import pack_blockwise, quantize_projections, quantized_embed_graph, share_lm_head_bytes
 from quant.schemes import SCHEMES, QuantOptions, Scheme
+from runtime_py.session import MANIFEST
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model" / "checkpoint"
 SUPPORT_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "preprocessor_config.json",
 )
-MANIFEST = "qwen_edge.json"
 # Oldest ONNX Runtime that runs each form of the recurrent ops (see exporter/onnx_recurrent.py).
 MIN_ORT = {"standard": "1.32", "contrib": "1.25"}
 
@@ -94,13 +93,9 @@ def _opset_imports(path: Path) -> dict[str, int]:
     return {o.domain or "ai.onnx": o.version for o in model.opset_import}
 
 
-def _variant_files(scheme: Scheme) -> tuple[str, str]:
-    return f"onnx/embed_tokens{scheme.suffix}.onnx", f"onnx/decoder_model_merged{scheme.suffix}.onnx"
-
-
 def _write_quantized(scheme: Scheme, float_dir: Path, out_dir: Path, opts: QuantOptions, tied: bool) -> None:
     """Quantize the saved float graphs of the scheme's activation dtype into the scheme's files."""
-    embed_name, decoder_name = _variant_files(scheme)
+    embed_name, decoder_name = scheme.files
     decoder = ir.load(float_dir / "decoder.onnx")
     lm_head = quantize_projections(decoder, scheme.weight_bits, opts)
     name_nodes_and_strip_trace_metadata(decoder)
@@ -112,8 +107,7 @@ def _write_quantized(scheme: Scheme, float_dir: Path, out_dir: Path, opts: Quant
         onnx.save(embed, str(out_dir / embed_name))
     else:
         table = onnx.numpy_helper.to_array(onnx.load(str(float_dir / "embed.onnx")).graph.initializer[0])
-        packed = pack_blockwise(table.T.astype(np.float32), scheme.weight_bits, opts)
-        packed.scales = packed.scales.astype(table.dtype)
+        packed = pack_blockwise(table.T, scheme.weight_bits, opts)
         embed = quantized_embed_graph(packed, packed.k, doc)
         onnx.save(embed, str(out_dir / embed_name), save_as_external_data=True, all_tensors_to_one_file=True,
                   location=Path(embed_name).name + "_data", size_threshold=1024)
@@ -186,14 +180,14 @@ def export_checkpoint(
 
 def _copy_float_graphs(float_dir: Path, out_dir: Path, scheme: Scheme) -> None:
     """The float variant is the traced graph itself, re-saved under its published name."""
-    for src, dst in zip(("embed.onnx", "decoder.onnx"), _variant_files(scheme)):
+    for src, dst in zip(("embed.onnx", "decoder.onnx"), scheme.files):
         graph = ir.load(float_dir / src)
         name_nodes_and_strip_trace_metadata(graph)
         save_graph(graph, out_dir / dst)
 
 
 def _variant_record(scheme: Scheme, quant: QuantOptions, root: Path) -> dict:
-    embed, decoder = _variant_files(scheme)
+    embed, decoder = scheme.files
     record = {"embed_tokens": embed, "decoder": decoder, "activations": scheme.activations,
               "opset_imports": _opset_imports(root / decoder)}
     if scheme.weight_bits:

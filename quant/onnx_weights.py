@@ -59,7 +59,11 @@ class PackedWeight:
 
 
 def pack_blockwise(weight: np.ndarray, bits: int, opts: QuantOptions) -> PackedWeight:
-    """Quantize a MatMul weight [K, N] with ONNX Runtime's packers."""
+    """Quantize a MatMul weight [K, N] with ONNX Runtime's packers (computed in fp32).
+
+    The scales keep the weight's dtype: MatMulNBits and GatherBlockQuantized take scales in the
+    activation dtype, which is the dtype the float graph was traced in.
+    """
     k, n = weight.shape
     block = opts.block_size
     k_blocks = -(-k // block)
@@ -68,7 +72,7 @@ def pack_blockwise(weight: np.ndarray, bits: int, opts: QuantOptions) -> PackedW
     zero_points = np.zeros((n, -(-k_blocks * bits // 8)), np.uint8)
     packer = {4: quantize_matmul_4bits, 8: quantize_matmul_8bits}[bits]
     packer(data, np.ascontiguousarray(weight, dtype=np.float32), scales, zero_points, block, n, k, opts.symmetric)
-    return PackedWeight(data, scales, None if opts.symmetric else zero_points, k, n, bits, block)
+    return PackedWeight(data, scales.astype(weight.dtype), None if opts.symmetric else zero_points, k, n, bits, block)
 
 
 def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
@@ -91,8 +95,7 @@ def quantize_projections(model: ir.Model, bits: int, opts: QuantOptions) -> Pack
         if weight is None or path is None or not is_quantized_projection(path):
             continue
         array = weight.numpy()
-        packed = pack_blockwise(array.astype(np.float32), bits, opts)
-        packed.scales = packed.scales.astype(array.dtype)  # MatMulNBits: scales share A's dtype
+        packed = pack_blockwise(array, bits, opts)
         inputs = [node.inputs[0], _constant(graph, f"{path}.weight_q{bits}", packed.data),
                   _constant(graph, f"{path}.weight_scales", packed.scales)]
         if packed.zero_points is not None:

@@ -29,6 +29,11 @@ class Scheme:
     gate: QualityGate
     doc: str
 
+    @property
+    def files(self) -> tuple[str, str]:
+        """(embed_tokens, decoder) graph paths inside an export folder."""
+        return f"onnx/embed_tokens{self.suffix}.onnx", f"onnx/decoder_model_merged{self.suffix}.onnx"
+
 
 # Default gates, measured against the float reference on the default model's held-out text. Top-1
 # agreement is volatile where the reference itself hesitates (the synthetic grammar has many

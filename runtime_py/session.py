@@ -8,7 +8,7 @@ Input names, shapes and dtypes are read from the graphs themselves (they carry t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +21,18 @@ MANIFEST = "qwen_edge.json"
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
+def read_manifest(export_dir: Path) -> dict:
+    """The export's `qwen_edge.json`; a folder without one was not written by `qwen-edge export`."""
+    manifest = export_dir / MANIFEST
+    if not manifest.is_file():
+        raise QwenEdgeError(f"{export_dir}: no {MANIFEST}; pass a folder written by 'qwen-edge export'")
+    return json.loads(manifest.read_text())
+
+
 def variant_files(export_dir: Path, variant: str) -> tuple[Path, Path]:
     """(embed_tokens, decoder) graph paths of one variant, from the export's manifest when present."""
-    manifest = export_dir / MANIFEST
-    if manifest.is_file():
-        variants = json.loads(manifest.read_text()).get("variants", {})
+    if (export_dir / MANIFEST).is_file():
+        variants = read_manifest(export_dir).get("variants", {})
         if variant not in variants:
             raise QwenEdgeError(f"{export_dir}: has no '{variant}' variant (it has {', '.join(variants)}); "
                                 f"pick one of those or export with --quant {variant}")
@@ -33,16 +40,13 @@ def variant_files(export_dir: Path, variant: str) -> tuple[Path, Path]:
         return export_dir / entry["embed_tokens"], export_dir / entry["decoder"]
     if variant not in SCHEMES:
         raise QwenEdgeError(f"unknown variant {variant!r}; choose from {', '.join(SCHEMES)}")
-    suffix = SCHEMES[variant].suffix
-    return export_dir / "onnx" / f"embed_tokens{suffix}.onnx", export_dir / "onnx" / f"decoder_model_merged{suffix}.onnx"
+    embed, decoder = SCHEMES[variant].files
+    return export_dir / embed, export_dir / decoder
 
 
 def export_variants(export_dir: Path) -> list[str]:
     """Variant names an export folder holds, in the order they were exported."""
-    manifest = export_dir / MANIFEST
-    if not manifest.is_file():
-        raise QwenEdgeError(f"{export_dir}: no {MANIFEST}; pass a folder written by 'qwen-edge export'")
-    return list(json.loads(manifest.read_text()).get("variants", {}))
+    return list(read_manifest(export_dir).get("variants", {}))
 
 
 def past_name_for(present: str) -> str:
@@ -58,7 +62,7 @@ class SequenceState:
 
     values: dict[str, ort.OrtValue]
     attention_mask: np.ndarray  # [B, past] int64
-    positions: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))  # next position per row
+    positions: np.ndarray  # [B] next position per row (counts real tokens only)
 
     @property
     def past_length(self) -> int:
