@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.verify import ReferenceRunner
+from exporter.verify import ReferenceRunner, greedy_reference
 from graphs.checkpoint import open_checkpoint
 from graphs.errors import QwenEdgeError
 from quant.schemes import SCHEMES, GateOverrides, QualityGate
@@ -100,16 +100,7 @@ def _onnx_runner(model: OnnxModel) -> tuple[PositionLogits, Greedy]:
 
 def _checkpoint_runner(folder: Path) -> tuple[PositionLogits, Greedy]:
     model = open_checkpoint(folder).build_decoder()
-
-    def greedy(prompt: list[int], n: int) -> list[int]:
-        runner = ReferenceRunner(model)
-        out, logits = [], runner.forward(prompt)
-        for _ in range(n):
-            out.append(int(logits[-1].argmax()))
-            logits = runner.forward([out[-1]])
-        return out
-
-    return (lambda ids: ReferenceRunner(model).forward(ids)), greedy
+    return (lambda ids: ReferenceRunner(model).forward(ids)), (lambda prompt, n: greedy_reference(model, prompt, n))
 
 
 def _reference(against: Path) -> tuple[PositionLogits, Greedy, str]:

@@ -92,6 +92,16 @@ class ReferenceRunner:
         return logits[0].numpy()
 
 
+def greedy_reference(model: Qwen35Decoder, prompt: list[int], steps: int) -> list[int]:
+    """Greedy continuation of `prompt` by the PyTorch reference, carrying state like the runtime."""
+    runner = ReferenceRunner(model)
+    out, logits = [], runner.forward(prompt)
+    for _ in range(steps):
+        out.append(int(logits[-1].argmax()))
+        logits = runner.forward([out[-1]])
+    return out
+
+
 def compare_step(step: int, ref: np.ndarray, got: np.ndarray, rtol: float) -> StepResult:
     """Compare the logits of one call ([T, V] each); tokens are read at the last position.
 

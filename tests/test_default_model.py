@@ -9,7 +9,7 @@ import numpy as np
 from click.testing import CliRunner
 
 from exporter.cli import main
-from exporter.verify import ReferenceRunner
+from exporter.verify import greedy_reference
 from graphs.checkpoint import open_checkpoint
 from runtime_py.generate import generate
 from runtime_py.session import OnnxModel
@@ -28,22 +28,12 @@ def test_default_model_is_small_and_complete(default_checkpoint):
         assert (default_checkpoint / name).is_file()
 
 
-def _greedy_torch(model, ids, steps):
-    runner = ReferenceRunner(model)
-    logits = runner.forward(ids)
-    out = []
-    for _ in range(steps):
-        out.append(int(logits[-1].argmax()))
-        logits = runner.forward([out[-1]])
-    return out
-
-
 def test_greedy_text_identical_across_onnx_pytorch_and_transformers(default_checkpoint, default_export):
     tok = TextTokenizer(default_export)
     prompt = tok.encode("On Monday the baker walked to the market.")
     steps = 40
     onnx_ids = generate(OnnxModel(default_export), prompt, steps)
-    torch_ids = _greedy_torch(open_checkpoint(default_checkpoint).build_decoder(), prompt, steps)
+    torch_ids = greedy_reference(open_checkpoint(default_checkpoint).build_decoder(), prompt, steps)
     hf = HfRunner(hf_causal_lm(default_checkpoint))
     logits = hf.forward(np.array([prompt]))
     hf_ids = []
