@@ -79,3 +79,17 @@ def test_state_shapes_and_constant_recurrent_memory(tiny_exports, tiny_checkpoin
         assert sizes_60[f"past_recurrent.{i}"] == [1, cfg.linear_num_value_heads, 16, 16]
     for i in cfg.attention_layers:
         assert sizes_10[f"past_key_values.{i}.key"][2] == 10 and sizes_60[f"past_key_values.{i}.key"][2] == 60
+
+
+@pytest.mark.parametrize("layout,norm_op", [("kv_equal_tied", "RMSNormalization"),
+                                            ("kv_double_untied", "SimplifiedLayerNormalization")])
+def test_every_rms_norm_is_one_node(layout, norm_op, tiny_exports, tiny_checkpoints):
+    """Two per layer, the gated norm of each Gated DeltaNet layer, q/k norms of each attention layer, the final one."""
+    model = _decoder(tiny_exports[layout])
+    cfg = load_text_config(tiny_checkpoints[layout])
+    expected = 2 * len(cfg.layer_types) + len(cfg.linear_layers) + 2 * len(cfg.attention_layers) + 1
+    norms = [n for n in model.graph.node if n.op_type == norm_op]
+    assert len(norms) == expected and {n.domain for n in norms} == {""}
+    assert not any(n.op_type == "Pow" for n in model.graph.node)  # x² of every norm went into the fused node
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in norms[0].attribute}
+    assert attrs["axis"] == -1 and attrs["stash_type"] == 1 and attrs["epsilon"] == pytest.approx(cfg.rms_norm_eps)
