@@ -23,7 +23,6 @@ from pathlib import Path
 import onnx
 
 from graphs.errors import QwenEdgeError
-from quant.schemes import SCHEMES
 from runtime_py.session import read_manifest
 
 # Below 2 GiB: a browser's ArrayBuffer and onnxruntime-web's fetch of one external data file.
@@ -42,9 +41,10 @@ def write_web_layout(export_dir: Path, out_dir: Path, variants: list[str]) -> No
     """
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     manifest = read_manifest(export_dir)
-    if manifest.get("recurrent_ops") != "contrib":
-        raise QwenEdgeError(f"{export_dir}: graphs use the {manifest.get('recurrent_ops')} recurrent ops, which "
-                            "transformers.js's onnxruntime cannot run; re-export with --recurrent-ops contrib")
+    ops = manifest.get("recurrent_ops", "standard")
+    if ops != "contrib":
+        raise QwenEdgeError(f"{export_dir}: graphs use the {ops} recurrent ops, which transformers.js's "
+                            "onnxruntime cannot run; re-export with --recurrent-ops contrib")
     if not variants:
         raise QwenEdgeError("no variants given for the web bundle; pass at least one, e.g. q4")
     exported = manifest.get("variants", {})
@@ -52,7 +52,7 @@ def write_web_layout(export_dir: Path, out_dir: Path, variants: list[str]) -> No
         if variant not in exported:
             raise QwenEdgeError(f"{export_dir}: has no '{variant}' variant (it has {', '.join(exported)}); "
                                 f"pick one of those or export with --quant {variant}")
-    config = _read_json(export_dir, "config.json")
+    web = web_config(_read_json(export_dir, "config.json"), variants[0])
     for name in TOKENIZER_FILES:
         if not (export_dir / name).is_file():
             raise QwenEdgeError(f"{export_dir}: {name} missing; export from a checkpoint that has one")
@@ -63,13 +63,17 @@ def write_web_layout(export_dir: Path, out_dir: Path, variants: list[str]) -> No
             chunks = rehome_external_data(export_dir / rel, out_dir / rel)
             if chunks:
                 data_chunks[Path(rel).name] = chunks
-    _write_json(out_dir / "config.json", web_config(config, variants[0], data_chunks))
-    _write_json(out_dir / "generation_config.json", _generation_config(export_dir, config))
+    if data_chunks:
+        web["transformers.js_config"]["use_external_data_format"] = dict(sorted(data_chunks.items()))
+    _write_json(out_dir / "config.json", web)
+    _write_json(out_dir / "generation_config.json", _generation_config(export_dir, web.get("text_config", {})))
     _write_tokenizer_files(export_dir, out_dir)
 
 
-def web_config(config: dict, default_dtype: str, data_chunks: dict[str, int]) -> dict:
-    """The checkpoint config in the form transformers.js loads as a text-only Qwen3.5 model."""
+def web_config(config: dict, default_dtype: str) -> dict:
+    """The checkpoint config in the form transformers.js loads as a text-only Qwen3.5 model.
+
+    `transformers.js_config.use_external_data_format` is added once the graphs are written."""
     if config.get("model_type") == "qwen3_5":
         web = dict(config)
     elif config.get("model_type") == "qwen3_5_text":
@@ -83,12 +87,7 @@ def web_config(config: dict, default_dtype: str, data_chunks: dict[str, int]) ->
     # transformers.js reads vision_config.spatial_merge_size when it computes text positions, even
     # without images; an empty one makes it use its default. No vision graph is shipped.
     web.setdefault("vision_config", {})
-    if default_dtype not in SCHEMES:
-        raise QwenEdgeError(f"unknown variant {default_dtype!r}; choose from {', '.join(SCHEMES)}")
-    js_config: dict = {"dtype": default_dtype}
-    if data_chunks:
-        js_config["use_external_data_format"] = dict(sorted(data_chunks.items()))
-    web["transformers.js_config"] = js_config
+    web["transformers.js_config"] = {"dtype": default_dtype}
     return web
 
 
@@ -161,11 +160,10 @@ def _copy_range(path: Path, offset: int, length: int, out, graph: Path) -> None:
             left -= len(block)
 
 
-def _generation_config(export_dir: Path, config: dict) -> dict:
-    """The export's generation config; without one, the end-of-sequence ids the config names."""
+def _generation_config(export_dir: Path, text: dict) -> dict:
+    """The export's generation config; without one, the token ids the text config names."""
     if (export_dir / "generation_config.json").is_file():
         return _read_json(export_dir, "generation_config.json")
-    text = config.get("text_config", config)
     return {k: text[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if text.get(k) is not None}
 
 
@@ -187,7 +185,8 @@ def _read_json(folder: Path, name: str) -> dict:
     try:
         value = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise QwenEdgeError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); re-run 'qwen-edge export'") from None
+        raise QwenEdgeError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); "
+                            "re-run 'qwen-edge export'") from None
     if not isinstance(value, dict):
         raise QwenEdgeError(f"{path}: expected a JSON object; re-run 'qwen-edge export'")
     return value

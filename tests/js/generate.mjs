@@ -21,7 +21,7 @@ const { values: args } = parseArgs({
     },
 });
 if (!args.model || (args.ids === undefined) === (args.prompt === undefined)) {
-    console.error('usage: generate.mjs --model DIR [--dtype D] [--max-new-tokens N] (--ids 1,2,3 | --prompt TEXT [--chat])');
+    console.error('usage: generate.mjs --model DIR [--dtype D] [--max-new-tokens N] (--ids 1,2 | --prompt T [--chat])');
     process.exit(2);
 }
 
