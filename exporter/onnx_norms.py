@@ -127,6 +127,9 @@ def fuse_norms(model: ir.Model, form: str) -> int:
         model.graph.remove(chain.nodes, safe=True)
         norm.outputs[0].name = name
         fused += 1
+    for name, value in list(model.graph.initializers.items()):  # exponents, eps, axes of the old chains
+        if not value.uses() and not value.is_graph_output():
+            del model.graph.initializers[name]
     if form == "standard" and fused:
         model.opset_imports[""] = max(model.opset_imports.get("", 23), 23)
     return fused

@@ -92,5 +92,7 @@ def test_every_norm_is_one_node(layout, norm_op, tiny_exports, tiny_checkpoints)
     norms = [n for n in model.graph.node if n.op_type == norm_op]
     assert len(norms) == expected and {n.domain for n in norms} == {""}
     assert not any(n.op_type in ("Pow", "Sqrt") for n in model.graph.node)  # each norm went into its fused node
+    used = {name for n in model.graph.node for name in n.input}
+    assert all(init.name in used for init in model.graph.initializer)  # the old chains' constants went too
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in norms[0].attribute}
     assert attrs["axis"] == -1 and attrs["stash_type"] == 1 and attrs["epsilon"] == pytest.approx(cfg.rms_norm_eps)
