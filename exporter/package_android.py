@@ -18,9 +18,14 @@ Layout written into the bundle (per variant, suffix as in the export):
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import onnx
@@ -121,24 +126,56 @@ def _relocate(tensors: list[onnx.TensorProto], src_dir: Path, data, data_name: s
                 tensor.external_data.add(key=key, value=info[key])
 
 
+# ONNX Runtime's own conversion (what `convert_onnx_models_to_ort` does per model), run in a child process.
+_TO_ORT = """
+import sys
+import onnxruntime as ort
+options = ort.SessionOptions()
+options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+options.intra_op_num_threads = options.inter_op_num_threads = 1
+options.optimized_model_filepath = sys.argv[2]
+options.add_session_config_entry("session.save_model_format", "ORT")
+options.add_session_config_entry("session.qdqisint8allowed", "0")
+ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+"""
+_ADDR_NO_RANDOMIZE = 0x0040000  # Linux personality flag (what `setarch -R` sets)
+
+
+def _fixed_addresses() -> None:
+    """In the child before exec: turn off address-space randomization (Linux; elsewhere a no-op)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.personality(libc.personality(0xFFFFFFFF) | _ADDR_NO_RANDOMIZE)
+    except (OSError, AttributeError):
+        pass
+
+
 def write_ort_format(onnx_path: Path) -> Path:
     """`<name>.ort` beside `onnx_path`, with basic optimizations only.
 
     Basic optimizations are hardware-independent (constant folding, redundant-node removal); the
     'extended'/'all' levels fuse for the converting machine's CPU, and such a file may not run on a
-    phone. The conversion is ONNX Runtime's own (what `convert_onnx_models_to_ort` does per model).
+    phone. Reproducible bytes: ORT 1.32 writes the kernel-type table of the .ort file in an order
+    that follows heap addresses (measured: three conversions of one graph, three different hashes,
+    same content). So the conversion runs in a child process with one thread, address-space
+    randomization off, a fixed hash seed, an empty environment and fixed-length paths, which gives
+    identical bytes on every run (Linux; elsewhere that table's byte layout may still vary).
     """
     target = onnx_path.with_suffix(".ort")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.optimized_model_filepath = str(target)
-    options.add_session_config_entry("session.save_model_format", "ORT")
-    options.add_session_config_entry("session.qdqisint8allowed", "0")
-    try:
-        ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own exception types
-        raise QwenEdgeError(f"{onnx_path}: ONNX Runtime {ort.__version__} cannot convert it to ORT format "
-                            f"({str(exc).splitlines()[0]})") from exc
+    data = onnx_path.with_name(onnx_path.name + "_data")
+    # The child sees the same paths, environment and working directory on every run: a fresh temporary
+    # folder (same name length each time) holding links to the graph and its data.
+    with tempfile.TemporaryDirectory(prefix="qwen-edge-ort-") as tmp:
+        for path in (onnx_path, data):
+            if path.is_file():
+                os.symlink(path.resolve(), Path(tmp) / path.name)
+        run = subprocess.run([sys.executable, "-I", "-c", _TO_ORT, onnx_path.name, target.name], cwd=tmp,
+                             env={"PYTHONHASHSEED": "0"}, capture_output=True, text=True,
+                             preexec_fn=_fixed_addresses if sys.platform == "linux" else None)
+        if run.returncode != 0 or not (Path(tmp) / target.name).is_file():
+            detail = (run.stderr.strip().splitlines() or ["no output"])[-1]
+            raise QwenEdgeError(f"{onnx_path}: ONNX Runtime {ort.__version__} cannot convert it to ORT format ({detail})")
+        shutil.move(Path(tmp) / target.name, target)
     return target
 
 
