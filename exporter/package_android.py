@@ -38,6 +38,7 @@ from graphs.errors import QwenEdgeError
 DATA_ALIGNMENT = 4096  # each copied data file starts on a page, so ORT can map it
 GENAI_MODEL_TYPE = "qwen3_5_text"
 OPERATORS_CONFIG = "required_operators.config"
+ORT_FORMAT_LIMIT = 2**31  # an .ort file is one flatbuffer, weights included
 
 
 def merged_name(decoder_name: str) -> str:
@@ -71,7 +72,6 @@ def merge_embedding(embed_path: Path, decoder_path: Path, out_path: Path) -> boo
     nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend([*embed.graph.node, *nodes])
-    graph.initializer.extend(embed.graph.initializer)
     graph.name = "model"
     imports = {o.domain: o.version for o in decoder.opset_import}
     for o in embed.opset_import:
@@ -82,12 +82,13 @@ def merge_embedding(embed_path: Path, decoder_path: Path, out_path: Path) -> boo
     decoder.ir_version = max(decoder.ir_version, embed.ir_version)
     decoder.graph.doc_string = "Qwen3.5 token embedding + hybrid decoder, input_ids in (qwen-edge package)"
 
+    own = len(graph.initializer)
+    graph.initializer.extend(embed.graph.initializer)
     data_name = out_path.name + "_data"
+    starts: dict[Path, int] = {}  # source data file -> its offset in the new one
     with open(out_path.parent / data_name, "wb") as data:
-        _relocate(decoder.graph.initializer[: len(decoder.graph.initializer) - len(embed.graph.initializer)],
-                  decoder_path.parent, data, data_name, bases := {})
-        _relocate(decoder.graph.initializer[len(decoder.graph.initializer) - len(embed.graph.initializer):],
-                  embed_path.parent, data, data_name, bases)
+        _relocate(graph.initializer[:own], decoder_path.parent, data, data_name, starts)
+        _relocate(graph.initializer[own:], embed_path.parent, data, data_name, starts)
     onnx.save(decoder, str(out_path))
     return converted
 
@@ -111,6 +112,8 @@ def _relocate(tensors: list[onnx.TensorProto], src_dir: Path, data, data_name: s
             continue
         info = {e.key: e.value for e in tensor.external_data}
         source = (src_dir / info["location"]).resolve()
+        if not source.is_relative_to(src_dir.resolve()):
+            raise QwenEdgeError(f"{src_dir}: a graph names weight data outside its folder ({info['location']}); re-export it")
         if source not in bases:
             if not source.is_file():
                 raise QwenEdgeError(f"{source}: weight data file missing; re-export, or copy the export folder whole")
@@ -163,6 +166,10 @@ def write_ort_format(onnx_path: Path) -> Path:
     """
     target = onnx_path.with_suffix(".ort")
     data = onnx_path.with_name(onnx_path.name + "_data")
+    size = onnx_path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+    if size >= ORT_FORMAT_LIMIT:
+        raise QwenEdgeError(f"{onnx_path}: {size / 2**30:.1f} GiB of graph and weights; the ORT format holds at most "
+                            "2 GiB (a flatbuffer); package a quantized variant, e.g. --variants q4")
     # The child sees the same paths, environment and working directory on every run: a fresh temporary
     # folder (same name length each time) holding links to the graph and its data.
     with tempfile.TemporaryDirectory(prefix="qwen-edge-ort-") as tmp:
