@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The transformers.js harness of the web-bundle test (exact versions from tests/js/package-lock.json).
+JS_DEPS := tests/js/node_modules/.package-lock.json
 DEMO_OUT := build/demo
 
 .PHONY: install test demo bench clean
@@ -15,9 +17,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP)
 
-install: $(STAMP)
+$(JS_DEPS): tests/js/package.json tests/js/package-lock.json
+	@if command -v npm >/dev/null; then \
+		cd tests/js && npm ci --ignore-scripts --no-audit --no-fund; \
+	else \
+		echo "npm not found: tests/js (transformers.js) is not installed, so tests/test_package_web.py fails where node exists"; \
+	fi
 
-test: $(STAMP)
+install: $(STAMP) $(JS_DEPS)
+
+test: $(STAMP) $(JS_DEPS)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
@@ -36,4 +45,4 @@ bench: $(STAMP)
 	$(PY) -m exporter.bench_export --preset qwen3.5-2b --speed q4 --quant q4,q4f16
 
 clean:
-	rm -rf build $(VENV)
+	rm -rf build $(VENV) tests/js/node_modules

@@ -63,8 +63,10 @@ def measure_host_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
 
 def fit(device: Device, variant: str, model_bytes: int, state_total_bytes: int, per_token_bytes: int,
         efficiency: float) -> FitEstimate:
-    """Fit against the app's memory limit where a source gives one, else against total RAM."""
-    if device.app_memory_gb.value is not None:
+    """Fit against the app's memory limit where a source gives a number, else against total RAM.
+
+    A text value (e.g. Android's documented lack of a per-app limit) is not a budget, so it falls back too."""
+    if isinstance(device.app_memory_gb.value, (int, float)):
         budget, kind = int(float(device.app_memory_gb.value) * 1e9), "app limit"
     elif device.ram_gb.value is not None:
         budget, kind = int(float(device.ram_gb.value) * 1e9), "total RAM"

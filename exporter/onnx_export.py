@@ -2,7 +2,7 @@
 
 Recipe per graph: wrap, trace with `torch.onnx.export(dynamo=True)` with the recurrent custom ops
 translated to single nodes, name every input and output from the I/O spec, place the recurrent ops
-in the chosen domain, save with weights as external data beside the graph.
+in the chosen domain, fuse each norm into one node, save with weights as external data beside the graph.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import onnx_ir as ir
 import torch
 from torch.export import Dim
 
+from exporter.onnx_norms import fuse_norms
 from exporter.onnx_recurrent import place_recurrent_ops, translation_table
 from quant.onnx_weights import module_path
 from graphs.config import TextConfig
@@ -134,5 +135,6 @@ def trace_decoder(model: Qwen35Decoder, recurrent_ops: str, all_logits: bool = F
     finally:
         model.last_logits_only = False
     place_recurrent_ops(graph, recurrent_ops)
+    fuse_norms(graph, recurrent_ops)
     _describe(graph, spec, f"Qwen3.5 hybrid decoder, prefill and decode, recurrent ops: {recurrent_ops} (qwen-edge)")
     return graph

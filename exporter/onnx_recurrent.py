@@ -101,19 +101,26 @@ def trace_opset() -> int:
 
 
 def to_contrib(model: onnx.ModelProto) -> bool:
-    """Move standard (opset-27) recurrent nodes of a saved graph to `com.microsoft`, in place.
+    """Turn a saved standard (opset-27) graph into the contrib form, in place.
 
-    Same op, same attributes, only the domain and opset imports change, so the weights (external
-    data) are untouched. Returns False when the graph had no standard recurrent node.
+    The recurrent nodes move to `com.microsoft` and each fused norm becomes ONNX Runtime's
+    `SimplifiedLayerNormalization` (exporter/onnx_norms.py): same inputs, attributes and weights
+    (external data untouched), only op names, domains and opset imports change, so the result is the
+    graph `--recurrent-ops contrib` would have written. Returns False when the graph had no standard node.
     """
-    nodes = [n for n in _all_nodes(model.graph) if n.domain in ("", "ai.onnx") and n.op_type in RECURRENT_OPS]
-    if not nodes:
+    from exporter.onnx_norms import NORM_OP
+
+    standard = [n for n in _all_nodes(model.graph) if n.domain in ("", "ai.onnx")
+                and n.op_type in (*RECURRENT_OPS, NORM_OP["standard"])]
+    if not standard:
         return False
-    for node in nodes:
-        node.domain = CONTRIB_DOMAIN
-    base = trace_opset()
+    for node in standard:
+        if node.op_type == NORM_OP["standard"]:
+            node.op_type = NORM_OP["contrib"]
+        else:
+            node.domain = CONTRIB_DOMAIN
     imports = {o.domain: o.version for o in model.opset_import}
-    imports[""] = base
+    imports[""] = trace_opset()
     imports[CONTRIB_DOMAIN] = max(imports.get(CONTRIB_DOMAIN, 1), 1)
     imports.pop("ai.onnx", None)
     del model.opset_import[:]

@@ -79,6 +79,15 @@ def default_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def default_contrib_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model, fp32 and q4, with the com.microsoft recurrent ops that app runtimes load."""
+    from quant.schemes import parse_schemes
+
+    return export_checkpoint("default", tmp_path_factory.mktemp("contrib") / "export", recurrent_ops="contrib",
+                             schemes=parse_schemes("fp32,q4"), progress=False)
+
+
+@pytest.fixture(scope="session")
 def default_checkpoint() -> Path:
     return DEFAULT_MODEL_DIR
 

@@ -79,3 +79,18 @@ def test_state_shapes_and_constant_recurrent_memory(tiny_exports, tiny_checkpoin
         assert sizes_60[f"past_recurrent.{i}"] == [1, cfg.linear_num_value_heads, 16, 16]
     for i in cfg.attention_layers:
         assert sizes_10[f"past_key_values.{i}.key"][2] == 10 and sizes_60[f"past_key_values.{i}.key"][2] == 60
+
+
+@pytest.mark.parametrize("layout,norm_op", [("kv_equal_tied", "RMSNormalization"),
+                                            ("kv_double_untied", "SimplifiedLayerNormalization")])
+def test_every_norm_is_one_node(layout, norm_op, tiny_exports, tiny_checkpoints):
+    """Two RMSNorms per layer; per Gated DeltaNet layer the gated norm and the L2 norms of q and k; per
+    attention layer the q and k norms; the final norm."""
+    model = _decoder(tiny_exports[layout])
+    cfg = load_text_config(tiny_checkpoints[layout])
+    expected = 2 * len(cfg.layer_types) + 3 * len(cfg.linear_layers) + 2 * len(cfg.attention_layers) + 1
+    norms = [n for n in model.graph.node if n.op_type == norm_op]
+    assert len(norms) == expected and {n.domain for n in norms} == {""}
+    assert not any(n.op_type in ("Pow", "Sqrt") for n in model.graph.node)  # each norm went into its fused node
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in norms[0].attribute}
+    assert attrs["axis"] == -1 and attrs["stash_type"] == 1 and attrs["epsilon"] == pytest.approx(cfg.rms_norm_eps)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -223,9 +222,38 @@ def test_ios_bundle_hashes_every_file_of_the_core_ml_package(default_export: Pat
         verify_bundle(tmp_path / "ios")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("exporter.package_web") is not None,
-                    reason="the web layout is built in (tested with transformers.js by its own tests)")
-def test_web_target_without_its_module_is_a_clear_error(default_export: Path, tmp_path: Path) -> None:
-    code, output = _cli("package", str(default_export), "--target", "web", str(tmp_path / "web"))
-    assert code == 1 and "web target not available in this build" in output
-    assert not (tmp_path / "web").exists()
+def test_standard_graph_converts_to_exactly_the_contrib_export(default_export: Path, default_contrib_export: Path) -> None:
+    """to_contrib (used when packaging a standard export) writes the graph `--recurrent-ops contrib` writes."""
+    from exporter.onnx_recurrent import to_contrib
+
+    def nodes(model: onnx.ModelProto) -> list:
+        return [(n.op_type, n.domain, list(n.input), list(n.output), [a.SerializeToString() for a in n.attribute])
+                for n in model.graph.node]
+
+    name = "onnx/decoder_model_merged.onnx"
+    standard = onnx.load(str(default_export / name), load_external_data=False)
+    contrib = onnx.load(str(default_contrib_export / name), load_external_data=False)
+    assert to_contrib(standard) and not to_contrib(contrib)
+    assert nodes(standard) == nodes(contrib)
+    assert sorted((o.domain, o.version) for o in standard.opset_import) == sorted(
+        (o.domain, o.version) for o in contrib.opset_import)
+
+
+def test_web_bundle_of_a_standard_export_runs_in_transformers_js(default_export: Path, tmp_path: Path) -> None:
+    """`package --target web` converts a standard export; transformers.js (Node) then gives qwen-edge's tokens."""
+    from test_package_web import JS_DIR, run_transformers_js, runtime_tokens, without_stop
+
+    out = tmp_path / "web"
+    code, output = _cli("package", str(default_export), "--target", "web", str(out))
+    assert code == 0, output
+    manifest = verify_bundle(out)
+    assert manifest["recurrent_ops"]["exported_as"] == "standard" and manifest["format"] == "onnx"
+    assert {"config.json", "tokenizer.json", "onnx/decoder_model_merged.onnx"} <= {f["path"] for f in manifest["files"]}
+    node = shutil.which("node")
+    if node is None or not (JS_DIR / "node_modules" / "@huggingface" / "transformers").is_dir():
+        pytest.skip("node or tests/js/node_modules missing (make installs them)")
+    prompt, chat = PROMPTS[1]
+    js = run_transformers_js(node, out, prompt, chat, "fp32")
+    ids, expected = runtime_tokens(default_export, "fp32", prompt, chat)
+    assert js["prompt_ids"] == ids
+    assert without_stop(js["generated_ids"], js["eos_token_id"]) == expected
