@@ -22,7 +22,11 @@ class CliGroup(click.Group):
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
-            hint = f" (see 'qwen-edge {exc.ctx.info_name} --help')" if getattr(exc, "ctx", None) and exc.ctx.parent else ""
+            names, ctx = [], getattr(exc, "ctx", None)
+            while ctx is not None and ctx.parent is not None:  # e.g. ['build', 'package']
+                names.append(ctx.info_name)
+                ctx = ctx.parent
+            hint = f" (see 'qwen-edge {' '.join(reversed(names))} --help')" if names else ""
             click.echo(f"error: {exc.format_message()}{hint}", err=True)
             sys.exit(exc.exit_code)
         except click.Abort:
