@@ -211,7 +211,7 @@ def write_operators_config(ort_paths: list[Path], root: Path) -> Path:
 def genai_config(cfg: TextConfig, model_file: str, generation: dict, context_length: int) -> dict:
     """onnxruntime-genai's configuration for the merged graph (model type `qwen3_5_text`).
 
-    State names are mapped, not renamed: genai finds each layer's tensors from these %d patterns.
+    Search defaults come from the export's generation_config.json. State names are mapped, not renamed: genai finds each layer's tensors from these %d patterns.
     `past_present_share_buffer` is off because the graph concatenates its KV cache (it does not write
     into a preallocated max-length buffer as genai's own GroupQueryAttention graphs do).
     """
@@ -243,9 +243,12 @@ def genai_config(cfg: TextConfig, model_file: str, generation: dict, context_len
             "vocab_size": cfg.vocab_size,
         },
         "search": {
-            "do_sample": False, "early_stopping": True, "length_penalty": 1.0, "max_length": context_length,
-            "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1,
-            "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+            "do_sample": bool(generation.get("do_sample", False)), "early_stopping": True, "length_penalty": 1.0,
+            "max_length": context_length, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+            "num_return_sequences": 1, "past_present_share_buffer": False,
+            "repetition_penalty": float(generation.get("repetition_penalty", 1.0)),
+            "temperature": float(generation.get("temperature", 1.0)), "top_k": int(generation.get("top_k", 50)),
+            "top_p": float(generation.get("top_p", 1.0)),
         },
     }
     if generation.get("bos_token_id") is not None:  # genai rejects a null id

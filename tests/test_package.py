@@ -97,8 +97,9 @@ def test_genai_generates_the_same_greedy_tokens(android_bundle: Path, default_al
 def _logits(session: ort.InferenceSession, ids: list[list[int]]) -> list[np.ndarray]:
     """Prefill `ids[0]`, then feed each later row one call at a time; logits of every call."""
     inputs = {i.name: i for i in session.get_inputs()}
+    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
     state = {name: np.zeros([1 if d == "batch_size" else (0 if isinstance(d, str) else d) for d in i.shape],
-                            np.float32) for name, i in inputs.items() if name.startswith("past")}
+                            dtypes[i.type]) for name, i in inputs.items() if name.startswith("past")}
     out, past = [], 0
     for chunk in ids:
         t = len(chunk)
@@ -134,11 +135,32 @@ def test_ort_format_gives_the_onnx_logits(android_bundle: Path, default_all_vari
             assert np.abs(a - c).max() <= 1e-5 * scale
 
 
+@pytest.mark.parametrize("variant", ["q4", "fp16"])
+def test_untied_embedding_with_its_own_data_file_merges_exactly(tiny_untied_quantized: Path, tmp_path: Path,
+                                                                 variant: str) -> None:
+    """Untied: embed_tokens has its own data file, appended (page-aligned) to the decoder's in the merged graph."""
+    manifest = package_export(tiny_untied_quantized, tmp_path / "b", "android", [variant])
+    files = manifest["variants"][variant]
+    calls = [[5, 17, 300, 41, 9], [12], [200]]
+    session = ort.InferenceSession(str(tmp_path / "b" / files["onnx"]), providers=["CPUExecutionProvider"])
+    merged = _logits(session, calls)
+    reference = OnnxModel(tiny_untied_quantized, variant)
+    state = reference.new_state(1)
+    for got, chunk in zip(merged, calls):
+        want = reference.forward(np.array([chunk], np.int64), state)
+        assert np.array_equal(got, want)
+    graph = onnx.load(str(tmp_path / "b" / files["onnx"]), load_external_data=False)
+    table = graph.graph.node[0].input[0]  # the embedding's gather comes first; its table is the embed's data
+    place = next({e.key: e.value for e in t.external_data} for t in graph.graph.initializer if t.name == table)
+    assert place["location"] == Path(files["onnx"]).name + "_data" and int(place["offset"]) % 4096 == 0
+
+
 def test_packaging_twice_gives_identical_hashes(default_export: Path, tmp_path: Path) -> None:
+    # different output paths (ORT's .ort writer is sensitive to heap layout, which paths can shift)
     first = package_export(default_export, tmp_path / "one", "android")
-    second = package_export(default_export, tmp_path / "two", "android")
+    second = package_export(default_export, tmp_path / "a-longer-folder" / "two", "android")
     assert first["files"] == second["files"]
-    assert (tmp_path / "one" / BUNDLE_MANIFEST).read_bytes() == (tmp_path / "two" / BUNDLE_MANIFEST).read_bytes()
+    assert (tmp_path / "one" / BUNDLE_MANIFEST).read_bytes() == (tmp_path / "a-longer-folder" / "two" / BUNDLE_MANIFEST).read_bytes()
 
 
 @pytest.fixture
@@ -170,6 +192,13 @@ def test_verify_rejects_one_changed_byte(small_bundle: Path) -> None:
 def test_verify_rejects_a_missing_file(small_bundle: Path) -> None:
     (small_bundle / "tokenizer.json").unlink()
     _rejected(small_bundle, "tokenizer.json: missing")
+
+
+def test_verify_rejects_a_symlink_leaving_the_bundle(small_bundle: Path) -> None:
+    (small_bundle.parent / "outside.json").write_text("{}")
+    (small_bundle / "tokenizer.json").unlink()
+    (small_bundle / "tokenizer.json").symlink_to(small_bundle.parent / "outside.json")
+    _rejected(small_bundle, "tokenizer.json: path outside the bundle")
 
 
 @pytest.mark.parametrize("path", ["../outside.json", "/etc/hostname", "onnx/../../outside.json"])
