@@ -133,8 +133,8 @@ def _write_web(export_dir: Path, out: Path, export: dict, names: list[str]) -> d
 
 @contextmanager
 def contrib_view(export_dir: Path, export: dict) -> Iterator[Path]:
-    """The export itself when its recurrent ops are contrib; otherwise a temporary copy whose graphs are
-    converted (weight files are hard links where the file system allows, else copies)."""
+    """The export itself when its recurrent ops are contrib; otherwise a temporary view of it whose
+    graphs are converted (exporter/onnx_recurrent.to_contrib) and whose other files are links."""
     from exporter.export import MIN_ORT
     from exporter.onnx_recurrent import to_contrib
 
@@ -161,10 +161,16 @@ def contrib_view(export_dir: Path, export: dict) -> Iterator[Path]:
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
+    """A hard link (free; ONNX Runtime loads weights through it), else a symbolic link (the temporary
+    folder may be on another file system; file readers follow it, though ONNX Runtime refuses weight
+    data behind one), else a copy."""
+    for link in (os.link, os.symlink):
+        try:
+            link(src.resolve(), dst)
+            return
+        except OSError:
+            continue
+    shutil.copyfile(src, dst)
 
 
 def _generation_defaults(export_dir: Path) -> dict:
