@@ -84,17 +84,15 @@ def _copy_support_files(export_dir: Path, out: Path, export: dict) -> list[str]:
 def _write_android(export_dir: Path, out: Path, export: dict, names: list[str]) -> dict:
     from exporter.package_android import write_android
 
-    cfg = load_text_config(export_dir)
-    generation = _generation_defaults(export_dir)
-    context = json.loads((export_dir / "config.json").read_text()).get("max_position_embeddings", 4096)
-    graphs = write_android(export_dir, out, {n: export["variants"][n] for n in names}, cfg, generation, context)
+    graphs = write_android(export_dir, out, {n: export["variants"][n] for n in names}, load_text_config(export_dir),
+                           _generation_defaults(export_dir), _context_length(export_dir))
     return {"format": "onnx+ort", "graphs": graphs, "support_files": _copy_support_files(export_dir, out, export)}
 
 
 def _write_ios(export_dir: Path, out: Path, export: dict, names: list[str]) -> dict:
     """Core ML package(s) plus the ONNX graphs (and genai_config.json) of the Android bundle, without
     the ORT-format files: ONNX Runtime's iOS packages are full builds that load .onnx directly."""
-    from exporter.package_android import genai_config, merge_embedding, merged_name
+    from exporter.package_android import write_merged_graphs
 
     packages = sorted(p for p in (export_dir / COREML_DIR).glob("*.mlpackage") if p.is_dir())
     if not packages:
@@ -103,32 +101,29 @@ def _write_ios(export_dir: Path, out: Path, export: dict, names: list[str]) -> d
     (out / COREML_DIR).mkdir()
     for package in packages:
         shutil.copytree(package, out / COREML_DIR / package.name, copy_function=shutil.copyfile)
-    graphs = {}
-    for name in names:
-        entry = export["variants"][name]
-        model = out / merged_name(entry["decoder"])
-        model.parent.mkdir(parents=True, exist_ok=True)
-        converted = merge_embedding(export_dir / entry["embed_tokens"], export_dir / entry["decoder"], model)
-        graphs[name] = {"onnx": model.relative_to(out).as_posix(), "converted_to_contrib": converted}
-    cfg = load_text_config(export_dir)
-    context = json.loads((export_dir / "config.json").read_text()).get("max_position_embeddings", 4096)
-    config = genai_config(cfg, graphs[names[0]]["onnx"], _generation_defaults(export_dir), context)
-    (out / "genai_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    graphs = write_merged_graphs(export_dir, out, {n: export["variants"][n] for n in names},
+                                 load_text_config(export_dir), _generation_defaults(export_dir),
+                                 _context_length(export_dir))
     return {"format": "coreml+onnx", "graphs": graphs, "support_files": _copy_support_files(export_dir, out, export),
             "coreml": {"packages": [f"{COREML_DIR}/{p.name}" for p in packages], "export_record": export.get("coreml")}}
 
 
 def _write_web(export_dir: Path, out: Path, export: dict, names: list[str]) -> dict:
-    try:
-        from exporter.package_web import write_web_layout
-    except ImportError:
-        raise QwenEdgeError("web target not available in this build; package --target android or ios") from None
+    from exporter.package_web import write_web_layout
+
     with contrib_view(export_dir, export) as source:
         write_web_layout(source, out, names)
     graphs = {n: {"embed_tokens": export["variants"][n]["embed_tokens"], "decoder": export["variants"][n]["decoder"],
                   "converted_to_contrib": export.get("recurrent_ops") != "contrib"} for n in names}
     support = sorted(p.name for p in out.iterdir() if p.is_file())
     return {"format": "onnx", "graphs": graphs, "support_files": support}
+
+
+def _context_length(export_dir: Path) -> int:
+    """The model's context window (config.json), the length genai allocates for."""
+    config = json.loads((export_dir / "config.json").read_text())
+    text = config.get("text_config", config)
+    return int(text.get("max_position_embeddings", config.get("max_position_embeddings", 4096)))
 
 
 @contextmanager

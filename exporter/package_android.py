@@ -256,24 +256,30 @@ def genai_config(cfg: TextConfig, model_file: str, generation: dict, context_len
     return config
 
 
-def write_android(export_dir: Path, out: Path, variants: dict[str, dict], cfg: TextConfig, generation: dict,
-                  context_length: int) -> dict:
-    """Write the Android files of `variants` (name -> export manifest entry) into `out`.
+def write_merged_graphs(export_dir: Path, out: Path, variants: dict[str, dict], cfg: TextConfig,
+                        generation: dict, context_length: int) -> dict[str, dict]:
+    """The merged graph of each variant (name -> export manifest entry) and genai_config.json (first variant).
 
-    Returns the manifest's per-variant graph records: {variant: {"onnx", "ort", "converted_to_contrib"}}.
+    Returns the manifest's per-variant records: {variant: {"onnx", "converted_to_contrib"}}.
     """
     records: dict[str, dict] = {}
-    ort_paths = []
     for name, entry in variants.items():
         model = out / merged_name(entry["decoder"])
         model.parent.mkdir(parents=True, exist_ok=True)
         converted = merge_embedding(export_dir / entry["embed_tokens"], export_dir / entry["decoder"], model)
-        ort_paths.append(write_ort_format(model))
-        records[name] = {"onnx": model.relative_to(out).as_posix(), "ort": ort_paths[-1].relative_to(out).as_posix(),
-                         "converted_to_contrib": converted}
-    write_operators_config(ort_paths, out)
+        records[name] = {"onnx": model.relative_to(out).as_posix(), "converted_to_contrib": converted}
     first = records[next(iter(variants))]["onnx"]
     config = genai_config(cfg, first, generation, context_length)
     (out / "genai_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return records
 
+
+def write_android(export_dir: Path, out: Path, variants: dict[str, dict], cfg: TextConfig, generation: dict,
+                  context_length: int) -> dict[str, dict]:
+    """The merged graphs, their ORT-format twins and the operator list; records gain an "ort" path."""
+    records = write_merged_graphs(export_dir, out, variants, cfg, generation, context_length)
+    ort_paths = [write_ort_format(out / record["onnx"]) for record in records.values()]
+    for record, path in zip(records.values(), ort_paths):
+        record["ort"] = path.relative_to(out).as_posix()
+    write_operators_config(ort_paths, out)
+    return records
