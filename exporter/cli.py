@@ -22,7 +22,11 @@ class CliGroup(click.Group):
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
-            hint = f" (see 'qwen-edge {exc.ctx.info_name} --help')" if getattr(exc, "ctx", None) and exc.ctx.parent else ""
+            names, ctx = [], getattr(exc, "ctx", None)
+            while ctx is not None and ctx.parent is not None:  # e.g. ['build', 'package']
+                names.append(ctx.info_name)
+                ctx = ctx.parent
+            hint = f" (see 'qwen-edge {' '.join(reversed(names))} --help')" if names else ""
             click.echo(f"error: {exc.format_message()}{hint}", err=True)
             sys.exit(exc.exit_code)
         except click.Abort:
@@ -208,6 +212,50 @@ def bench(export_dir: Path, variant: str | None, threads_text: str | None, promp
     files = write_report(report, out_dir)
     click.echo(markdown_table(report))
     click.echo("wrote " + ", ".join(str(f) for f in files))
+
+
+class PackageGroup(click.Group):
+    """`package EXPORT --target T OUT` builds a bundle; `package verify BUNDLE` checks one. Anything that
+    is not a subcommand name is read as the arguments of `package build`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["build", *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group(cls=PackageGroup)
+def package() -> None:
+    """App bundles: qwen-edge package EXPORT --target android|ios|web OUT; qwen-edge package verify BUNDLE."""
+
+
+@package.command("build")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--target", type=click.Choice(["android", "ios", "web"]), required=True,
+              help="android: ONNX + ORT format + genai_config.json; ios: Core ML + ONNX; web: transformers.js layout.")
+@click.option("--variants", "variant_names", default=None,
+              help="Comma-separated variants to include (default: all exported; the first one is genai_config.json's).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def package_build(export_dir: Path, out: Path, target: str, variant_names: str | None, force: bool) -> None:
+    """Write the TARGET app bundle of EXPORT_DIR into OUT, with manifest.json (sizes, SHA-256 of every file)."""
+    from exporter.package import package_export
+
+    names = [n.strip() for n in variant_names.split(",") if n.strip()] if variant_names else None
+    manifest = package_export(export_dir, out, target, names, force)
+    click.echo(f"packaged {export_dir} -> {out} ({target}: {', '.join(manifest['variants'])}; "
+               f"{len(manifest['files'])} files, {manifest['total_bytes']:,} bytes)")
+
+
+@package.command("verify")
+@click.argument("bundle", type=click.Path(path_type=Path))
+def package_verify(bundle: Path) -> None:
+    """Re-check every file's size and SHA-256 against BUNDLE's manifest.json; exit 1 on any difference."""
+    from exporter.package import verify_bundle
+
+    manifest = verify_bundle(bundle)
+    click.echo(f"ok: {bundle} ({manifest['target']}): {len(manifest['files'])} files, "
+               f"{manifest.get('total_bytes', 0):,} bytes match the manifest")
 
 
 @main.group()

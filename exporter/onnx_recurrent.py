@@ -9,6 +9,8 @@ the domain the user chose:
 - "standard": ONNX opset 27 (default domain). Runs on ONNX Runtime >= 1.32.
 - "contrib": `com.microsoft` (ORT >= 1.25), with the rest of the graph on a lower opset; this is
   what transformers.js 4.3's runtime (ORT 1.30) and mobile builds load.
+
+`to_contrib` turns a saved standard graph into the contrib form (the app bundles need it).
 """
 
 from __future__ import annotations
@@ -88,3 +90,48 @@ def place_recurrent_ops(model: ir.Model, form: str) -> None:
         model.opset_imports[""] = STANDARD_OPSET
     elif found:
         model.opset_imports[CONTRIB_DOMAIN] = 1
+
+
+def trace_opset() -> int:
+    """The default-domain opset the torch exporter writes: the graph's opset before the standard form
+    relabels it to 27, and the one a contrib export keeps."""
+    from torch.onnx import _constants
+
+    return _constants.ONNX_DEFAULT_OPSET
+
+
+def to_contrib(model: onnx.ModelProto) -> bool:
+    """Turn a saved standard (opset-27) graph into the contrib form, in place.
+
+    The recurrent nodes move to `com.microsoft` and each fused norm becomes ONNX Runtime's
+    `SimplifiedLayerNormalization` (exporter/onnx_norms.py): same inputs, attributes and weights
+    (external data untouched), only op names, domains and opset imports change, so the result is the
+    graph `--recurrent-ops contrib` would have written. Returns False when the graph had no standard node.
+    """
+    from exporter.onnx_norms import NORM_OP
+
+    standard = [n for n in _all_nodes(model.graph) if n.domain in ("", "ai.onnx")
+                and n.op_type in (*RECURRENT_OPS, NORM_OP["standard"])]
+    if not standard:
+        return False
+    for node in standard:
+        if node.op_type == NORM_OP["standard"]:
+            node.op_type = NORM_OP["contrib"]
+        else:
+            node.domain = CONTRIB_DOMAIN
+    imports = {o.domain: o.version for o in model.opset_import}
+    imports[""] = trace_opset()
+    imports[CONTRIB_DOMAIN] = max(imports.get(CONTRIB_DOMAIN, 1), 1)
+    imports.pop("ai.onnx", None)
+    del model.opset_import[:]
+    model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in sorted(imports.items()))
+    return True
+
+
+def _all_nodes(graph: onnx.GraphProto):  # noqa: ANN202
+    """Every node, including those of subgraphs (If/Loop/Scan bodies)."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _all_nodes(sub)

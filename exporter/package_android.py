@@ -1,0 +1,285 @@
+"""The Android side of `qwen-edge package`: one graph per variant that both ONNX Runtime and
+onnxruntime-genai load, its ORT-format twin, the operator list of a reduced ORT build, genai_config.json.
+
+Why one merged graph. onnxruntime-genai 0.18 runs Qwen3.5 as model type `qwen3_5_text`, whose decoder
+must take `input_ids` (it reports "Model input was not found: input_ids" for our `inputs_embeds`
+decoder); its only route to a separate embedding graph is the vision-language pipeline (`qwen3_5`),
+which also needs a vision encoder. So the bundle carries `onnx/model{suffix}.onnx`: embed_tokens
+merged in front of the decoder (input `input_ids`, every other input and output as in the export).
+Plain ONNX Runtime loads the same file, so no weight is shipped twice; genai_config.json maps the
+state names (`past_conv.%d`, `present_recurrent.%d`, ...) instead of renaming them.
+
+Layout written into the bundle (per variant, suffix as in the export):
+    onnx/model{suffix}.onnx (+ .onnx_data)   merged graph, recurrent ops in com.microsoft
+    onnx/model{suffix}.ort                   ORT format, basic optimizations (portable across CPUs)
+    required_operators.config                what a reduced ORT build must contain, for all .ort files
+    genai_config.json                        onnxruntime-genai configuration of the first variant
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from exporter.onnx_recurrent import to_contrib
+from graphs.config import TextConfig
+from graphs.errors import QwenEdgeError
+
+DATA_ALIGNMENT = 4096  # each copied data file starts on a page, so ORT can map it
+GENAI_MODEL_TYPE = "qwen3_5_text"
+OPERATORS_CONFIG = "required_operators.config"
+ORT_FORMAT_LIMIT = 2**31  # an .ort file is one flatbuffer, weights included
+
+
+def merged_name(decoder_name: str) -> str:
+    """`onnx/decoder_model_merged_q4.onnx` -> `onnx/model_q4.onnx`."""
+    path = Path(decoder_name)
+    return str(path.with_name("model" + path.stem.removeprefix("decoder_model_merged") + path.suffix))
+
+
+def merge_embedding(embed_path: Path, decoder_path: Path, out_path: Path) -> bool:
+    """Write embed_tokens -> decoder as one graph at `out_path` with one data file beside it.
+
+    Works on the graph protos only: weight bytes are streamed from the source data files into
+    `<out>.onnx_data` and the external-data offsets rewritten, so no weight is loaded into memory
+    and tensors that already share bytes (a tied embedding reading the LM head) still share them.
+    Returns True when the recurrent ops had to be moved to com.microsoft.
+    """
+    embed = onnx.load(str(embed_path), load_external_data=False)
+    decoder = onnx.load(str(decoder_path), load_external_data=False)
+    if "inputs_embeds" not in [i.name for i in decoder.graph.input]:
+        raise QwenEdgeError(f"{decoder_path}: has no 'inputs_embeds' input; package a folder written by 'qwen-edge export'")
+    converted = to_contrib(decoder)
+    _check_same_default_opset(embed, decoder, embed_path)
+    clash = {t.name for t in embed.graph.initializer} & {t.name for t in decoder.graph.initializer}
+    if clash:
+        raise QwenEdgeError(f"{embed_path}: initializer names also used by the decoder ({', '.join(sorted(clash))})")
+
+    graph = decoder.graph
+    inputs = [i for i in graph.input if i.name != "inputs_embeds"]
+    del graph.input[:]
+    graph.input.extend([*embed.graph.input, *inputs])
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend([*embed.graph.node, *nodes])
+    graph.name = "model"
+    imports = {o.domain: o.version for o in decoder.opset_import}
+    for o in embed.opset_import:
+        if o.domain not in ("", "ai.onnx"):
+            imports[o.domain] = max(imports.get(o.domain, 0), o.version)
+    del decoder.opset_import[:]
+    decoder.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in sorted(imports.items()))
+    decoder.ir_version = max(decoder.ir_version, embed.ir_version)
+    decoder.graph.doc_string = "Qwen3.5 token embedding + hybrid decoder, input_ids in (qwen-edge package)"
+
+    own = len(graph.initializer)
+    graph.initializer.extend(embed.graph.initializer)
+    data_name = out_path.name + "_data"
+    starts: dict[Path, int] = {}  # source data file -> its offset in the new one
+    with open(out_path.parent / data_name, "wb") as data:
+        _relocate(graph.initializer[:own], decoder_path.parent, data, data_name, starts)
+        _relocate(graph.initializer[own:], embed_path.parent, data, data_name, starts)
+    onnx.save(decoder, str(out_path))
+    return converted
+
+
+def _check_same_default_opset(embed: onnx.ModelProto, decoder: onnx.ModelProto, embed_path: Path) -> None:
+    """The merged graph keeps the decoder's default opset; each embedding op must mean the same there."""
+    target = next(o.version for o in decoder.opset_import if o.domain in ("", "ai.onnx"))
+    own = next((o.version for o in embed.opset_import if o.domain in ("", "ai.onnx")), target)
+    for node in embed.graph.node:
+        if node.domain in ("", "ai.onnx"):
+            if (onnx.defs.get_schema(node.op_type, own, "").since_version
+                    != onnx.defs.get_schema(node.op_type, target, "").since_version):
+                raise QwenEdgeError(f"{embed_path}: {node.op_type} differs between opset {own} and the decoder's "
+                                    f"opset {target}; re-export both graphs with one qwen-edge version")
+
+
+def _relocate(tensors: list[onnx.TensorProto], src_dir: Path, data, data_name: str, bases: dict[Path, int]) -> None:  # noqa: ANN001
+    """Copy each source data file once into `data` (page-aligned) and point the tensors at the copy."""
+    for tensor in tensors:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        source = (src_dir / info["location"]).resolve()
+        if not source.is_relative_to(src_dir.resolve()):
+            raise QwenEdgeError(f"{src_dir}: a graph names weight data outside its folder ({info['location']}); re-export it")
+        if source not in bases:
+            if not source.is_file():
+                raise QwenEdgeError(f"{source}: weight data file missing; re-export, or copy the export folder whole")
+            data.write(b"\0" * (-data.tell() % DATA_ALIGNMENT))
+            bases[source] = data.tell()
+            with open(source, "rb") as src:
+                shutil.copyfileobj(src, data, 1 << 24)
+        info["location"] = data_name
+        info["offset"] = str(bases[source] + int(info.get("offset", 0)))
+        del tensor.external_data[:]
+        for key in ("location", "offset", "length"):
+            if key in info:
+                tensor.external_data.add(key=key, value=info[key])
+
+
+# ONNX Runtime's own conversion (what `convert_onnx_models_to_ort` does per model), run in a child process.
+_TO_ORT = """
+import sys
+import onnxruntime as ort
+options = ort.SessionOptions()
+options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+options.intra_op_num_threads = options.inter_op_num_threads = 1
+options.optimized_model_filepath = sys.argv[2]
+options.add_session_config_entry("session.save_model_format", "ORT")
+options.add_session_config_entry("session.qdqisint8allowed", "0")
+ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+"""
+_ADDR_NO_RANDOMIZE = 0x0040000  # Linux personality flag (what `setarch -R` sets)
+
+
+def _fixed_addresses() -> None:
+    """In the child before exec: turn off address-space randomization (Linux; elsewhere a no-op)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.personality(libc.personality(0xFFFFFFFF) | _ADDR_NO_RANDOMIZE)
+    except (OSError, AttributeError):
+        pass
+
+
+def write_ort_format(onnx_path: Path) -> Path:
+    """`<name>.ort` beside `onnx_path`, with basic optimizations only.
+
+    Basic optimizations are hardware-independent (constant folding, redundant-node removal); the
+    'extended'/'all' levels fuse for the converting machine's CPU, and such a file may not run on a
+    phone. Reproducible bytes: ORT 1.32 writes the kernel-type table of the .ort file in an order
+    that follows heap addresses (measured: three conversions of one graph, three different hashes,
+    same content). So the conversion runs in a child process with one thread, address-space
+    randomization off, a fixed hash seed, an empty environment and fixed-length paths, which gives
+    identical bytes on every run (Linux; elsewhere that table's byte layout may still vary).
+    """
+    target = onnx_path.with_suffix(".ort")
+    data = onnx_path.with_name(onnx_path.name + "_data")
+    size = onnx_path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+    if size >= ORT_FORMAT_LIMIT:
+        raise QwenEdgeError(f"{onnx_path}: {size / 2**30:.1f} GiB of graph and weights; the ORT format holds at most "
+                            "2 GiB (a flatbuffer); package a quantized variant, e.g. --variants q4")
+    # The child sees the same paths, environment and working directory on every run: a fresh temporary
+    # folder (same name length each time) holding links to the graph and its data.
+    with tempfile.TemporaryDirectory(prefix="qwen-edge-ort-") as tmp:
+        for path in (onnx_path, data):
+            if path.is_file():
+                os.symlink(path.resolve(), Path(tmp) / path.name)
+        run = subprocess.run([sys.executable, "-I", "-c", _TO_ORT, onnx_path.name, target.name], cwd=tmp,
+                             env={"PYTHONHASHSEED": "0"}, capture_output=True, text=True,
+                             preexec_fn=_fixed_addresses if sys.platform == "linux" else None)
+        if run.returncode != 0 or not (Path(tmp) / target.name).is_file():
+            detail = (run.stderr.strip().splitlines() or ["no output"])[-1]
+            raise QwenEdgeError(f"{onnx_path}: ONNX Runtime {ort.__version__} cannot convert it to ORT format ({detail})")
+        shutil.move(Path(tmp) / target.name, target)
+    return target
+
+
+def write_operators_config(ort_paths: list[Path], root: Path) -> Path:
+    """`required_operators.config` for a reduced ORT build (tools/ci_build/build.py --include_ops_by_config)."""
+    from onnxruntime.tools.ort_format_model import create_config_from_models
+
+    target = root / OPERATORS_CONFIG
+    tool_log = logging.getLogger("ort_format_model.utils")  # it logs every file it writes at INFO
+    level = tool_log.level
+    tool_log.setLevel(logging.WARNING)
+    try:
+        create_config_from_models(sorted(ort_paths), target, False)
+    finally:
+        tool_log.setLevel(level)
+    # The tool lists the source files by absolute path; name them inside the bundle instead.
+    lines = target.read_text().splitlines()
+    for i, line in enumerate(lines):
+        for path in ort_paths:
+            if line == f"# - {path}":
+                lines[i] = f"# - {path.relative_to(root).as_posix()}"
+    target.write_text("\n".join(lines) + "\n")
+    return target
+
+
+def genai_config(cfg: TextConfig, model_file: str, generation: dict, context_length: int) -> dict:
+    """onnxruntime-genai's configuration for the merged graph (model type `qwen3_5_text`).
+
+    Search defaults come from the export's generation_config.json. State names are mapped, not renamed: genai finds each layer's tensors from these %d patterns.
+    `past_present_share_buffer` is off because the graph concatenates its KV cache (it does not write
+    into a preallocated max-length buffer as genai's own GroupQueryAttention graphs do).
+    """
+    eos = generation.get("eos_token_id", list(cfg.eos_token_id))
+    config = {
+        "model": {
+            "context_length": context_length,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": model_file,
+                "head_size": cfg.head_dim,
+                "hidden_size": cfg.hidden_size,
+                "inputs": {
+                    "input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value",
+                    "past_conv_names": "past_conv.%d", "past_recurrent_names": "past_recurrent.%d",
+                },
+                "outputs": {
+                    "logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value",
+                    "present_conv_names": "present_conv.%d", "present_recurrent_names": "present_recurrent.%d",
+                },
+                "num_attention_heads": cfg.num_attention_heads,
+                "num_hidden_layers": cfg.num_hidden_layers,
+                "num_key_value_heads": cfg.num_key_value_heads,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": generation.get("pad_token_id", eos[0] if isinstance(eos, list) and eos else eos),
+            "type": GENAI_MODEL_TYPE,
+            "vocab_size": cfg.vocab_size,
+        },
+        "search": {
+            "do_sample": bool(generation.get("do_sample", False)), "early_stopping": True, "length_penalty": 1.0,
+            "max_length": context_length, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+            "num_return_sequences": 1, "past_present_share_buffer": False,
+            "repetition_penalty": float(generation.get("repetition_penalty", 1.0)),
+            "temperature": float(generation.get("temperature", 1.0)), "top_k": int(generation.get("top_k", 50)),
+            "top_p": float(generation.get("top_p", 1.0)),
+        },
+    }
+    if generation.get("bos_token_id") is not None:  # genai rejects a null id
+        config["model"]["bos_token_id"] = generation["bos_token_id"]
+    return config
+
+
+def write_merged_graphs(export_dir: Path, out: Path, variants: dict[str, dict], cfg: TextConfig,
+                        generation: dict, context_length: int) -> dict[str, dict]:
+    """The merged graph of each variant (name -> export manifest entry) and genai_config.json (first variant).
+
+    Returns the manifest's per-variant records: {variant: {"onnx", "converted_to_contrib"}}.
+    """
+    records: dict[str, dict] = {}
+    for name, entry in variants.items():
+        model = out / merged_name(entry["decoder"])
+        model.parent.mkdir(parents=True, exist_ok=True)
+        converted = merge_embedding(export_dir / entry["embed_tokens"], export_dir / entry["decoder"], model)
+        records[name] = {"onnx": model.relative_to(out).as_posix(), "converted_to_contrib": converted}
+    first = records[next(iter(variants))]["onnx"]
+    config = genai_config(cfg, first, generation, context_length)
+    (out / "genai_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return records
+
+
+def write_android(export_dir: Path, out: Path, variants: dict[str, dict], cfg: TextConfig, generation: dict,
+                  context_length: int) -> dict[str, dict]:
+    """The merged graphs, their ORT-format twins and the operator list; records gain an "ort" path."""
+    records = write_merged_graphs(export_dir, out, variants, cfg, generation, context_length)
+    ort_paths = [write_ort_format(out / record["onnx"]) for record in records.values()]
+    for record, path in zip(records.values(), ort_paths):
+        record["ort"] = path.relative_to(out).as_posix()
+    write_operators_config(ort_paths, out)
+    return records
