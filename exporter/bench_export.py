@@ -75,12 +75,15 @@ def main() -> None:
                         help="instead: the quality table of every variant of the default model")
     parser.add_argument("--speed", metavar="VARIANT", default=None,
                         help="instead: run `qwen-edge bench` on this variant of the preset's export")
+    parser.add_argument("--no-compare", action="store_true",
+                        help="with --speed: skip the peers (onnxruntime-genai, transformers)")
     args = parser.parse_args()
     if args.quality_default:
         quality_default(args.work / "default", args.out)
         return
     if args.speed:
-        speed(args.preset, args.speed, args.work / args.preset, args.quant, args.block_size, args.out)
+        speed(args.preset, args.speed, args.work / args.preset, args.quant, args.block_size, args.out,
+              compare=not args.no_compare)
         return
     work = args.work / args.preset
     ck, export = work / "checkpoint", work / "export"
@@ -151,9 +154,10 @@ stored once in the quantized variants; block size {args.block_size}, symmetric):
     print(body)
 
 
-def speed(preset: str, variant: str, work: Path, quant: str, block_size: str, doc: Path) -> None:
+def speed(preset: str, variant: str, work: Path, quant: str, block_size: str, doc: Path, compare: bool = True) -> None:
     """Export the preset (random weights) with `quant` and benchmark one variant with `qwen-edge bench`."""
-    ck, export, out = work / "checkpoint", work / "export-speed", ROOT / "bench_out" / f"{preset}-{variant}"
+    name = f"{preset}-{variant}" + ("" if block_size == "32" else f"-b{block_size}")
+    ck, export, out = work / "checkpoint", work / "export-speed", ROOT / "bench_out" / name
     if not (ck / "config.json").is_file():
         subprocess.run([sys.executable, "-c", "from graphs.config import preset_config_dict as p; "
                         "from graphs.random_checkpoint import write_random_checkpoint as w; "
@@ -161,22 +165,25 @@ def speed(preset: str, variant: str, work: Path, quant: str, block_size: str, do
     # contrib recurrent ops: ORT's CPU kernels for them are fused (the opset-27 ones expand to Scan + Conv)
     subprocess.run([*QWEN_EDGE, "export", str(ck), str(export), "--force", "--quiet", "--quant", quant,
                     "--block-size", block_size, "--recurrent-ops", "contrib"], cwd=ROOT, check=True)
-    command = [*QWEN_EDGE, "bench", str(export), "--variant", variant, "--out", str(out), "--compare", str(ck)]
+    command = [*QWEN_EDGE, "bench", str(export), "--variant", variant, "--out", str(out)]
+    command += ["--compare", str(ck)] if compare else []
     subprocess.run(command, cwd=ROOT, check=True)
     report = json.loads((out / "bench.json").read_text())
-    write_speed_section(doc, preset, variant, block_size, quant, report)
+    write_speed_section(doc, preset, variant, block_size, quant, report, name, compare)
 
 
-def write_speed_section(doc: Path, preset: str, variant: str, block_size: str, quant: str, report: dict) -> None:
+def write_speed_section(doc: Path, preset: str, variant: str, block_size: str, quant: str, report: dict,
+                        name: str, compare: bool) -> None:
     from runtime_py.bench import markdown_table
 
     body = f"""## Speed of the {preset} shape, {variant} (block {block_size}), random weights
 
 Measured {dt.date.today().isoformat()} on {machine()}.
-Command: `qwen-edge bench EXPORT --variant {variant} --compare CHECKPOINT` on an export made with
+Command: `qwen-edge bench EXPORT --variant {variant}{" --compare CHECKPOINT" if compare else ""}` on an export made with
 `--quant {quant} --block-size {block_size} --recurrent-ops contrib` (via `.venv/bin/python -m exporter.bench_export --preset {preset}
---speed {variant} --quant {quant}`); median of 3 runs after 1 warm-up, min–max in brackets; each thread count
-and each peer in a fresh process. Plots: `bench_out/{preset}-{variant}/speed.png`, `memory.png`.
+--speed {variant} --quant {quant} --block-size {block_size}{"" if compare else " --no-compare"}`); median of 3 runs after 1 warm-up,
+min–max in brackets; each thread count{" and each peer" if compare else ""} in a fresh process.
+Plots: `bench_out/{name}/speed.png`, `memory.png`.
 
 {markdown_table(report)}
 """
