@@ -80,6 +80,15 @@ def _conv(a: dict) -> np.ndarray:
     return out
 
 
+def _pad(a: dict) -> np.ndarray:
+    """Constant padding; `pad` holds (before, after) pairs for the last len(pad)/2 axes."""
+    x, pairs = a["x"], np.atleast_1d(a["pad"]).reshape(-1, 2)
+    if a.get("mode", "constant") != "constant":
+        raise QwenEdgeError(f"MIL interpreter: pad mode {a.get('mode')!r} is not implemented")
+    widths = [(0, 0)] * (x.ndim - len(pairs)) + [(int(b), int(e)) for b, e in pairs]
+    return np.pad(x, widths, constant_values=a.get("constant_val", 0.0))
+
+
 def _split(a: dict) -> list[np.ndarray]:
     x, axis = a["x"], int(a["axis"])
     if a.get("split_sizes") is not None:
@@ -235,6 +244,7 @@ HANDLERS: dict[str, Handler] = {
     "concat": lambda a: np.concatenate([np.atleast_1d(v) for v in a["values"]], axis=int(a["axis"])),
     "tile": lambda a: np.tile(a["x"], [int(r) for r in a["reps"]]),
     "split": _split,
+    "pad": _pad,
     "slice_by_index": lambda a: a["x"][_index(a["x"], a)],
     "slice_update": _slice_update,
     "gather": lambda a: np.take(a["x"], np.asarray(a["indices"]).astype(np.int64), axis=int(a.get("axis", 0))),
