@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -62,6 +63,7 @@ def _example_inputs(tokens: int, capacity: int, step: CoreMLStep) -> tuple[torch
 
 def convert_function(step: CoreMLStep, tokens: int, compute: str):  # noqa: ANN201
     """One function (T = tokens) as a Core ML mlprogram (not loaded: this may be Linux)."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' pass-by-pass bars; our Stages bar reports progress
     import coremltools as ct
 
     with torch.no_grad(), warnings.catch_warnings():

@@ -96,7 +96,7 @@ def compress_weights(mlmodel, scheme: CoreMLScheme, cfg: TextConfig):  # noqa: A
         return cto.OptimizationConfig(op_type_configs={"linear": op, "gather": op})
 
     if scheme.weights == "palette4":
-        op = cto.OpPalettizerConfig(mode="custom", nbits=4, lut_function=kmeans_lut, granularity="per_grouped_channel",
+        op = cto.OpPalettizerConfig(mode="custom", lut_function=kmeans_lut, granularity="per_grouped_channel",
                                     group_size=PALETTE_GROUP, weight_threshold=threshold)
         return cto.palettize_weights(mlmodel, only_weights(op))
     if scheme.weights == "int8-per-channel":

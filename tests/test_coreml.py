@@ -34,7 +34,7 @@ def default_coreml(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_coreml(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_coreml(tiny_checkpoints["kv_double_untied"], tmp_path_factory.mktemp("coreml") / "tiny",
-                         capacity=CONTEXT, schemes=parse_coreml_schemes("fp32,fp16,p4"), progress=False)
+                         capacity=CONTEXT, schemes=parse_coreml_schemes("fp16,p4"), progress=False)
 
 
 def test_solve_by_products_equals_triangular_solve():
@@ -84,10 +84,10 @@ def test_quantized_package_runs_in_the_interpreter(default_coreml: Path):
     assert report.prompts[0].greedy_agreement >= 0.5  # int4 keeps the trained model's choices mostly
 
 
-@pytest.mark.parametrize("variant", ["fp32", "fp16"])
-def test_tiny_model_passes_the_linux_checker(tiny_coreml: Path, tiny_checkpoints: dict[str, Path], variant: str):
-    report, _ = verify_coreml(tiny_checkpoints["kv_double_untied"], tiny_coreml, variant)
-    assert report.passed
+def test_tiny_model_passes_the_linux_checker_in_fp16(tiny_coreml: Path, tiny_checkpoints: dict[str, Path]):
+    report, _ = verify_coreml(tiny_checkpoints["kv_double_untied"], tiny_coreml, "fp16")
+    assert [p.prompt_length for p in report.prompts] == [64, 130]
+    assert report.passed and report.rtol == 5e-2
 
 
 def test_palettized_package_stores_4_bit_lut(tiny_coreml: Path, tiny_checkpoints: dict[str, Path]):
@@ -110,21 +110,26 @@ def test_interpreter_matches_the_eager_step_call_by_call(default_coreml: Path):
     np.testing.assert_allclose(mil.decode(5), eager.decode(5), atol=2e-3)
 
 
-def test_unknown_op_is_a_clear_error(default_coreml: Path):
-    package = InterpretedPackage(default_coreml / "coreml" / "model.mlpackage")
+def test_unknown_op_is_a_clear_error(default_coreml: Path, monkeypatch: pytest.MonkeyPatch):
+    import exporter.coreml_check as check
+    import exporter.mil_interpreter as interpreter
+
+    package_path = default_coreml / "coreml" / "model.mlpackage"
+    monkeypatch.setattr(check, "SUPPORTED_OPS", check.SUPPORTED_OPS - {"softmax"})
+    with pytest.raises(QwenEdgeError, match="softmax"):  # refused when the package is loaded
+        InterpretedPackage(package_path)
+    monkeypatch.undo()
+    package = InterpretedPackage(package_path)
     package.reset()
-    function = package.program.functions["decode"]
-    op = next(op for op in function.operations if op.op_type == "softmax")
-    op.op_type = "my_new_op"
-    seq = CoreMLSequence(package.call, 64, CONTEXT)
-    with pytest.raises(QwenEdgeError, match="my_new_op"):
-        seq.decode(1)
+    monkeypatch.delitem(interpreter.HANDLERS, "softmax")
+    with pytest.raises(QwenEdgeError, match="op type 'softmax'"):  # and never skipped while running
+        CoreMLSequence(package.call, 64, CONTEXT).decode(1)
 
 
 def test_drift_of_fp16_state_short_run():
     from exporter.coreml_drift import measure_drift
 
-    report = measure_drift("default", "state", steps=48, prompt_len=20)
+    report = measure_drift("default", "state", steps=24, prompt_len=10)
     assert report.greedy_agreement == 1.0 and report.max_relative_diff < 1e-2
 
 
