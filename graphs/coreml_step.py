@@ -30,31 +30,22 @@ from graphs.qwen3_5 import GatedAttention, Qwen35Decoder, apply_rope, rope_cos_s
 STATE_DTYPE = torch.float16
 
 
-def state_names(model: Qwen35Decoder) -> list[str]:
-    """Names of the Core ML states, in layer order."""
-    names = []
-    for i, layer in enumerate(model.layers):
-        names += [f"conv.{i}", f"recurrent.{i}"] if layer.is_linear else [f"key.{i}", f"value.{i}"]
-    return names
-
-
-def _buffer(name: str) -> str:
-    return name.replace(".", "_")
-
-
 class CoreMLStep(nn.Module):
-    """forward(input_ids, position_ids, attention_mask, write_position[, recurrent_in]) -> (logits[, recurrent_out])."""
+    """forward(input_ids, position_ids, attention_mask, write_position[, recurrent_in]) -> (logits[, recurrent_out]).
+
+    Buffers (the Core ML states) are named conv_i, recurrent_i, key_i, value_i by layer index. The
+    wrapped model's Gated DeltaNet kernels are switched to the plain PyTorch references (the custom
+    ops exist for ONNX) with the matmul-only triangular solve.
+    """
 
     def __init__(self, model: Qwen35Decoder, capacity: int, recurrent_io: bool = False) -> None:
         super().__init__()
         self.model, self.capacity, self.recurrent_io = model, capacity, recurrent_io
         cfg = model.cfg
-        for layer in model.layers:
-            if layer.is_linear:  # plain torch kernels: the custom ops are for ONNX
-                layer.linear_attn.causal_conv = recurrent_ops.causal_conv_reference
-                layer.linear_attn.delta_rule = _delta_rule_by_products
         for i, layer in enumerate(model.layers):
             if layer.is_linear:
+                layer.linear_attn.causal_conv = recurrent_ops.causal_conv_reference
+                layer.linear_attn.delta_rule = _delta_rule_by_products
                 self.register_buffer(f"conv_{i}", torch.zeros(1, cfg.conv_dim, cfg.linear_conv_kernel_dim - 1, dtype=STATE_DTYPE))
                 if not recurrent_io:
                     self.register_buffer(f"recurrent_{i}", torch.zeros(self.recurrent_shape(), dtype=STATE_DTYPE))
@@ -69,14 +60,6 @@ class CoreMLStep(nn.Module):
 
     def recurrent_io_shape(self) -> tuple[int, int, int, int]:
         return self.recurrent_shape(len(self.model.cfg.linear_layers))
-
-    def state_names(self) -> list[str]:
-        return [n for n in state_names(self.model) if not (self.recurrent_io and n.startswith("recurrent."))]
-
-    def reset(self) -> None:
-        """Zero every state: a fresh sequence."""
-        for name in self.state_names():
-            getattr(self, _buffer(name)).zero_()
 
     def forward(
         self,

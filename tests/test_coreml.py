@@ -33,8 +33,10 @@ def default_coreml(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_coreml(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Hv = 2·Hk layout with the delta-rule state as fp32 input/output (--recurrent-state io)."""
     return export_coreml(tiny_checkpoints["kv_double_untied"], tmp_path_factory.mktemp("coreml") / "tiny",
-                         capacity=CONTEXT, schemes=parse_coreml_schemes("fp16,p4"), progress=False)
+                         capacity=CONTEXT, schemes=parse_coreml_schemes("fp16,p4"), recurrent_mode="io",
+                         progress=False)
 
 
 def test_solve_by_products_equals_triangular_solve():
@@ -85,9 +87,12 @@ def test_quantized_package_runs_in_the_interpreter(default_coreml: Path):
 
 
 def test_tiny_model_passes_the_linux_checker_in_fp16(tiny_coreml: Path, tiny_checkpoints: dict[str, Path]):
-    report, _ = verify_coreml(tiny_checkpoints["kv_double_untied"], tiny_coreml, "fp16")
+    report, spec = verify_coreml(tiny_checkpoints["kv_double_untied"], tiny_coreml, "fp16")
     assert [p.prompt_length for p in report.prompts] == [64, 130]
     assert report.passed and report.rtol == 5e-2
+    decode = spec.functions["decode"]
+    assert decode.inputs["recurrent_in"][0] == decode.outputs["recurrent_out"][0] == "fp32"
+    assert not any(name.startswith("recurrent") for name in decode.states)
 
 
 def test_palettized_package_stores_4_bit_lut(tiny_coreml: Path, tiny_checkpoints: dict[str, Path]):
