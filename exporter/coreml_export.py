@@ -21,6 +21,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from exporter.atomic import atomic_output_dir, check_destination
@@ -70,9 +71,11 @@ def convert_function(step: CoreMLStep, tokens: int, compute: str):  # noqa: ANN2
         warnings.simplefilter("ignore")
         program = torch.export.export(step, _example_inputs(tokens, step.capacity, step), strict=False)
         program = program.run_decompositions({})
-    outputs = [ct.TensorType(name="logits")]
+    # fp32 outputs in every variant: an fp16 program casts at the end, so the carried state and the
+    # logits keep one dtype across variants
+    outputs = [ct.TensorType(name="logits", dtype=np.float32)]
     if step.recurrent_io:
-        outputs.append(ct.TensorType(name="recurrent_out"))
+        outputs.append(ct.TensorType(name="recurrent_out", dtype=np.float32))
     precision = ct.precision.FLOAT16 if compute == "float16" else ct.precision.FLOAT32
     logging.getLogger("coremltools").setLevel(logging.ERROR)
     return ct.convert(program, outputs=outputs, minimum_deployment_target=ct.target.iOS18,
