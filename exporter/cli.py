@@ -80,8 +80,8 @@ def export(checkpoint: str, out: Path, recurrent_ops: str, quant_names: str, blo
         from exporter.coreml_export import export_coreml
         from quant.coreml_weights import parse_coreml_schemes
 
-        if block_size != "32" or asymmetric or all_logits or recurrent_ops != "standard":
-            raise QwenEdgeError("--block-size, --asymmetric, --all-logits and --recurrent-ops are ONNX options; "
+        if block_size != "32" or asymmetric or all_logits or recurrent_ops != "standard" or accuracy_level != 4:
+            raise QwenEdgeError("--block-size, --asymmetric, --accuracy-level, --all-logits and --recurrent-ops are ONNX options; "
                                 "Core ML takes --quant, --chunk, --context and --recurrent-state")
         coreml_schemes = parse_coreml_schemes(quant_names)
         export_coreml(checkpoint, out, schemes=coreml_schemes, chunk=chunk, capacity=context,
