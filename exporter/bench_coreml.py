@@ -38,7 +38,7 @@ def main() -> None:
     record_path = ROOT / "bench_out" / f"coreml_{args.preset}.json"
     record_path.parent.mkdir(exist_ok=True)
     results = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    for name in args.quant.split(","):
+    for name in filter(None, args.quant.split(",")):  # --quant "" only rewrites the section
         export = work / f"coreml-{name}"
         print(f"== Core ML {name}", flush=True)
         run = run_measured([*QWEN_EDGE, "export", "--format", "coreml", str(ck), str(export), "--quant", name,
@@ -53,9 +53,10 @@ def main() -> None:
         f"| {name} | {r.get('compute', '?')} | {r.get('weights', '?')} | {r['wall_s']} | {r['peak_rss_mib']:,} | "
         + (f"{r['bytes']:,} | {r['bytes'] / 2**20:,.1f} |" if 'bytes' in r else f"failed (exit {r['exit']}) | |")
         for name, r in results.items())
+    dates = ", ".join(sorted({r["date"] for r in results.values()}))
     body = f"""## Core ML conversion of the {args.preset} shape (random weights)
 
-Measured on {machine()} (shared with other jobs).
+Measured {dates} on {machine()} (shared with other jobs, so times are upper bounds).
 Command: `.venv/bin/python -m exporter.bench_coreml --preset {args.preset} --quant NAMES`: per weight option one
 `qwen-edge export --format coreml CHECKPOINT OUT --quant NAME --context {args.context} --chunk {args.chunk}`
 process (trace + convert of `prefill` and `decode`, weight compression, multifunction merge); peak RSS is
