@@ -60,13 +60,38 @@ def main() -> None:
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
               help="MatMulNBits compute: 4 = int8 activations (fastest on CPU), 1 = fp32, 0 = runtime default.")
 @click.option("--all-logits", is_flag=True, help="Logits for every position (default: last position only).")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "coreml"]), default="onnx", show_default=True,
+              help="coreml: OUT/coreml/model{suffix}.mlpackage (iOS 18 / macOS 15), functions prefill + decode.")
+@click.option("--chunk", default=64, show_default=True, help="Core ML: tokens per prefill call.")
+@click.option("--context", default=4096, show_default=True, help="Core ML: KV-cache capacity (a multiple of --chunk).")
+@click.option("--recurrent-state", default="state", show_default=True,
+              help="Core ML: 'state' (fp16 Core ML state) or 'io' (fp32 input/output the app carries).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(checkpoint: str, out: Path, recurrent_ops: str, quant_names: str, block_size: str, asymmetric: bool,
-           accuracy_level: int, all_logits: bool, force: bool, quiet: bool) -> None:
-    """Export CHECKPOINT (a Hugging Face folder, or 'default') to ONNX in OUT."""
+           accuracy_level: int, all_logits: bool, fmt: str, chunk: int, context: int, recurrent_state: str,
+           force: bool, quiet: bool) -> None:
+    """Export CHECKPOINT (a Hugging Face folder, or 'default') to ONNX or Core ML in OUT.
+
+    \b
+    Core ML --quant names: fp32, fp16, q8 (int8 per-channel), q4 (int4 block 32),
+    q4f16 (int4, fp16 compute), p4 (4-bit palettization, fp16 compute).
+    """
     from exporter.export import export_checkpoint
     from quant.schemes import QuantOptions, parse_schemes
+
+    if fmt == "coreml":
+        from exporter.coreml_export import export_coreml
+        from quant.coreml_weights import parse_coreml_schemes
+
+        if block_size != "32" or asymmetric or all_logits or recurrent_ops != "standard" or accuracy_level != 4:
+            raise QwenEdgeError("--block-size, --asymmetric, --accuracy-level, --all-logits and --recurrent-ops are ONNX options; "
+                                "Core ML takes --quant, --chunk, --context and --recurrent-state")
+        coreml_schemes = parse_coreml_schemes(quant_names)
+        export_coreml(checkpoint, out, schemes=coreml_schemes, chunk=chunk, capacity=context,
+                      recurrent_mode=recurrent_state, force=force, progress=not quiet)
+        click.echo(f"exported {checkpoint} -> {out} (Core ML: {', '.join(s.name for s in coreml_schemes)})")
+        return
 
     schemes = parse_schemes(quant_names)
     options = QuantOptions(int(block_size), not asymmetric, accuracy_level)
@@ -81,8 +106,9 @@ def export(checkpoint: str, out: Path, recurrent_ops: str, quant_names: str, blo
               help="Quality mode: measure every variant of EXPORT against this float export or checkpoint.")
 @click.option("--variant", default="fp32", show_default=True, help="Parity mode: the variant to check.")
 @click.option("--decode-steps", default=32, show_default=True, help="Parity: greedy decode steps after each prefill.")
-@click.option("--prompt-lengths", default="1,63,64,65,130", show_default=True, help="Parity: comma-separated prompt lengths.")
-@click.option("--rtol", default=1e-4, show_default=True, help="Parity: logit tolerance, relative to the logit scale.")
+@click.option("--prompt-lengths", default=None, help="Parity: comma-separated prompt lengths [ONNX 1,63,64,65,130; Core ML 64,130].")
+@click.option("--rtol", type=float, default=None,
+              help="Parity: logit tolerance relative to the logit scale [ONNX 1e-4; Core ML 1e-2 fp32 compute, 5e-2 fp16].")
 @click.option("--per-step", is_flag=True, help="Parity: print every step's difference.")
 @click.option("--variants", "variant_names", default=None, help="Quality: comma-separated variants (default: all).")
 @click.option("--text", "text_path", type=click.Path(path_type=Path), help="Quality: held-out text file.")
@@ -90,15 +116,26 @@ def export(checkpoint: str, out: Path, recurrent_ops: str, quant_names: str, blo
 @click.option("--gate", "gate_items", multiple=True, help="Quality: override a gate, e.g. q4.min_top1=0.95.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full report as JSON.")
 @click.option("--junit", "junit_path", type=click.Path(path_type=Path), help="Quality: write a JUnit XML report.")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "coreml"]), default="onnx", show_default=True,
+              help="coreml: check a Core ML export (spec + MIL program run by a NumPy interpreter).")
+@click.option("--runner", type=click.Choice(["mil", "coreml"]), default="mil", show_default=True,
+              help="Core ML: 'mil' = NumPy MIL interpreter (any OS); 'coreml' = Core ML prediction (macOS 15+).")
 def verify(paths: tuple[Path, ...], against: Path | None, variant: str, decode_steps: int, prompt_lengths: str,
-           rtol: float, per_step: bool, variant_names: str | None, text_path: Path | None, tokens: int,
-           gate_items: tuple[str, ...], json_path: Path | None, junit_path: Path | None) -> None:
+           rtol: float | None, per_step: bool, variant_names: str | None, text_path: Path | None, tokens: int,
+           gate_items: tuple[str, ...], json_path: Path | None, junit_path: Path | None, fmt: str, runner: str) -> None:
     """Check an export; exit 1 when a tolerance or quality gate is missed.
 
     \b
     Parity:  qwen-edge verify CHECKPOINT EXPORT   (PyTorch reference vs ONNX, per-step logits)
+    Core ML: qwen-edge verify --format coreml CHECKPOINT EXPORT (prompts 64,130 by default)
     Quality: qwen-edge verify EXPORT --against REF (each variant vs a float export or checkpoint)
     """
+    if fmt == "coreml":
+        if against is not None or len(paths) != 2:
+            raise QwenEdgeError("verify --format coreml takes CHECKPOINT and EXPORT (no --against)")
+        _verify_coreml(paths, variant, decode_steps, prompt_lengths, rtol, per_step, json_path, runner)
+        return
+    rtol = 1e-4 if rtol is None else rtol
     if against is not None:
         if len(paths) != 1:
             raise QwenEdgeError("with --against give exactly one path, the export to measure: verify EXPORT --against REF")
@@ -108,16 +145,36 @@ def verify(paths: tuple[Path, ...], against: Path | None, variant: str, decode_s
         raise QwenEdgeError("give CHECKPOINT and EXPORT (parity), or EXPORT with --against REF (quality)")
     from exporter.verify import format_report, verify_export
 
-    try:
-        lengths = tuple(int(x) for x in prompt_lengths.split(","))
-    except ValueError:
-        raise QwenEdgeError(f"--prompt-lengths {prompt_lengths!r}: give comma-separated integers, e.g. 1,64,130")
-    if any(n < 1 for n in lengths):
-        raise QwenEdgeError("--prompt-lengths: every prompt needs at least one token")
+    lengths = _prompt_lengths(prompt_lengths or "1,63,64,65,130")
     report = verify_export(str(paths[0]), paths[1], lengths, decode_steps, rtol, variant)
     click.echo(format_report(report, per_step))
     if json_path:
         json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    if not report.passed:
+        sys.exit(1)
+
+
+def _prompt_lengths(text: str) -> tuple[int, ...]:
+    try:
+        lengths = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise QwenEdgeError(f"--prompt-lengths {text!r}: give comma-separated integers, e.g. 1,64,130") from None
+    if any(n < 1 for n in lengths):
+        raise QwenEdgeError("--prompt-lengths: every prompt needs at least one token")
+    return lengths
+
+
+def _verify_coreml(paths: tuple[Path, ...], variant: str, decode_steps: int, prompt_lengths: str | None,
+                   rtol: float | None, per_step: bool, json_path: Path | None, runner: str) -> None:
+    from exporter.coreml_check import format_package_spec, verify_coreml
+    from exporter.verify import format_report
+
+    lengths = _prompt_lengths(prompt_lengths or "64,130")
+    report, spec = verify_coreml(str(paths[0]), paths[1], variant, lengths, decode_steps, rtol, runner)
+    click.echo(format_package_spec(spec))
+    click.echo(format_report(report, per_step))
+    if json_path:
+        json_path.write_text(json.dumps({"package": spec.to_dict(), "parity": report.to_dict()}, indent=2) + "\n")
     if not report.passed:
         sys.exit(1)
 

@@ -13,10 +13,51 @@ Gated delta rule, per head, state S of shape [dk, dv], in fp32:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 PREFILL_CHUNK = 64
+Solve = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def solve_unit_lower(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """x with system @ x = rhs, for a unit lower-triangular system (LAPACK's triangular solve)."""
+    return torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+
+
+def solve_unit_lower_by_products(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """The same solve in matmuls and element-wise ops only, for exporters without a triangular solve.
+
+    Recursive block inversion: with the inverses P, Q of the two diagonal halves of a unit
+    lower-triangular block [[L11, 0], [L21, L22]], its inverse is [[P, 0], [-Q L21 P, Q]]. Starting
+    from 1×1 blocks (1, the unit diagonal), log2(n) doublings give the whole inverse; every level
+    handles all blocks of its size at once. n must be a power of two. (The Neumann product
+    (I+N)(I+N²)… is shorter but loses all accuracy once powers of N grow large, as they do on a
+    trained model's keys.)
+    """
+    n = system.shape[-1]
+    if n & (n - 1):
+        raise ValueError(f"solve_unit_lower_by_products needs a power-of-two size, got {n}")
+    lead = system.shape[:-2]
+    system = system.reshape(-1, n, n)  # one batch axis keeps every tensor within rank 5 (Core ML's limit)
+    inverse = torch.ones(system.shape[0], n, 1, 1, dtype=system.dtype, device=system.device)  # n blocks of 1×1
+    size = 1
+    while size < n:
+        pairs = n // (2 * size)
+        # the diagonal blocks of size 2·size, picked by a block-diagonal mask: [..., pairs, 2s, 2s]
+        tiles = system.reshape(-1, pairs, 2 * size, pairs, 2 * size)
+        pick = torch.eye(pairs, dtype=system.dtype, device=system.device)[:, None, :, None]
+        diagonal = (tiles * pick).sum(-2).reshape(-1, pairs, 2 * size, 2 * size)
+        lower_left = diagonal[..., size:, :size]
+        halves = inverse.reshape(-1, pairs, 2, size, size)
+        first, second = halves[:, :, 0], halves[:, :, 1]
+        corner = -(second @ lower_left @ first)
+        top = torch.cat([first, torch.zeros_like(first)], dim=-1)
+        inverse = torch.cat([top, torch.cat([corner, second], dim=-1)], dim=-2)
+        size *= 2
+    return inverse.reshape(*lead, n, n) @ rhs
 
 
 # ---- gated delta rule: reference forms ---------------------------------------------------------
@@ -46,6 +87,7 @@ def delta_rule_chunked(
     beta: torch.Tensor,
     state: torch.Tensor,
     chunk: int = PREFILL_CHUNK,
+    solve: Solve = solve_unit_lower,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunk-parallel form (prefill): same contract as `delta_rule_recurrent`.
 
@@ -71,8 +113,8 @@ def delta_rule_chunked(
     k_beta = k * beta[..., None]
     strict = (k_beta @ k.transpose(-1, -2)) * decay_ts
     system = strict.tril(-1) + torch.eye(chunk, dtype=q.dtype, device=q.device)  # I + A
-    u_values = torch.linalg.solve_triangular(system, v * beta[..., None], upper=False, unitriangular=True)
-    u_state = torch.linalg.solve_triangular(system, k_beta * cum.exp()[..., None], upper=False, unitriangular=True)
+    u_values = solve(system, v * beta[..., None])
+    u_state = solve(system, k_beta * cum.exp()[..., None])
     scores = (q @ k.transpose(-1, -2)) * decay_ts
     q_decayed = q * cum.exp()[..., None]
     k_to_end = k * (cum[..., -1:] - cum).exp()[..., None]
@@ -83,8 +125,8 @@ def delta_rule_chunked(
         u = u_values[:, :, i] - u_state[:, :, i] @ state
         outputs.append(q_decayed[:, :, i] @ state + scores[:, :, i] @ u)
         state = state * chunk_decay[:, :, i, None, None] + k_to_end[:, :, i].transpose(-1, -2) @ u
-    out = torch.stack(outputs, dim=2).reshape(b, h, n * chunk, dv)[:, :, :t]
-    return out, state
+    out = torch.stack(outputs, dim=2).reshape(b, h, n * chunk, dv)
+    return (out[:, :, :t] if pad else out), state
 
 
 def _unpack(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -102,18 +144,23 @@ def gated_delta_rule_reference(
     state: torch.Tensor,
     num_heads: int,
     scale: float,
+    solve_by_products: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed-layout entry point (the contract of ONNX `LinearAttention`, update_rule gated_delta).
 
     q, k: [B,T,H*dk] (k L2-normalised), v: [B,T,H*dv], g, beta: [B,T,H], state [B,H,dk,dv] fp32.
     Returns the output [B,T,H*dv] in v's dtype and the new fp32 state. T == 1 takes the recurrent
-    form, longer inputs the chunked one, exactly as a runtime kernel would.
+    form, longer inputs the chunked one, exactly as a runtime kernel would. `solve_by_products` takes
+the matmul-only triangular solve (for exporters without one).
     """
     b, t, _ = v.shape
     qh, kh, vh = _unpack(q, num_heads) * scale, _unpack(k, num_heads), _unpack(v, num_heads)
     gh, bh = g.float().transpose(1, 2), beta.float().transpose(1, 2)
-    form = delta_rule_recurrent if t == 1 else delta_rule_chunked
-    out, new_state = form(qh, kh, vh, gh, bh, state.float())
+    if t == 1:
+        out, new_state = delta_rule_recurrent(qh, kh, vh, gh, bh, state.float())
+    else:
+        out, new_state = delta_rule_chunked(qh, kh, vh, gh, bh, state.float(),
+                                              solve=solve_unit_lower_by_products if solve_by_products else solve_unit_lower)
     return out.transpose(1, 2).reshape(b, t, -1).to(v.dtype), new_state
 
 
@@ -140,7 +187,7 @@ causal_conv_with_state = torch.library.custom_op("qwen_edge::causal_conv_with_st
 
 
 @gated_delta_rule.register_fake
-def _(q, k, v, g, beta, state, num_heads, scale):  # noqa: ANN001, ANN202
+def _(q, k, v, g, beta, state, num_heads, scale, solve_by_products=False):  # noqa: ANN001, ANN202
     return torch.empty_like(v), torch.empty_like(state, dtype=torch.float32)
 
 

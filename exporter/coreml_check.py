@@ -1,0 +1,223 @@
+"""`qwen-edge verify --format coreml`: check a Core ML export without Core ML.
+
+On Linux a package is checked by its spec (functions, inputs, outputs, states, op types, weight
+bit-widths) and by running each function's MIL program with the NumPy interpreter
+(exporter/mil_interpreter.py) against the PyTorch reference: prefills of 64 and 130 tokens, each
+followed by greedy decode steps, teacher-forced with the reference's tokens (as exporter/verify.py
+does for ONNX). On macOS the same check runs the package with coremltools' own prediction
+(`MLModel(..., function_name=...)`, `make_state()`), chosen with `--runner coreml`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from exporter.coreml_session import CallFn, CoreMLSequence
+from exporter.mil_interpreter import SUPPORTED_OPS, builtin_np_dtype, run_function
+from exporter.verify import PromptReport, ReferenceRunner, VerifyReport, compare_step, prompt_ids
+from graphs.errors import QwenEdgeError
+from runtime_py.session import read_manifest
+
+WEIGHT_OPS = ("linear", "gather", "conv")
+# Default logit tolerance relative to the logit scale, per compute precision. States are fp16 in
+# every variant, so even fp32 compute is not bit-close to the fp32 reference.
+DEFAULT_RTOL = {"float32": 1e-2, "float16": 5e-2}
+COREML_PROMPT_LENGTHS = (64, 130)
+
+
+@dataclass
+class FunctionSpec:
+    name: str
+    inputs: dict[str, tuple[str, list[int]]]  # name -> (dtype, shape)
+    outputs: dict[str, tuple[str, list[int]]]
+    states: dict[str, tuple[str, list[int]]]
+    op_types: dict[str, int] = field(default_factory=dict)
+    weight_bits: dict[str, int] = field(default_factory=dict)  # "int4" -> number of weight tensors
+
+
+@dataclass
+class PackageSpec:
+    path: str
+    default_function: str
+    functions: dict[str, FunctionSpec]
+    weight_files: list[str]
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def _dtype_name(var: object) -> str:
+    from coremltools.converters.mil.mil import types
+
+    return types.builtin_to_string(var.dtype)
+
+
+def input_type(var: object) -> tuple[object, tuple[int, ...]]:
+    """(element builtin type, shape) of a function input, a state input unwrapped."""
+    from coremltools.converters.mil.mil import types
+
+    tensor = var.sym_type.wrapped_type() if types.is_state(var.sym_type) else var.sym_type
+    return tensor.get_primitive(), tuple(int(d) for d in tensor.get_shape())
+
+
+def load_program(package: Path):  # noqa: ANN201
+    """(spec, pymil Program) of a saved .mlpackage, weights read from its blob file."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load
+
+    package = Path(package)
+    if not (package / "Manifest.json").is_file():
+        raise QwenEdgeError(f"{package}: not an .mlpackage (no Manifest.json); export with --format coreml")
+    spec = ct.utils.load_spec(str(package))
+    if spec.WhichOneof("Type") != "mlProgram":
+        raise QwenEdgeError(f"{package}: not an mlprogram package")
+    weights = package / "Data" / "com.apple.CoreML" / "weights"
+    return spec, load(spec, spec.specificationVersion, str(weights))
+
+
+def _weight_width(var: object) -> str | None:
+    """Storage type of the weight feeding an op: a const's dtype or a constexpr's compressed data."""
+    producer = var.op
+    if producer is None:
+        return None
+    if producer.op_type == "const":
+        return _dtype_name(var) if var.val is not None and np.ndim(var.val) >= 2 else None
+    if producer.op_type == "constexpr_blockwise_shift_scale":
+        return _dtype_name(producer.inputs["data"])
+    if producer.op_type == "constexpr_lut_to_dense":
+        return "lut-" + _dtype_name(producer.inputs["indices"])
+    if producer.op_type == "constexpr_affine_dequantize":
+        return _dtype_name(producer.inputs["quantized_data"])
+    return None
+
+
+def read_package_spec(package: Path) -> PackageSpec:
+    from coremltools.converters.mil.mil import types
+
+    spec, program = load_program(package)
+    functions = {}
+    for fn in spec.description.functions:
+        mil = program.functions[fn.name]
+        var_info = {}
+        for name, var in mil.inputs.items():
+            dtype, shape = input_type(var)
+            var_info[name] = (types.builtin_to_string(dtype), list(shape))
+        states = {s.name: var_info[s.name] for s in fn.state}
+        inputs = {i.name: var_info[i.name] for i in fn.input}
+        outputs = {v.name: (_dtype_name(v), list(v.shape)) for v in mil.outputs}
+        ops = Counter(op.op_type for op in mil.operations)
+        widths: Counter[str] = Counter()
+        for op in mil.operations:
+            if op.op_type in WEIGHT_OPS:
+                weight = op.inputs.get("x") if op.op_type == "gather" else op.inputs.get("weight")
+                width = _weight_width(weight) if weight is not None else None
+                if width:
+                    widths[width] += 1
+        functions[fn.name] = FunctionSpec(fn.name, inputs, outputs, states, dict(sorted(ops.items())), dict(widths))
+    weight_files = sorted(str(p.relative_to(package)) for p in Path(package).rglob("*.bin"))
+    return PackageSpec(str(package), spec.description.defaultFunctionName, functions, weight_files)
+
+
+def unsupported_ops(package_spec: PackageSpec) -> list[str]:
+    return sorted({op for f in package_spec.functions.values() for op in f.op_types if op not in SUPPORTED_OPS})
+
+
+class InterpretedPackage:
+    """The package's functions run by the NumPy MIL interpreter, states shared between them."""
+
+    def __init__(self, package: Path) -> None:
+        spec, self.program = load_program(package)
+        missing = unsupported_ops(read_package_spec(package))
+        if missing:
+            raise QwenEdgeError(f"{package}: MIL op type(s) {', '.join(missing)} not implemented by the interpreter; "
+                                "add them to exporter/mil_interpreter.py")
+        self.state_vars = {s.name: None for fn in spec.description.functions for s in fn.state}
+        self.constants: dict[int, np.ndarray] = {}
+        self.states: dict[str, np.ndarray] = {}
+
+    def reset(self) -> None:
+        """Fresh zero states: a new sequence."""
+        self.states = {}
+        for fn in self.program.functions.values():
+            for name, var in fn.inputs.items():
+                if name in self.state_vars:
+                    dtype, shape = input_type(var)
+                    self.states[name] = np.zeros(shape, builtin_np_dtype(dtype))
+
+    def call(self, function: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return run_function(self.program.functions[function], feeds, self.states, self.constants)
+
+
+class CoreMLPredictor:
+    """macOS only: the package run by Core ML itself through coremltools."""
+
+    def __init__(self, package: Path) -> None:
+        if sys.platform != "darwin":
+            raise QwenEdgeError("--runner coreml needs macOS 15+ (Core ML); on Linux use the default --runner mil")
+        import coremltools as ct
+
+        self.models = {f: ct.models.MLModel(str(package), function_name=f) for f in ("prefill", "decode")}
+        self.state = None
+
+    def reset(self) -> None:
+        self.state = self.models["decode"].make_state()
+
+    def call(self, function: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.models[function].predict(feeds, state=self.state)
+
+
+def verify_coreml(checkpoint: str | Path, export_dir: Path, variant: str = "fp32",
+                  prompt_lengths: tuple[int, ...] = COREML_PROMPT_LENGTHS, decode_steps: int = 32,
+                  rtol: float | None = None, runner: str = "mil") -> tuple[VerifyReport, PackageSpec]:
+    """Parity of one Core ML variant against the PyTorch reference (see exporter/verify.py)."""
+    from exporter.export import resolve_checkpoint
+    from graphs.checkpoint import open_checkpoint
+
+    manifest = read_manifest(export_dir)
+    if manifest.get("format") != "coreml":
+        raise QwenEdgeError(f"{export_dir}: not a Core ML export (format {manifest.get('format')!r}); "
+                            "export with --format coreml")
+    if variant not in manifest["variants"]:
+        raise QwenEdgeError(f"{export_dir}: no Core ML variant {variant!r}; exported: {', '.join(manifest['variants'])}")
+    record = manifest["variants"][variant]
+    package = Path(export_dir) / record["package"]
+    package_spec = read_package_spec(package)
+    if rtol is None:
+        rtol = DEFAULT_RTOL[record["compute_precision"]]
+    target = InterpretedPackage(package) if runner == "mil" else CoreMLPredictor(package)
+    model = open_checkpoint(resolve_checkpoint(checkpoint)).build_decoder()
+    io_shape = tuple(manifest["functions"]["decode"]["inputs"]["recurrent_in"]) if manifest["recurrent_state"] == "io" else None
+    call: CallFn = target.call
+    reports = []
+    for n, length in enumerate(prompt_lengths):
+        ids = prompt_ids(length, model.cfg.vocab_size, seed=n)
+        target.reset()
+        sequence = CoreMLSequence(call, manifest["prefill_chunk"], manifest["context_capacity"], io_shape)
+        reference, report = ReferenceRunner(model), PromptReport(length)
+        ref, got = reference.forward(ids), sequence.prefill(ids)[None]
+        for step in range(decode_steps + 1):
+            result = compare_step(step, ref, got, rtol)
+            report.steps.append(result)
+            if step == decode_steps:
+                break
+            ref, got = reference.forward([result.ref_token]), sequence.decode(result.ref_token)[None]
+        reports.append(report)
+    return VerifyReport(str(checkpoint), str(export_dir), rtol, decode_steps, reports), package_spec
+
+
+def format_package_spec(spec: PackageSpec) -> str:
+    lines = [f"package {spec.path} (default function {spec.default_function})"]
+    for fn in spec.functions.values():
+        ins = ", ".join(f"{k} {d}{s}" for k, (d, s) in fn.inputs.items())
+        outs = ", ".join(f"{k} {d}{s}" for k, (d, s) in fn.outputs.items())
+        lines.append(f"  {fn.name}: inputs {ins}; outputs {outs}; {len(fn.states)} states "
+                     f"({', '.join(sorted({d for d, _ in fn.states.values()}))}); {sum(fn.op_types.values())} ops "
+                     f"of {len(fn.op_types)} types; weights {fn.weight_bits}")
+    return "\n".join(lines)

@@ -1,0 +1,86 @@
+"""The host side of a Core ML sequence: what an app feeds the `prefill` and `decode` functions.
+
+NumPy only, so the same logic drives the eager PyTorch step (tests, drift), the Linux MIL
+interpreter (`exporter/coreml_check.py`) and coremltools prediction on macOS.
+
+A prompt of n tokens runs as ceil(n / chunk) prefill calls. The padding of the last partial chunk
+goes at the start of the first chunk (token 0, position -1): zero embeddings leave every state
+untouched, and the attention mask keeps the padding slots out of every real token's view. The
+cache slot of a token is therefore its position plus the padding; the capacity bounds slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from graphs.errors import QwenEdgeError
+
+MASK_VALUE = -1e4  # graphs/coreml_step.MASK_VALUE (that module imports torch; this one must not)
+
+# call(function_name, feeds) -> outputs; outputs hold "logits" [1, 1, vocab] and, when the
+# recurrent state is carried by the caller, "recurrent_out".
+CallFn = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+class CoreMLSequence:
+    """One sequence over a Core ML decoder (fresh states are the caller's job: one per sequence)."""
+
+    def __init__(self, call: CallFn, chunk: int, capacity: int, recurrent_io_shape: tuple[int, ...] | None = None):
+        self.call, self.chunk, self.capacity = call, chunk, capacity
+        self.recurrent = None if recurrent_io_shape is None else np.zeros(recurrent_io_shape, np.float32)
+        self.slot = 0  # next free cache slot
+        self.position = 0  # next RoPE position
+        self.first_real_slot = 0
+
+    def _run(self, function: str, ids: list[int], positions: list[int]) -> np.ndarray:
+        t = len(ids)
+        if self.slot + t > self.capacity:
+            raise QwenEdgeError(f"context full: {self.slot + t} cache slots needed, capacity {self.capacity}; "
+                                "export with a larger --context")
+        slots = np.arange(self.slot, self.slot + t)[:, None]
+        keys = np.arange(self.capacity)[None, :]
+        allowed = ((keys >= self.first_real_slot) & (keys <= slots)) | (keys == slots)
+        feeds = {
+            "input_ids": np.array([ids], np.int32),
+            "position_ids": np.array([positions], np.int32),
+            "attention_mask": np.where(allowed, 0.0, MASK_VALUE).astype(np.float32)[None, None],
+            "write_position": np.array([self.slot], np.int32),
+        }
+        if self.recurrent is not None:
+            feeds["recurrent_in"] = self.recurrent
+        out = self.call(function, feeds)
+        if self.recurrent is not None:
+            self.recurrent = np.asarray(out["recurrent_out"], np.float32)
+        self.slot += t
+        return np.asarray(out["logits"], np.float32).reshape(-1)
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        """Run a fresh sequence's prompt; returns the last position's logits [vocab]."""
+        if self.slot:
+            raise QwenEdgeError("prefill starts a sequence: use decode() to extend one, or a new sequence")
+        if not ids:
+            raise QwenEdgeError("the prompt is empty; give at least one token")
+        pad = (-len(ids)) % self.chunk
+        self.first_real_slot = pad
+        tokens = [0] * pad + list(ids)
+        positions = [-1] * pad + list(range(len(ids)))
+        for start in range(0, len(tokens), self.chunk):
+            logits = self._run("prefill", tokens[start : start + self.chunk], positions[start : start + self.chunk])
+        self.position = len(ids)
+        return logits
+
+    def decode(self, token: int) -> np.ndarray:
+        """Append one token; returns its logits [vocab]."""
+        logits = self._run("decode", [token], [self.position])
+        self.position += 1
+        return logits
+
+
+def greedy(sequence: CoreMLSequence, prompt: list[int], steps: int) -> list[int]:
+    """Greedy continuation of `prompt` (the prefill's token, then `steps - 1` decode calls)."""
+    out = [int(sequence.prefill(prompt).argmax())]
+    while len(out) < steps:
+        out.append(int(sequence.decode(out[-1]).argmax()))
+    return out

@@ -1,0 +1,178 @@
+"""Core ML export: the package's shape (two functions, states, weight bit-widths) and its parity
+against the PyTorch reference, executed on Linux by the NumPy MIL interpreter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from exporter.cli import main
+from exporter.coreml_check import InterpretedPackage, read_package_spec, verify_coreml
+from exporter.coreml_drift import eager_call
+from exporter.coreml_export import export_coreml
+from exporter.coreml_session import CoreMLSequence
+from graphs import recurrent_ops
+from graphs.checkpoint import open_checkpoint
+from graphs.coreml_step import CoreMLStep
+from graphs.errors import QwenEdgeError
+from quant.coreml_weights import kmeans_lut, parse_coreml_schemes
+
+CONTEXT = 256
+
+
+@pytest.fixture(scope="module")
+def default_coreml(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_coreml("default", tmp_path_factory.mktemp("coreml") / "default", capacity=CONTEXT,
+                         schemes=parse_coreml_schemes("fp32,q4"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_coreml(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Hv = 2·Hk layout with the delta-rule state as fp32 input/output (--recurrent-state io)."""
+    return export_coreml(tiny_checkpoints["kv_double_untied"], tmp_path_factory.mktemp("coreml") / "tiny",
+                         capacity=CONTEXT, schemes=parse_coreml_schemes("fp16,p4"), recurrent_mode="io",
+                         progress=False)
+
+
+def test_solve_by_products_equals_triangular_solve():
+    a = torch.randn(3, 2, 64, 64).tril(-1) * 0.3 + torch.eye(64)
+    rhs = torch.randn(3, 2, 64, 8)
+    torch.testing.assert_close(recurrent_ops.solve_unit_lower_by_products(a, rhs),
+                               recurrent_ops.solve_unit_lower(a, rhs), atol=1e-4, rtol=1e-4)
+
+
+def test_package_has_two_functions_and_the_states(default_coreml: Path):
+    spec = read_package_spec(default_coreml / "coreml" / "model.mlpackage")
+    assert set(spec.functions) == {"prefill", "decode"} and spec.default_function == "decode"
+    manifest = json.loads((default_coreml / "qwen_edge.json").read_text())
+    cfg = open_checkpoint(Path(__file__).parent.parent / "default_model" / "checkpoint").config
+    expected = {f"conv_{i}" for i in cfg.linear_layers} | {f"recurrent_{i}" for i in cfg.linear_layers}
+    expected |= {f"{kind}_{i}" for i in cfg.attention_layers for kind in ("key", "value")}
+    for fn in spec.functions.values():
+        assert set(fn.states) == expected == set(manifest["states"])
+        assert all(dtype == "fp16" for dtype, _ in fn.states.values())
+        assert fn.states[f"key_{cfg.attention_layers[0]}"][1] == [1, cfg.num_key_value_heads, CONTEXT, cfg.head_dim]
+    assert spec.functions["prefill"].inputs["input_ids"][1] == [1, 64]
+    assert spec.functions["decode"].inputs["attention_mask"][1] == [1, 1, 1, CONTEXT]
+    assert len(spec.weight_files) == 1  # one weight blob: prefill and decode share it
+
+
+def test_int4_weights_when_asked(default_coreml: Path):
+    q4 = read_package_spec(default_coreml / "coreml" / "model_q4.mlpackage")
+    linear_layers = len(open_checkpoint(Path(__file__).parent.parent / "default_model" / "checkpoint").config.linear_layers)
+    for fn in q4.functions.values():
+        # every projection, the embedding and the LM head in int4; in_proj_a, in_proj_b and the conv stay float
+        assert fn.weight_bits.get("int4", 0) > 0 and fn.weight_bits["fp32"] == 3 * linear_layers
+    fp32 = read_package_spec(default_coreml / "coreml" / "model.mlpackage")
+    assert "int4" not in fp32.functions["decode"].weight_bits
+
+
+@pytest.mark.parametrize("variant", ["fp32"])
+def test_default_model_passes_the_linux_checker(default_coreml: Path, variant: str):
+    report, _ = verify_coreml("default", default_coreml, variant)
+    assert [p.prompt_length for p in report.prompts] == [64, 130]
+    assert report.passed, [(p.prompt_length, [s.max_abs_diff for s in p.steps]) for p in report.prompts]
+    assert all(s.ref_token == s.onnx_token for p in report.prompts for s in p.steps)
+
+
+def test_quantized_package_runs_in_the_interpreter(default_coreml: Path):
+    report, _ = verify_coreml("default", default_coreml, "q4", prompt_lengths=(70,), decode_steps=3, rtol=1.0)
+    assert np.isfinite([s.max_abs_diff for s in report.prompts[0].steps]).all()
+    assert report.prompts[0].greedy_agreement >= 0.5  # int4 keeps the trained model's choices mostly
+
+
+def test_tiny_model_passes_the_linux_checker_in_fp16(tiny_coreml: Path, tiny_checkpoints: dict[str, Path]):
+    report, spec = verify_coreml(tiny_checkpoints["kv_double_untied"], tiny_coreml, "fp16")
+    assert [p.prompt_length for p in report.prompts] == [64, 130]
+    assert report.passed and report.rtol == 5e-2
+    decode = spec.functions["decode"]
+    assert decode.inputs["recurrent_in"][0] == decode.outputs["recurrent_out"][0] == "fp32"
+    assert not any(name.startswith("recurrent") for name in decode.states)
+
+
+def test_palettized_package_stores_4_bit_lut(tiny_coreml: Path, tiny_checkpoints: dict[str, Path]):
+    spec = read_package_spec(tiny_coreml / "coreml" / "model_p4.mlpackage")
+    assert spec.functions["decode"].weight_bits.get("lut-uint4", 0) > 0
+    report, _ = verify_coreml(tiny_checkpoints["kv_double_untied"], tiny_coreml, "p4", prompt_lengths=(5,),
+                              decode_steps=2, rtol=10.0)
+    assert np.isfinite([s.max_abs_diff for s in report.prompts[0].steps]).all()
+
+
+def test_interpreter_matches_the_eager_step_call_by_call(default_coreml: Path):
+    """The interpreter and the eager module it was exported from give the same logits (fp32 compute)."""
+    model = open_checkpoint(Path(__file__).parent.parent / "default_model" / "checkpoint").build_decoder()
+    step = CoreMLStep(model, CONTEXT).eval()
+    package = InterpretedPackage(default_coreml / "coreml" / "model.mlpackage")
+    package.reset()
+    ids = list(range(3, 40))
+    eager, mil = CoreMLSequence(eager_call(step), 64, CONTEXT), CoreMLSequence(package.call, 64, CONTEXT)
+    np.testing.assert_allclose(mil.prefill(ids), eager.prefill(ids), atol=2e-3)
+    np.testing.assert_allclose(mil.decode(5), eager.decode(5), atol=2e-3)
+
+
+def test_unknown_op_is_a_clear_error(default_coreml: Path, monkeypatch: pytest.MonkeyPatch):
+    import exporter.coreml_check as check
+    import exporter.mil_interpreter as interpreter
+
+    package_path = default_coreml / "coreml" / "model.mlpackage"
+    monkeypatch.setattr(check, "SUPPORTED_OPS", check.SUPPORTED_OPS - {"softmax"})
+    with pytest.raises(QwenEdgeError, match="softmax"):  # refused when the package is loaded
+        InterpretedPackage(package_path)
+    monkeypatch.undo()
+    package = InterpretedPackage(package_path)
+    package.reset()
+    monkeypatch.delitem(interpreter.HANDLERS, "softmax")
+    with pytest.raises(QwenEdgeError, match="op type 'softmax'"):  # and never skipped while running
+        CoreMLSequence(package.call, 64, CONTEXT).decode(1)
+
+
+def test_drift_of_fp16_state_short_run():
+    from exporter.coreml_drift import measure_drift
+
+    report = measure_drift("default", "state", steps=24, prompt_len=10)
+    assert report.greedy_agreement == 1.0 and report.max_relative_diff < 1e-2
+
+
+def test_recurrent_io_mode_matches_state_mode(tmp_path: Path):
+    model = open_checkpoint(Path(__file__).parent.parent / "default_model" / "checkpoint").build_decoder()
+    io_step = CoreMLStep(model, 128, recurrent_io=True).eval()
+    state_step = CoreMLStep(model, 128).eval()
+    ids = list(range(10, 80))
+    a = CoreMLSequence(eager_call(io_step), 64, 128, io_step.recurrent_io_shape())
+    b = CoreMLSequence(eager_call(state_step), 64, 128)
+    np.testing.assert_allclose(a.prefill(ids), b.prefill(ids), atol=2e-2)
+    assert a.recurrent.dtype == np.float32 and a.recurrent.shape[0] == len(model.cfg.linear_layers)
+
+
+def test_kmeans_lut_clusters():
+    values = np.concatenate([np.full(50, -1.0), np.full(50, 2.0)]).astype(np.float32)
+    lut, idx = kmeans_lut(values, nbits=1)
+    np.testing.assert_allclose(np.sort(lut), [-1.0, 2.0])
+    np.testing.assert_allclose(lut[idx], values)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--chunk", "48"], "does not divide --context"),
+    (["--quant", "q3"], "not a Core ML weight option"),
+    (["--recurrent-state", "fp64"], "not a mode"),
+    (["--all-logits"], "ONNX options"),
+])
+def test_bad_options_fail_clearly_with_nothing_written(tmp_path: Path, args: list[str], message: str):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["export", "--format", "coreml", "default", str(out), "--context", "256", *args])
+    assert result.exit_code == 1 and message in result.output and result.output.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_verify_coreml(default_coreml: Path, tmp_path: Path):
+    result = CliRunner().invoke(main, ["verify", "--format", "coreml", "default", str(default_coreml),
+                                       "--decode-steps", "2", "--prompt-lengths", "3", "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    assert "prefill:" in result.output and "PASS" in result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report["package"]["functions"]) == {"prefill", "decode"}
