@@ -293,13 +293,16 @@ def package() -> None:
               help="android: ONNX + ORT format + genai_config.json; ios: Core ML + ONNX; web: transformers.js layout.")
 @click.option("--variants", "variant_names", default=None,
               help="Comma-separated variants to include (default: all exported; the first one is genai_config.json's).")
+@click.option("--coreml", "coreml_dir", type=click.Path(path_type=Path), default=None,
+              help="ios: the Core ML export (qwen-edge export --format coreml) of the same checkpoint.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def package_build(export_dir: Path, out: Path, target: str, variant_names: str | None, force: bool) -> None:
+def package_build(export_dir: Path, out: Path, target: str, variant_names: str | None, coreml_dir: Path | None,
+                  force: bool) -> None:
     """Write the TARGET app bundle of EXPORT_DIR into OUT, with manifest.json (sizes, SHA-256 of every file)."""
     from exporter.package import package_export
 
     names = [n.strip() for n in variant_names.split(",") if n.strip()] if variant_names else None
-    manifest = package_export(export_dir, out, target, names, force)
+    manifest = package_export(export_dir, out, target, names, force, coreml_dir)
     click.echo(f"packaged {export_dir} -> {out} ({target}: {', '.join(manifest['variants'])}; "
                f"{len(manifest['files'])} files, {manifest['total_bytes']:,} bytes)")
 

@@ -27,6 +27,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import onnx
@@ -47,15 +48,22 @@ VARIANT_FILE_KEYS = ("onnx", "ort", "embed_tokens", "decoder")  # keys of a vari
 
 
 def package_export(export_dir: Path, out: Path, target: str, variants: list[str] | None = None,
-                   force: bool = False) -> dict:
-    """Write the `target` bundle of `export_dir` into `out` (atomically). Returns its manifest."""
+                   force: bool = False, coreml_dir: Path | None = None) -> dict:
+    """Write the `target` bundle of `export_dir` into `out` (atomically). Returns its manifest.
+
+    `coreml_dir` (ios only) is a `--format coreml` export of the same checkpoint; without it the
+    Core ML packages are looked for in `export_dir/coreml/`.
+    """
     export_dir, out = Path(export_dir), Path(out)
     if target not in TARGETS:
         raise QwenEdgeError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if coreml_dir is not None and target != "ios":
+        raise QwenEdgeError(f"--coreml applies to the ios target only, not {target}; drop it")
     export = read_manifest(export_dir)
     names = _pick_variants(export, export_dir, variants)
+    coreml = _coreml_source(export_dir, Path(coreml_dir) if coreml_dir else None) if target == "ios" else None
     check_destination(out, force)
-    writers = {"android": _write_android, "ios": _write_ios, "web": _write_web}
+    writers = {"android": _write_android, "ios": partial(_write_ios, coreml=coreml), "web": _write_web}
     with atomic_output_dir(out, force) as tmp:
         details = writers[target](export_dir, tmp, export, names)
         manifest = _manifest(export_dir, tmp, export, target, names, details)
@@ -89,15 +97,32 @@ def _write_android(export_dir: Path, out: Path, export: dict, names: list[str]) 
     return {"format": "onnx+ort", "graphs": graphs, "support_files": _copy_support_files(export_dir, out, export)}
 
 
-def _write_ios(export_dir: Path, out: Path, export: dict, names: list[str]) -> dict:
+def _coreml_source(export_dir: Path, coreml_dir: Path | None) -> tuple[list[Path], dict | None]:
+    """The Core ML packages for an ios bundle, and the record of the export that made them."""
+    source = coreml_dir or export_dir
+    packages = sorted(p for p in (source / COREML_DIR).glob("*.mlpackage") if p.is_dir())
+    if not packages:
+        raise QwenEdgeError(f"{source}: has no Core ML package ({COREML_DIR}/*.mlpackage); export the checkpoint "
+                            "with --format coreml and pass that folder as --coreml")
+    if coreml_dir is None:
+        return packages, read_manifest(export_dir).get("coreml")
+    record = read_manifest(coreml_dir)
+    if record.get("format") != "coreml":
+        raise QwenEdgeError(f"{coreml_dir}: is not a Core ML export (format {record.get('format')!r}); "
+                            "pass a folder written by 'qwen-edge export --format coreml'")
+    if (coreml_dir / "config.json").read_bytes() != (export_dir / "config.json").read_bytes():
+        raise QwenEdgeError(f"{coreml_dir}: was exported from another model than {export_dir} (config.json differs); "
+                            "export both from the same checkpoint")
+    return packages, record
+
+
+def _write_ios(export_dir: Path, out: Path, export: dict, names: list[str],
+               coreml: tuple[list[Path], dict | None]) -> dict:
     """Core ML package(s) plus the ONNX graphs (and genai_config.json) of the Android bundle, without
     the ORT-format files: ONNX Runtime's iOS packages are full builds that load .onnx directly."""
     from exporter.package_android import write_merged_graphs
 
-    packages = sorted(p for p in (export_dir / COREML_DIR).glob("*.mlpackage") if p.is_dir())
-    if not packages:
-        raise QwenEdgeError(f"{export_dir}: has no Core ML package ({COREML_DIR}/*.mlpackage); "
-                            "export with --format coreml, then package again")
+    packages, coreml_record = coreml
     (out / COREML_DIR).mkdir()
     for package in packages:
         shutil.copytree(package, out / COREML_DIR / package.name, copy_function=shutil.copyfile)
@@ -105,7 +130,7 @@ def _write_ios(export_dir: Path, out: Path, export: dict, names: list[str]) -> d
                                  load_text_config(export_dir), _generation_defaults(export_dir),
                                  _context_length(export_dir))
     return {"format": "coreml+onnx", "graphs": graphs, "support_files": _copy_support_files(export_dir, out, export),
-            "coreml": {"packages": [f"{COREML_DIR}/{p.name}" for p in packages], "export_record": export.get("coreml")}}
+            "coreml": {"packages": [f"{COREML_DIR}/{p.name}" for p in packages], "export_record": coreml_record}}
 
 
 def _write_web(export_dir: Path, out: Path, export: dict, names: list[str]) -> dict:

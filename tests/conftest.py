@@ -111,3 +111,16 @@ def tiny_untied_quantized(tiny_checkpoints: dict[str, Path], tmp_path_factory: p
     return export_checkpoint(tiny_checkpoints["kv_double_untied"], tmp_path_factory.mktemp("untied") / "export",
                              schemes=parse_schemes(ALL_SCHEMES), quant=QuantOptions(64, False, 4),
                              recurrent_ops="contrib", all_logits=True, progress=False)
+
+
+COREML_CONTEXT = 256
+
+
+@pytest.fixture(scope="session")
+def default_coreml(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model as Core ML packages (fp32 and int4), context 256; shared by the Core ML and ios tests."""
+    from exporter.coreml_export import export_coreml
+    from quant.coreml_weights import parse_coreml_schemes
+
+    return export_coreml("default", tmp_path_factory.mktemp("coreml") / "default", capacity=COREML_CONTEXT,
+                         schemes=parse_coreml_schemes("fp32,q4"), progress=False)

@@ -22,13 +22,7 @@ from graphs.coreml_step import CoreMLStep
 from graphs.errors import QwenEdgeError
 from quant.coreml_weights import kmeans_lut, parse_coreml_schemes
 
-CONTEXT = 256
-
-
-@pytest.fixture(scope="module")
-def default_coreml(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_coreml("default", tmp_path_factory.mktemp("coreml") / "default", capacity=CONTEXT,
-                         schemes=parse_coreml_schemes("fp32,q4"), progress=False)
+from conftest import COREML_CONTEXT as CONTEXT
 
 
 @pytest.fixture(scope="module")

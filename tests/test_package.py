@@ -230,25 +230,38 @@ def test_package_bad_input(default_export: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "ios").exists() and not list(tmp_path.glob(".ios.partial-*"))
 
 
-def test_ios_bundle_hashes_every_file_of_the_core_ml_package(default_export: Path, tmp_path: Path) -> None:
-    """A hand-made folder stands in for the .mlpackage (the Core ML exporter lives on another branch)."""
-    export = tmp_path / "export"
-    shutil.copytree(default_export, export)
-    package = export / "coreml" / "model.mlpackage"
-    (package / "Data" / "com.apple.CoreML" / "weights").mkdir(parents=True)
-    (package / "Manifest.json").write_text('{"fileFormatVersion": "1.0.0"}')
-    (package / "Data" / "com.apple.CoreML" / "model.mlmodel").write_bytes(b"\x01spec")
-    (package / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").write_bytes(bytes(range(256)))
-    manifest = package_export(export, tmp_path / "ios", "ios")
+def test_ios_bundle_carries_the_core_ml_export(default_export: Path, default_coreml: Path, tmp_path: Path) -> None:
+    """The real Core ML export (fp32 + int4) beside the ONNX export of the same checkpoint."""
+    from exporter.coreml_check import read_package_spec
+
+    manifest = package_export(default_export, tmp_path / "ios", "ios", coreml_dir=default_coreml)
     listed = {f["path"] for f in manifest["files"]}
-    assert {"coreml/model.mlpackage/Manifest.json", "coreml/model.mlpackage/Data/com.apple.CoreML/model.mlmodel",
-            "coreml/model.mlpackage/Data/com.apple.CoreML/weights/weight.bin", "onnx/model.onnx"} <= listed
+    for name in ("model", "model_q4"):
+        inside = {str(p.relative_to(default_coreml)) for p in (default_coreml / "coreml" / f"{name}.mlpackage").rglob("*")
+                  if p.is_file()}
+        assert inside and inside <= listed  # every file of each package is hashed
+    assert "onnx/model.onnx" in listed and not any(p.endswith(".ort") for p in listed)
     assert manifest["min_runtime"]["ios"] == "18.0" and manifest["format"] == "coreml+onnx"
-    assert not any(p.endswith(".ort") for p in listed)
+    record = manifest["coreml"]["export_record"]
+    assert record["format"] == "coreml" and set(record["variants"]) == {"fp32", "q4"}
     verify_bundle(tmp_path / "ios")
-    (tmp_path / "ios" / "coreml" / "model.mlpackage" / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").write_bytes(b"")
+    spec = read_package_spec(tmp_path / "ios" / "coreml" / "model_q4.mlpackage")  # the bundled copy still reads
+    assert set(spec.functions) == {"prefill", "decode"}
+    weights = next((tmp_path / "ios" / "coreml" / "model.mlpackage").rglob("weight.bin"))
+    weights.write_bytes(b"")
     with pytest.raises(QwenEdgeError, match="weight.bin: 0 bytes"):
         verify_bundle(tmp_path / "ios")
+    with pytest.raises(QwenEdgeError, match="not a Core ML export"):
+        package_export(default_export, tmp_path / "ios2", "ios", coreml_dir=_coreml_stand_in(default_export, tmp_path))
+    assert not (tmp_path / "ios2").exists()
+
+
+def _coreml_stand_in(onnx_export: Path, tmp_path: Path) -> Path:
+    """An ONNX export with a coreml/ folder added: not what --coreml must name."""
+    fake = tmp_path / "not-coreml"
+    shutil.copytree(onnx_export, fake)
+    (fake / "coreml" / "model.mlpackage").mkdir(parents=True)
+    return fake
 
 
 def test_standard_graph_converts_to_exactly_the_contrib_export(default_export: Path, default_contrib_export: Path) -> None:
