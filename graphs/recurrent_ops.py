@@ -151,7 +151,7 @@ def gated_delta_rule_reference(
     q, k: [B,T,H*dk] (k L2-normalised), v: [B,T,H*dv], g, beta: [B,T,H], state [B,H,dk,dv] fp32.
     Returns the output [B,T,H*dv] in v's dtype and the new fp32 state. T == 1 takes the recurrent
     form, longer inputs the chunked one, exactly as a runtime kernel would. `solve_by_products` takes
-the matmul-only triangular solve (for exporters without one).
+    the matmul-only triangular solve (for exporters without one).
     """
     b, t, _ = v.shape
     qh, kh, vh = _unpack(q, num_heads) * scale, _unpack(k, num_heads), _unpack(v, num_heads)
