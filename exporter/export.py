@@ -88,8 +88,8 @@ def _copy_support_files(src: Path, dst: Path) -> list[str]:
     return names
 
 
-def _opset_imports(path: Path) -> dict[str, int]:
-    model = onnx.load(str(path), load_external_data=False)
+def opset_imports(model: onnx.ModelProto) -> dict[str, int]:
+    """{domain: version} of a graph, the default domain named "ai.onnx" (as manifests record it)."""
     return {o.domain or "ai.onnx": o.version for o in model.opset_import}
 
 
@@ -189,7 +189,7 @@ def _copy_float_graphs(float_dir: Path, out_dir: Path, scheme: Scheme) -> None:
 def _variant_record(scheme: Scheme, quant: QuantOptions, root: Path) -> dict:
     embed, decoder = scheme.files
     record = {"embed_tokens": embed, "decoder": decoder, "activations": scheme.activations,
-              "opset_imports": _opset_imports(root / decoder)}
+              "opset_imports": opset_imports(onnx.load(str(root / decoder), load_external_data=False))}
     if scheme.weight_bits:
         record.update(weight_bits=scheme.weight_bits, block_size=quant.block_size, symmetric=quant.symmetric,
                       accuracy_level=quant.accuracy_level)

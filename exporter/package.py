@@ -200,6 +200,8 @@ def _generation_defaults(export_dir: Path) -> dict:
 
 def _graph_record(path: Path) -> dict:
     """Inputs, outputs (name, dims, dtype) and opset imports, read from the graph itself."""
+    from exporter.export import opset_imports  # lazily, like MIN_ORT: it imports torch
+
     model = onnx.load(str(path), load_external_data=False)
 
     def tensors(values) -> list[dict]:  # noqa: ANN001
@@ -207,7 +209,7 @@ def _graph_record(path: Path) -> dict:
                  "dims": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
 
     return {"inputs": tensors(model.graph.input), "outputs": tensors(model.graph.output),
-            "opset_imports": {o.domain or "ai.onnx": o.version for o in model.opset_import}}
+            "opset_imports": opset_imports(model)}
 
 
 def _state_layout(export_dir: Path) -> list[dict]:
