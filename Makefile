@@ -37,14 +37,14 @@ demo: $(STAMP)
 	$(VENV)/bin/qwen-edge generate $(DEMO_OUT) --variant q4f16 --chat --prompt "What is 12 plus 7?" --max-new-tokens 30
 
 bench: $(STAMP)
-	$(PY) -m exporter.bench_export --quality-default
-	$(PY) -m exporter.bench_export --preset qwen3.5-0.8b --quant fp32,fp16,q8,q4,q4f16
-	$(PY) -m exporter.bench_export --preset qwen3.5-0.8b --quant q4 --block-size 64
-	$(PY) -m exporter.bench_export --preset qwen3.5-2b --quant fp32,fp16,q8,q4,q4f16
-	$(PY) -m exporter.bench_export --preset qwen3.5-0.8b --speed q4 --quant q4,q4f16
-	$(PY) -m exporter.bench_export --preset qwen3.5-0.8b --speed q4 --quant q4 --block-size 128 --no-compare
-	$(PY) -m exporter.bench_export --preset qwen3.5-2b --speed q4 --quant q4 --no-compare
-	$(PY) -m exporter.bench_coreml --preset qwen3.5-0.8b --quant fp32,fp16,q8,q4,q4f16,p4
+	$(PY) -m exporter.bench.export --quality-default
+	$(PY) -m exporter.bench.export --preset qwen3.5-0.8b --quant fp32,fp16,q8,q4,q4f16
+	$(PY) -m exporter.bench.export --preset qwen3.5-0.8b --quant q4 --block-size 64
+	$(PY) -m exporter.bench.export --preset qwen3.5-2b --quant fp32,fp16,q8,q4,q4f16
+	$(PY) -m exporter.bench.export --preset qwen3.5-0.8b --speed q4 --quant q4,q4f16
+	$(PY) -m exporter.bench.export --preset qwen3.5-0.8b --speed q4 --quant q4 --block-size 128 --no-compare
+	$(PY) -m exporter.bench.export --preset qwen3.5-2b --speed q4 --quant q4 --no-compare
+	$(PY) -m exporter.bench.coreml --preset qwen3.5-0.8b --quant fp32,fp16,q8,q4,q4f16,p4
 
 clean:
 	rm -rf build $(VENV) tests/js/node_modules

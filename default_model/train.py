@@ -24,6 +24,7 @@ from default_model.make_corpus import END, make_corpus
 from graphs.config import text_config_from_dict
 from graphs.qwen3_5 import Qwen35Decoder
 from graphs.random_checkpoint import random_tensor
+from graphs.recurrent_ops import REFERENCE
 
 HERE = Path(__file__).parent
 SPECIAL_TOKENS = [END, "<|im_start|>", "<|im_end|>"]
@@ -109,13 +110,12 @@ def main() -> None:
     print(f"corpus: {len(text):,} chars, {len(data):,} tokens")
 
     cfg = text_config_from_dict(CONFIG)
-    model = Qwen35Decoder(cfg)
+    model = Qwen35Decoder(cfg, kernels=REFERENCE)  # the differentiable kernels
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(random_tensor(name, tuple(p.shape), cfg, gen))
         model.embed_tokens.weight.mul_(0.25)  # start near uniform predictions
-    model.use_reference_kernels()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
     pos = torch.arange(args.seq).expand(3, args.batch, args.seq)

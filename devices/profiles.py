@@ -151,3 +151,20 @@ DEVICES: tuple[Device, ...] = (
                 "about 10 W reported sustained for the fanless Air (20-24 W peak in the Mac mini)", "medium"),
     ),
 )
+
+
+PROFILE_FIELDS = ("ram_gb", "app_memory_gb", "bandwidth_gb_s", "performance_cores", "npu", "sustained_power_w")
+
+
+def describe_devices() -> str:
+    """Every profile with its numbers and sources (`qwen-edge devices list`)."""
+    lines = []
+    for d in DEVICES:
+        lines.append(f"{d.name} ({d.soc})")
+        for name in PROFILE_FIELDS:
+            v = getattr(d, name)
+            shown = "unknown" if v.value is None else v.value
+            extra = f" [{v.note}]" if v.note else ""
+            lines.append(f"  {name}: {shown}{extra} — {v.source or 'no source'} ({v.confidence}"
+                         f"{', derived' if v.derived else ''})")
+    return "\n".join(lines)

@@ -18,7 +18,8 @@ from safetensors import safe_open
 
 from graphs.config import TextConfig, load_text_config
 from graphs.errors import QwenEdgeError
-from graphs.qwen3_5 import Qwen35Decoder
+from graphs.qwen3_5 import LogitsMode, Qwen35Decoder
+from graphs.recurrent_ops import CUSTOM_OPS, RecurrentKernels
 
 # Checkpoint name prefixes of the text decoder: multimodal layout first, then text-only.
 TEXT_PREFIXES = ("model.language_model.", "model.")
@@ -146,10 +147,12 @@ class Checkpoint:
                         ) from exc
                     yield name, tensor.to(dtype)
 
-    def build_decoder(self, dtype: torch.dtype = torch.float32) -> Qwen35Decoder:
-        """The export-friendly decoder with this checkpoint's weights, in `dtype`."""
+    def build_decoder(self, dtype: torch.dtype = torch.float32, kernels: RecurrentKernels = CUSTOM_OPS,
+                      logits: LogitsMode = "all") -> Qwen35Decoder:
+        """The export-friendly decoder with this checkpoint's weights, in `dtype` (see Qwen35Decoder
+        for `kernels` and `logits`)."""
         with torch.device("meta"):
-            model = Qwen35Decoder(self.config)
+            model = Qwen35Decoder(self.config, kernels, logits)
         params = dict(self.iter_tensors(dtype))
         if self.config.tie_word_embeddings:
             params["lm_head.weight"] = params["embed_tokens.weight"]

@@ -2,21 +2,31 @@
 
 One forward call is a pure function `(inputs_embeds, attention_mask, position_ids, state) ->
 (logits, new_state)`. It serves prefill (T > 1) and decode (T = 1) alike; the state is, per layer,
-conv + recurrent state (Gated DeltaNet) or key + value cache (gated attention). Parameter names
-match the Hugging Face checkpoint (minus its `model.` / `model.language_model.` prefix), so loading
-is a rename, not a conversion.
+conv + recurrent state (Gated DeltaNet) or key + value cache (gated attention), as `graphs/state.py`
+describes it. Parameter names match the Hugging Face checkpoint (minus its `model.` /
+`model.language_model.` prefix), so loading is a rename, not a conversion.
+
+What differs between uses is chosen by arguments, never by patching the model from outside: the
+recurrent kernels and the logits mode when the decoder is built, and how the attention cache is
+written (`kv_write`) when `run_layers` is called (the Core ML step writes into fixed-size buffers).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphs import recurrent_ops
 from graphs.config import TextConfig
+from graphs.recurrent_ops import CUSTOM_OPS, RecurrentKernels
+from graphs.state import state_tensors
+
+# (past_key, past_value, key, value) -> the key and value to attend over, this call's included
+KVWrite = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+LogitsMode = Literal["all", "last"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centred: bool = True) -> torch.Tensor:
@@ -41,21 +51,12 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
-DeltaRule = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-CausalConv = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-
-
 class GatedDeltaNet(nn.Module):
     """Linear-attention mixer: projections, stateful causal conv, gated delta rule, gated norm."""
 
-    # The kernels are swappable: custom ops (one node each at export) by default, the plain
-    # differentiable references for training.
-    delta_rule: DeltaRule = staticmethod(recurrent_ops.gated_delta_rule)
-    causal_conv: CausalConv = staticmethod(recurrent_ops.causal_conv_with_state)
-
-    def __init__(self, cfg: TextConfig) -> None:
+    def __init__(self, cfg: TextConfig, kernels: RecurrentKernels = CUSTOM_OPS) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.kernels = cfg, kernels
         hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
         self.in_proj_qkv = nn.Linear(cfg.hidden_size, cfg.conv_dim, bias=False)
         self.in_proj_z = nn.Linear(cfg.hidden_size, cfg.value_dim, bias=False)
@@ -75,7 +76,7 @@ class GatedDeltaNet(nn.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         x = torch.where(token_mask[:, :, None] > 0, x, torch.zeros((), dtype=x.dtype))  # padding stays out
-        mixed, conv_state = self.causal_conv(self.in_proj_qkv(x).transpose(1, 2), self.conv1d.weight, conv_state)
+        mixed, conv_state = self.kernels.causal_conv(self.in_proj_qkv(x).transpose(1, 2), self.conv1d.weight, conv_state)
         q, k, v = torch.split(mixed.transpose(1, 2), [cfg.key_dim, cfg.key_dim, cfg.value_dim], dim=-1)
         q = l2_normalize(q.reshape(b, t, cfg.linear_num_key_heads, -1).float())
         k = l2_normalize(k.reshape(b, t, cfg.linear_num_key_heads, -1).float())
@@ -83,7 +84,7 @@ class GatedDeltaNet(nn.Module):
             q, k = q.repeat_interleave(self.repeat, dim=2), k.repeat_interleave(self.repeat, dim=2)
         beta = torch.sigmoid(self.in_proj_b(x)).float()
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
-        out, recurrent_state = self.delta_rule(
+        out, recurrent_state = self.kernels.delta_rule(
             q.reshape(b, t, -1),
             k.reshape(b, t, -1),
             v.float(),
@@ -149,8 +150,10 @@ class GatedAttention(nn.Module):
         bias: torch.Tensor,
         past_key: torch.Tensor,
         past_value: torch.Tensor,
+        kv_write: KVWrite | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """bias [B,1,T,past+T] is 0 where attending is allowed and very negative elsewhere."""
+        """bias [B,1,T,keys] is 0 where attending is allowed and very negative elsewhere; the keys are
+        what `kv_write` returns (by default the past cache with this call's keys appended)."""
         cfg = self.cfg
         b, t, _ = x.shape
         d = cfg.head_dim
@@ -159,8 +162,7 @@ class GatedAttention(nn.Module):
         k = self.k_norm(self.k_proj(x).reshape(b, t, -1, d)).transpose(1, 2)
         v = self.v_proj(x).reshape(b, t, -1, d).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        key = torch.cat([past_key.to(k.dtype), k], dim=2)
-        value = torch.cat([past_value.to(v.dtype), v], dim=2)
+        key, value = (kv_write or append_to_cache)(past_key, past_value, k, v)
         groups = cfg.num_attention_heads // cfg.num_key_value_heads
         q = q.reshape(b, cfg.num_key_value_heads, groups * t, d)  # fold the query group into T
         scores = (q @ key.transpose(-1, -2)).float() * d**-0.5  # fp32 from here: the mask must not overflow
@@ -182,12 +184,18 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def append_to_cache(past_key: torch.Tensor, past_value: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The growing cache of the ONNX graph: past entries, then this call's."""
+    return torch.cat([past_key.to(key.dtype), key], dim=2), torch.cat([past_value.to(value.dtype), value], dim=2)
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, layer_type: str) -> None:
+    def __init__(self, cfg: TextConfig, layer_type: str, kernels: RecurrentKernels = CUSTOM_OPS) -> None:
         super().__init__()
         self.is_linear = layer_type == "linear_attention"
         if self.is_linear:
-            self.linear_attn = GatedDeltaNet(cfg)
+            self.linear_attn = GatedDeltaNet(cfg, kernels)
         else:
             self.self_attn = GatedAttention(cfg)
         self.mlp = MLP(cfg)
@@ -198,18 +206,17 @@ class DecoderLayer(nn.Module):
 class Qwen35Decoder(nn.Module):
     """Embedding, decoder layers, final norm and LM head; forward takes embeddings and explicit state.
 
-    State order (flat, as in the ONNX graph): for each layer in order, (conv, recurrent) for a
-    Gated DeltaNet layer or (key, value) for an attention layer. With `last_logits_only`, logits are
-    computed for the last position only (a 512-token prefill then never holds 512 × vocab logits).
+    State order (flat, as in the ONNX graph): `graphs/state.py`. `kernels` picks the recurrent kernels
+    (custom ops for ONNX export, references for training, matmul-only for Core ML); with
+    logits="last" they are computed for the last position only (a 512-token prefill then never
+    holds 512 × vocab logits).
     """
 
-    last_logits_only: bool = False
-
-    def __init__(self, cfg: TextConfig) -> None:
+    def __init__(self, cfg: TextConfig, kernels: RecurrentKernels = CUSTOM_OPS, logits: LogitsMode = "all") -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.kernels, self.logits_mode = cfg, kernels, logits
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, t) for t in cfg.layer_types)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, t, kernels) for t in cfg.layer_types)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -223,11 +230,17 @@ class Qwen35Decoder(nn.Module):
         *state: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         """inputs_embeds [B,T,hidden]; attention_mask [B,past+T] (1 = real token); position_ids [3,B,T]."""
-        x = inputs_embeds
-        t = x.shape[1]
+        t = inputs_embeds.shape[1]
         token_mask = attention_mask[:, -t:]
         bias = attention_bias(attention_mask, t)
-        cos, sin = rope_cos_sin(self.cfg, position_ids, x.dtype)
+        cos, sin = rope_cos_sin(self.cfg, position_ids, inputs_embeds.dtype)
+        hidden, new_state = self.run_layers(inputs_embeds, token_mask, bias, cos, sin, state)
+        return (self.logits(hidden), *new_state)
+
+    def run_layers(self, x: torch.Tensor, token_mask: torch.Tensor, bias: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, state: Sequence[torch.Tensor],
+                   kv_write: KVWrite | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The layer stack: hidden states [B,T,hidden] and the new state, two tensors per layer."""
         new_state: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
             s0, s1 = state[2 * i], state[2 * i + 1]
@@ -235,35 +248,22 @@ class Qwen35Decoder(nn.Module):
             if layer.is_linear:
                 h, s0, s1 = layer.linear_attn(h, token_mask, s0, s1)
             else:
-                h, s0, s1 = layer.self_attn(h, cos, sin, bias, s0, s1)
+                h, s0, s1 = layer.self_attn(h, cos, sin, bias, s0, s1, kv_write)
             x = x + h
             x = x + layer.mlp(layer.post_attention_layernorm(x))
             new_state += [s0, s1]
-        if self.last_logits_only:
-            x = x[:, -1:]
-        logits = self.lm_head(self.norm(x)).float()
-        return (logits, *new_state)
+        return x, new_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of every position, or of the last one (logits="last")."""
+        if self.logits_mode == "last":
+            hidden = hidden[:, -1:]
+        return self.lm_head(self.norm(hidden)).float()
 
     def initial_state(self, batch: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
         """Zero state for a fresh sequence: empty KV cache, zero conv and recurrent states."""
-        cfg = self.cfg
-        state: list[torch.Tensor] = []
-        for layer_type in cfg.layer_types:
-            if layer_type == "linear_attention":
-                state.append(torch.zeros(batch, cfg.conv_dim, cfg.linear_conv_kernel_dim - 1, dtype=dtype))
-                state.append(  # the delta-rule state is fp32 whatever the activation dtype
-                    torch.zeros(batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)
-                )
-            else:
-                state += [torch.zeros(batch, cfg.num_key_value_heads, 0, cfg.head_dim, dtype=dtype)] * 2
-        return state
-
-    def use_reference_kernels(self) -> None:
-        """Swap the export custom ops for the plain differentiable references (training)."""
-        for layer in self.layers:
-            if layer.is_linear:
-                layer.linear_attn.delta_rule = recurrent_ops.gated_delta_rule_reference
-                layer.linear_attn.causal_conv = recurrent_ops.causal_conv_reference
+        return [torch.zeros(t.shape(batch), dtype=torch.float32 if t.role.always_fp32 else dtype)
+                for t in state_tensors(self.cfg)]
 
 
 def attention_bias(attention_mask: torch.Tensor, t: int) -> torch.Tensor:

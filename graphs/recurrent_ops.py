@@ -2,7 +2,7 @@
 
 Each exists in plain PyTorch (the reference, differentiable, used for training and as the oracle)
 and as a `torch.library.custom_op` that the exporters map to a single graph node
-(`exporter/onnx_recurrent.py` for ONNX). The custom ops take the packed layouts of the ONNX
+(`exporter/onnx/recurrent.py` for ONNX). The custom ops take the packed layouts of the ONNX
 `LinearAttention` and `CausalConvWithState` operators, so the mapping is one node each.
 
 Gated delta rule, per head, state S of shape [dk, dv], in fp32:
@@ -14,6 +14,8 @@ Gated delta rule, per head, state S of shape [dk, dv], in fp32:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -194,3 +196,26 @@ def _(q, k, v, g, beta, state, num_heads, scale, solve_by_products=False):  # no
 @causal_conv_with_state.register_fake
 def _(x, weight, state):  # noqa: ANN001, ANN202
     return torch.empty_like(x), torch.empty_like(state)
+
+
+# ---- kernel sets: what a decoder is built with ------------------------------------------------------
+DeltaRule = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+CausalConv = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class RecurrentKernels:
+    """The two Gated DeltaNet kernels a decoder runs, chosen when it is built (see graphs/qwen3_5.py)."""
+
+    name: str
+    delta_rule: DeltaRule
+    causal_conv: CausalConv
+
+
+# one graph node each at ONNX export; eagerly they run the references
+CUSTOM_OPS = RecurrentKernels("custom ops", gated_delta_rule, causal_conv_with_state)
+# the plain differentiable references (training, drift measurements)
+REFERENCE = RecurrentKernels("reference", gated_delta_rule_reference, causal_conv_reference)
+# the references with the matmul-only triangular solve: what the Core ML converter can trace
+MATMUL_ONLY = RecurrentKernels("matmul only", partial(gated_delta_rule_reference, solve_by_products=True),
+                               causal_conv_reference)

@@ -1,65 +1,54 @@
-"""Core ML weight options: the `--quant` names of quant/schemes.py mapped to coremltools.optimize.coreml.
+"""Core ML weight compression of a converted mlprogram, for the schemes of quant/schemes.py.
 
-    fp32    fp32 compute, fp32 weights          fp16   fp16 compute, fp16 weights
-    q8      fp32 compute, int8 per-channel      q4     fp32 compute, int4 per-block (block 32)
-    q4f16   fp16 compute, int4 per-block        p4     fp16 compute, 4-bit palettization (16-entry
-                                                       k-means LUT per group of 16 output channels)
+    q8      int8 per output channel          q4, q4f16   int4 per block of 32 input channels
+    p4      4-bit palettization: a 16-entry k-means LUT per group of 16 output channels
 
-Only the large projections, the embedding and the LM head are compressed: tensors no larger than
-the small ones (in_proj_a/b, the conv, norms, A_log, dt_bias) stay float, as in the ONNX variants.
+Which weights: the scheme's `bits_for`, the predicate the ONNX exporter uses too, asked with the
+decoder parameter each weight constant of the program was converted from (coremltools names those
+constants after the exported program's parameters). Everything else stays float.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
 from graphs.config import TextConfig
-from graphs.errors import QwenEdgeError
-from quant.schemes import SCHEMES
+from quant.schemes import Scheme
 
 PALETTE_GROUP = 16  # output channels sharing one LUT
 INT4_BLOCK = 32
+# torch.export lifts parameter `model.X.Y` of the step module as `p_model_X_Y`; the fp16-compute pass
+# appends `_to_fp16`, and compression names the decoding op after the constant it replaced.
+_PARAM_PREFIX = "p_model_"
+_SUFFIXES = ("_palettized", "_quantized", "_to_fp16")
 
 
-@dataclass(frozen=True)
-class CoreMLScheme:
-    name: str
-    suffix: str  # package name suffix, as the ONNX file suffixes
-    compute: str  # "float32" | "float16"
-    weights: str  # "float" | "int8-per-channel" | "int4-block32" | "palette4"
-    bits: int  # stored bits per compressed weight (16 or 32 for float)
+@lru_cache(maxsize=8)
+def _constant_names(cfg: TextConfig) -> dict[str, str]:
+    from graphs.checkpoint import expected_shapes
+
+    names = {_PARAM_PREFIX + name.replace(".", "_"): name for name in expected_shapes(cfg)}
+    names[_PARAM_PREFIX + "lm_head_weight"] = "lm_head.weight"  # a tied table is lifted under the head's name
+    return names
 
 
-COREML_SCHEMES: dict[str, CoreMLScheme] = {
-    s.name: s
-    for s in (
-        CoreMLScheme("fp32", SCHEMES["fp32"].suffix, "float32", "float", 32),
-        CoreMLScheme("fp16", SCHEMES["fp16"].suffix, "float16", "float", 16),
-        CoreMLScheme("q8", SCHEMES["q8"].suffix, "float32", "int8-per-channel", 8),
-        CoreMLScheme("q4", SCHEMES["q4"].suffix, "float32", "int4-block32", 4),
-        CoreMLScheme("q4f16", SCHEMES["q4f16"].suffix, "float16", "int4-block32", 4),
-        CoreMLScheme("p4", "_p4", "float16", "palette4", 4),
-    )
-}
+def param_of_constant(op_name: str, cfg: TextConfig) -> str | None:
+    """The decoder parameter a weight constant (or its decoding op) of a converted program holds."""
+    for suffix in _SUFFIXES:
+        op_name = op_name.removesuffix(suffix)
+    return _constant_names(cfg).get(op_name)
 
 
-def parse_coreml_schemes(text: str) -> list[CoreMLScheme]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise QwenEdgeError("--quant is empty; give one or more of " + ", ".join(COREML_SCHEMES))
-    for name in names:
-        if name not in COREML_SCHEMES:
-            raise QwenEdgeError(f"--quant {name!r} is not a Core ML weight option; choose from {', '.join(COREML_SCHEMES)}")
-    return [COREML_SCHEMES[n] for n in dict.fromkeys(names)]
-
-
-def weight_threshold(cfg: TextConfig) -> int:
-    """Element count above which a weight is compressed: just above the largest small tensor."""
-    small = max(cfg.hidden_size * cfg.linear_num_value_heads, cfg.conv_dim * cfg.linear_conv_kernel_dim,
-                cfg.hidden_size)
-    return small + 1
+def weight_constants(mlmodel, cfg: TextConfig) -> dict[str, str]:  # noqa: ANN001
+    """{const op name: decoder parameter name} of every parameter constant in the converted program."""
+    found = {}
+    for function in mlmodel._mil_program.functions.values():
+        for op in function.operations:
+            if op.op_type == "const" and (param := param_of_constant(op.name, cfg)) is not None:
+                found[op.name] = param
+    return found
 
 
 def kmeans_lut(values: np.ndarray, nbits: int = 4, iterations: int = 12) -> tuple[np.ndarray, np.ndarray]:
@@ -82,27 +71,26 @@ def kmeans_lut(values: np.ndarray, nbits: int = 4, iterations: int = 12) -> tupl
     return centroids.astype(values.dtype), labels.reshape(values.shape).astype(np.uint8)
 
 
-def compress_weights(mlmodel, scheme: CoreMLScheme, cfg: TextConfig):  # noqa: ANN001, ANN201
+def compress_weights(mlmodel, scheme: Scheme, cfg: TextConfig):  # noqa: ANN001, ANN201
     """The scheme's weight compression applied to a converted mlprogram (float schemes: unchanged)."""
     from coremltools.optimize import coreml as cto
 
-    threshold = weight_threshold(cfg)
-    if scheme.weights == "float":
+    if scheme.coreml == "float":
         return mlmodel
+    chosen = {const: scheme.bits_for(param) for const, param in weight_constants(mlmodel, cfg).items()}
+    chosen = {const: bits for const, bits in chosen.items() if bits}
 
-    def only_weights(op: object) -> cto.OptimizationConfig:
-        # Weights feed `linear` (projections, LM head) and `gather` (embedding); other constants
-        # (causal masks, identity blocks) must stay exact.
-        return cto.OptimizationConfig(op_type_configs={"linear": op, "gather": op})
+    def op_config(bits: int) -> object:  # weight_threshold 1: the predicate, not the size, decides
+        if scheme.coreml == "palette4":
+            return cto.OpPalettizerConfig(mode="custom", lut_function=kmeans_lut, granularity="per_grouped_channel",
+                                          group_size=PALETTE_GROUP, weight_threshold=1)
+        if bits == 8:
+            return cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
+                                               weight_threshold=1)
+        return cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block",
+                                           block_size=INT4_BLOCK, weight_threshold=1)
 
-    if scheme.weights == "palette4":
-        op = cto.OpPalettizerConfig(mode="custom", lut_function=kmeans_lut, granularity="per_grouped_channel",
-                                    group_size=PALETTE_GROUP, weight_threshold=threshold)
-        return cto.palettize_weights(mlmodel, only_weights(op))
-    if scheme.weights == "int8-per-channel":
-        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
-                                         weight_threshold=threshold)
-    else:
-        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block",
-                                         block_size=INT4_BLOCK, weight_threshold=threshold)
-    return cto.linear_quantize_weights(mlmodel, only_weights(op))
+    config = cto.OptimizationConfig(op_name_configs={const: op_config(bits) for const, bits in chosen.items()})
+    if scheme.coreml == "palette4":
+        return cto.palettize_weights(mlmodel, config)
+    return cto.linear_quantize_weights(mlmodel, config)

@@ -1,19 +1,17 @@
-"""Block-wise int4/int8 weights for an exported ONNX decoder: a graph transform plus predicates.
+"""Block-wise int4/int8 weights for an exported ONNX decoder: a graph transform.
 
-Which weights: `is_quantized_projection` decides from the module path the torch exporter records on
-every node. Every large projection and the LM head become `MatMulNBits`; the small ones
-(`in_proj_a`, `in_proj_b`), norms, the conv, `A_log` and `dt_bias` stay float, and the recurrent
-state is untouched (fp32). Packing uses ONNX Runtime's own block quantizers, so the bytes are
-exactly what its kernels expect. The token embedding becomes `GatherBlockQuantized`; with tied
-embeddings it reads the LM head's quantized bytes (same layout: [vocab, hidden] blocked along
-hidden), so the embedding is stored once.
+Which weights: the scheme's `bits_for` (quant/schemes.py, the predicate every format shares), asked
+with the parameter of the module path the torch exporter records on every node. Those MatMuls
+become `MatMulNBits`; everything else stays float, and the recurrent state is untouched (fp32).
+Packing uses ONNX Runtime's own block quantizers, so the bytes are exactly what its kernels expect.
+The token embedding becomes `GatherBlockQuantized`; with tied embeddings it reads the LM head's
+quantized bytes (same layout: [vocab, hidden] blocked along hidden), so the embedding is stored once.
 """
 
 from __future__ import annotations
 
 import ast
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -21,19 +19,9 @@ import onnx_ir as ir
 from onnx import helper, numpy_helper
 from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
-from quant.schemes import QuantOptions
+from quant.schemes import QuantOptions, Scheme
 
-LARGE_PROJECTIONS = frozenset({
-    "in_proj_qkv", "in_proj_z", "out_proj",  # Gated DeltaNet
-    "q_proj", "k_proj", "v_proj", "o_proj",  # gated attention
-    "gate_proj", "up_proj", "down_proj",  # MLP
-})
 CONTRIB = "com.microsoft"
-
-
-def is_quantized_projection(module_path: str) -> bool:
-    """Large projections and the LM head are quantized; everything else stays float."""
-    return module_path == "lm_head" or module_path.rsplit(".", 1)[-1] in LARGE_PROJECTIONS
 
 
 def module_path(node: ir.Node) -> str | None:
@@ -82,8 +70,9 @@ def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def quantize_projections(model: ir.Model, bits: int, opts: QuantOptions) -> PackedWeight | None:
-    """Replace every quantizable MatMul by MatMulNBits, in place. Returns the packed LM head."""
+def quantize_projections(model: ir.Model, scheme: Scheme, opts: QuantOptions) -> PackedWeight | None:
+    """Replace every MatMul whose weight the scheme compresses by MatMulNBits, in place. Returns the
+    packed LM head (None when the scheme leaves it float)."""
     graph = model.graph
     lm_head = None
     for node in list(graph):
@@ -92,7 +81,8 @@ def quantize_projections(model: ir.Model, bits: int, opts: QuantOptions) -> Pack
         weight_value = node.inputs[1]
         weight = weight_value.const_value
         path = module_path(node)
-        if weight is None or path is None or not is_quantized_projection(path):
+        bits = None if path is None else scheme.bits_for(path + ".weight")
+        if weight is None or bits is None:
             continue
         array = weight.numpy()
         packed = pack_blockwise(array, bits, opts)
@@ -115,14 +105,6 @@ def quantize_projections(model: ir.Model, bits: int, opts: QuantOptions) -> Pack
     return lm_head
 
 
-def _external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
-    tensor.ClearField("raw_data")
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    del tensor.external_data[:]
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        tensor.external_data.add(key=key, value=value)
-
-
 def quantized_embed_graph(packed: PackedWeight, hidden: int, doc: str) -> onnx.ModelProto:
     """input_ids -> GatherBlockQuantized over the [vocab, hidden] table packed in `packed`."""
     vocab = packed.n
@@ -143,16 +125,3 @@ def quantized_embed_graph(packed: PackedWeight, hidden: int, doc: str) -> onnx.M
                               producer_name="qwen-edge")
     model.ir_version = 10
     return model
-
-
-def share_lm_head_bytes(embed: onnx.ModelProto, decoder_path: Path, lm_head_bits: int) -> None:
-    """Point the embedding's initializers at the LM head's bytes in the saved decoder's data file."""
-    decoder = onnx.load(str(decoder_path), load_external_data=False)
-    by_name = {t.name: t for t in decoder.graph.initializer}
-    pairs = {"embed_tokens.weight_quantized": f"lm_head.weight_q{lm_head_bits}",
-             "embed_tokens.weight_scales": "lm_head.weight_scales",
-             "embed_tokens.weight_zero_points": "lm_head.weight_zero_points"}
-    for tensor in embed.graph.initializer:
-        source = by_name[pairs[tensor.name]]
-        info = {e.key: e.value for e in source.external_data}
-        _external(tensor, info["location"], int(info.get("offset", 0)), int(info["length"]))

@@ -1,7 +1,17 @@
-"""The one place that defines the export variants (`--quant` names), shared by every exporter.
+"""The one table of weight schemes (`--quant` names), shared by the ONNX and Core ML exporters.
 
-A variant is an activation dtype plus an optional block-wise weight quantization. File suffixes
-follow the onnx-community convention, so clients that know it pick the files by name.
+A scheme is an activation (compute) dtype plus an optional weight compression, with a quality gate.
+Which weights a scheme compresses is decided by one predicate on the parameter name,
+`is_compressed`, for every format. File suffixes follow the onnx-community convention, so clients
+that know it pick the files by name.
+
+    name    activations  weights                         ONNX               Core ML
+    fp32    float32      float                           yes                yes
+    fp16    float16      float16                         yes                yes
+    q8      float32      int8                            MatMulNBits 8-bit  int8 per output channel
+    q4      float32      int4                            MatMulNBits 4-bit  int4 per block of 32
+    q4f16   float16      int4                            MatMulNBits 4-bit  int4 per block of 32
+    p4      float16      4-bit palette (16-entry LUT)    -                  k-means LUT per 16 channels
 """
 
 from __future__ import annotations
@@ -9,6 +19,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from graphs.errors import QwenEdgeError
+
+# Every large projection, by its module name; with the LM head and the token embedding these are
+# the compressed weights. The small ones (in_proj_a, in_proj_b), norms, the conv, A_log and dt_bias
+# stay float in every scheme, and the recurrent state stays fp32.
+LARGE_PROJECTIONS = frozenset({
+    "in_proj_qkv", "in_proj_z", "out_proj",  # Gated DeltaNet
+    "q_proj", "k_proj", "v_proj", "o_proj",  # gated attention
+    "gate_proj", "up_proj", "down_proj",  # MLP
+})
+EMBEDDING_AND_HEAD = frozenset({"embed_tokens.weight", "lm_head.weight"})
+
+
+def is_compressed(param: str) -> bool:
+    """Does a scheme with weight compression compress this decoder parameter (e.g. `layers.3.mlp.up_proj.weight`)?"""
+    if param in EMBEDDING_AND_HEAD:
+        return True
+    module, _, leaf = param.rpartition(".")
+    return leaf == "weight" and module.rsplit(".", 1)[-1] in LARGE_PROJECTIONS
 
 
 @dataclass(frozen=True)
@@ -23,16 +51,31 @@ class QualityGate:
 @dataclass(frozen=True)
 class Scheme:
     name: str
-    suffix: str  # onnx-community file suffix
-    activations: str  # "float32" | "float16"
+    suffix: str  # onnx-community file suffix (and Core ML package suffix)
+    activations: str  # "float32" | "float16": the compute dtype
     weight_bits: int | None  # None: weights stay in the activation dtype
     gate: QualityGate
     doc: str
+    onnx: bool  # the ONNX exporter writes it
+    coreml: str  # how Core ML stores the compressed weights (the manifest's "weights")
+
+    def bits_for(self, param: str) -> int | None:
+        """Stored bits of one decoder parameter's compressed weight, or None when it stays float."""
+        return self.weight_bits if self.weight_bits and is_compressed(param) else None
 
     @property
     def files(self) -> tuple[str, str]:
-        """(embed_tokens, decoder) graph paths inside an export folder."""
+        """(embed_tokens, decoder) ONNX graph paths inside an export folder."""
         return f"onnx/embed_tokens{self.suffix}.onnx", f"onnx/decoder_model_merged{self.suffix}.onnx"
+
+    @property
+    def coreml_package(self) -> str:
+        return f"coreml/model{self.suffix}.mlpackage"
+
+    @property
+    def stored_bits(self) -> int:
+        """Bits per stored weight of the compressed tensors (the float dtype's width when uncompressed)."""
+        return self.weight_bits or (16 if self.activations == "float16" else 32)
 
 
 # Default gates, measured against the float reference on the default model's held-out text. Top-1
@@ -42,11 +85,18 @@ class Scheme:
 SCHEMES: dict[str, Scheme] = {
     s.name: s
     for s in (
-        Scheme("fp32", "", "float32", None, QualityGate(0.99, 1e-4, 0.001), "reference precision"),
-        Scheme("fp16", "_fp16", "float16", None, QualityGate(0.99, 1e-3, 0.01), "fp16 weights and activations"),
-        Scheme("q8", "_quantized", "float32", 8, QualityGate(0.98, 1e-3, 0.01), "int8 block-wise weights"),
-        Scheme("q4", "_q4", "float32", 4, QualityGate(0.90, 0.1, 0.05), "int4 block-wise weights"),
-        Scheme("q4f16", "_q4f16", "float16", 4, QualityGate(0.90, 0.1, 0.05), "int4 weights, fp16 activations"),
+        Scheme("fp32", "", "float32", None, QualityGate(0.99, 1e-4, 0.001), "reference precision", True, "float"),
+        Scheme("fp16", "_fp16", "float16", None, QualityGate(0.99, 1e-3, 0.01), "fp16 weights and activations",
+               True, "float"),
+        Scheme("q8", "_quantized", "float32", 8, QualityGate(0.98, 1e-3, 0.01), "int8 block-wise weights",
+               True, "int8-per-channel"),
+        Scheme("q4", "_q4", "float32", 4, QualityGate(0.90, 0.1, 0.05), "int4 block-wise weights", True,
+               "int4-block32"),
+        Scheme("q4f16", "_q4f16", "float16", 4, QualityGate(0.90, 0.1, 0.05), "int4 weights, fp16 activations",
+               True, "int4-block32"),
+        Scheme("p4", "_p4", "float16", 4, QualityGate(0.90, 0.1, 0.05),
+               "4-bit palettization (16-entry k-means LUT per group of 16 output channels), fp16 compute",
+               False, "palette4"),
     )
 }
 BLOCK_SIZES = (32, 64, 128)
@@ -54,7 +104,7 @@ BLOCK_SIZES = (32, 64, 128)
 
 @dataclass(frozen=True)
 class QuantOptions:
-    """How weights are quantized when a scheme asks for it (ignored by float schemes)."""
+    """How ONNX weights are quantized when a scheme asks for it (ignored by float schemes)."""
 
     block_size: int = 32
     symmetric: bool = True
@@ -68,22 +118,17 @@ class QuantOptions:
             raise QwenEdgeError(f"--accuracy-level {self.accuracy_level} is not valid; use 0 to 4 (4 = int8 compute)")
 
 
-def parse_schemes(text: str) -> list[Scheme]:
-    """'fp32,q4' -> schemes, in the order given, without repeats."""
+def parse_schemes(text: str, fmt: str = "onnx") -> list[Scheme]:
+    """'fp32,q4' -> the schemes `fmt` ("onnx" | "coreml") can write, in the order given, without repeats."""
+    offered = [s.name for s in SCHEMES.values() if s.onnx or fmt == "coreml"]
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
-        raise QwenEdgeError("--quant is empty; give one or more of " + ", ".join(SCHEMES))
-    unknown = [n for n in names if n not in SCHEMES]
-    if unknown:
-        raise QwenEdgeError(f"--quant {unknown[0]!r} is not a scheme; choose from {', '.join(SCHEMES)}")
+        raise QwenEdgeError("--quant is empty; give one or more of " + ", ".join(offered))
+    for name in names:
+        if name not in offered:
+            what = "a scheme" if fmt == "onnx" else "a Core ML weight option"
+            raise QwenEdgeError(f"--quant {name!r} is not {what}; choose from {', '.join(offered)}")
     return [SCHEMES[n] for n in dict.fromkeys(names)]
-
-
-def scheme_for_suffix(suffix: str) -> Scheme:
-    for scheme in SCHEMES.values():
-        if scheme.suffix == suffix:
-            return scheme
-    raise KeyError(suffix)
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from runtime_py.export_format import export_variants
 from runtime_py.session import OnnxModel
+from runtime_py.tokenizer import StreamDecoder, TextTokenizer
 
 
 @dataclass(frozen=True)
@@ -66,3 +70,40 @@ def generate(
             break
         logits = model.forward(np.array([[token]], np.int64), state)[0, -1]
     return generated
+
+
+def stop_ids(export_dir: Path) -> list[int]:
+    """End-of-sequence ids from generation_config.json, else config.json."""
+    for name in ("generation_config.json", "config.json"):
+        path = Path(export_dir) / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if eos is not None:
+                return eos if isinstance(eos, list) else [eos]
+    return []
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """`qwen-edge generate`: a prompt (optionally wrapped in the chat template) and how to continue it."""
+
+    export_dir: Path
+    prompt: str
+    chat: bool = False
+    max_new_tokens: int = 64
+    sampling: Sampling = field(default_factory=Sampling)
+    threads: int | None = None
+    variant: str | None = None  # None: the first variant exported
+
+
+def generate_text(request: GenerateRequest, on_text: Callable[[str], None]) -> list[int]:
+    """Stream the prompt (plain prompts are echoed) and then the generated text through `on_text`."""
+    tokenizer = TextTokenizer(request.export_dir)
+    model = OnnxModel(request.export_dir, request.variant or export_variants(request.export_dir)[0],
+                      threads=request.threads)
+    messages = [{"role": "user", "content": request.prompt}]
+    text = tokenizer.apply_chat_template(messages) if request.chat else request.prompt
+    stream = StreamDecoder(tokenizer)
+    on_text("" if request.chat else request.prompt)
+    return generate(model, tokenizer.encode(text), request.max_new_tokens, request.sampling,
+                    stop_ids=stop_ids(request.export_dir), on_token=lambda t: on_text(stream.push(t)))

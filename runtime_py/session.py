@@ -1,13 +1,12 @@
 """ONNX Runtime sessions for an export, with the sequence state owned here between calls.
 
-State tensors stay ORT-owned `OrtValue`s: each step's `present_*` outputs are bound as the next
-step's `past_*` inputs through IO binding, so no state is copied through NumPy between steps.
+State tensors stay ORT-owned `OrtValue`s: each step's state outputs are bound as the next step's
+state inputs through IO binding (names from graphs/state.py), so no state is copied through NumPy.
 Input names, shapes and dtypes are read from the graphs themselves (they carry the I/O spec).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,45 +14,10 @@ import numpy as np
 import onnxruntime as ort
 
 from graphs.errors import QwenEdgeError
-from quant.schemes import SCHEMES
+from graphs.state import is_state_input, past_name_for
+from runtime_py.export_format import onnx_variant_files
 
-MANIFEST = "qwen_edge.json"
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
-
-
-def read_manifest(export_dir: Path) -> dict:
-    """The export's `qwen_edge.json`; a folder without one was not written by `qwen-edge export`."""
-    manifest = export_dir / MANIFEST
-    if not manifest.is_file():
-        raise QwenEdgeError(f"{export_dir}: no {MANIFEST}; pass a folder written by 'qwen-edge export'")
-    return json.loads(manifest.read_text())
-
-
-def variant_files(export_dir: Path, variant: str) -> tuple[Path, Path]:
-    """(embed_tokens, decoder) graph paths of one variant, from the export's manifest when present."""
-    if (export_dir / MANIFEST).is_file():
-        variants = read_manifest(export_dir).get("variants", {})
-        if variant not in variants:
-            raise QwenEdgeError(f"{export_dir}: has no '{variant}' variant (it has {', '.join(variants)}); "
-                                f"pick one of those or export with --quant {variant}")
-        entry = variants[variant]
-        return export_dir / entry["embed_tokens"], export_dir / entry["decoder"]
-    if variant not in SCHEMES:
-        raise QwenEdgeError(f"unknown variant {variant!r}; choose from {', '.join(SCHEMES)}")
-    embed, decoder = SCHEMES[variant].files
-    return export_dir / embed, export_dir / decoder
-
-
-def export_variants(export_dir: Path) -> list[str]:
-    """Variant names an export folder holds, in the order they were exported."""
-    return list(read_manifest(export_dir).get("variants", {}))
-
-
-def past_name_for(present: str) -> str:
-    """`present.3.key` -> `past_key_values.3.key`; `present_conv.0` -> `past_conv.0`."""
-    if present.startswith("present."):
-        return "past_key_values." + present[len("present.") :]
-    return "past_" + present[len("present_") :]
 
 
 @dataclass
@@ -78,7 +42,7 @@ class OnnxModel:
         a 512-token prompt took 3.4 s in chunks of 64 against 4.8 s in one call, with peak RSS 903 MiB
         against 1,331 MiB: smaller activations, and no extra cost since the state carries over exactly."""
         self.prefill_chunk = prefill_chunk
-        embed, decoder = variant_files(Path(export_dir), variant)
+        embed, decoder = onnx_variant_files(Path(export_dir), variant)
         for path in (embed, decoder):
             if not path.is_file():
                 raise QwenEdgeError(f"{path}: not found; pass a folder written by 'qwen-edge export'")
@@ -91,7 +55,7 @@ class OnnxModel:
             self.decoder = ort.InferenceSession(str(decoder), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types for unloadable models
             raise QwenEdgeError(f"{decoder}: ONNX Runtime {ort.__version__} cannot load it ({str(exc).splitlines()[0]})") from exc
-        self.state_inputs = [i for i in self.decoder.get_inputs() if i.name.startswith("past_")]
+        self.state_inputs = [i for i in self.decoder.get_inputs() if is_state_input(i.name)]
         self.output_names = [o.name for o in self.decoder.get_outputs()]
         self.embeds_dtype = _NP_TYPES[self.decoder.get_inputs()[0].type]
         # Exports give logits for the last position only unless exported with --all-logits.

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from exporter.export import DEFAULT_MODEL_DIR, export_checkpoint
+from default_model import CHECKPOINT_DIR
+from exporter.onnx.backend import OnnxOptions, export_onnx
+from quant.schemes import QuantOptions
 from graphs.random_checkpoint import write_random_checkpoint
 
 TINY_TEXT = {
@@ -69,27 +71,25 @@ def tiny_exports(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.Tem
     """Each tiny layout exported; the Hv = 2·Hk one with contrib ops, so both forms are exercised."""
     root = tmp_path_factory.mktemp("exports")
     forms = {"kv_equal_tied": "standard", "kv_double_untied": "contrib"}
-    return {name: export_checkpoint(ck, root / name, recurrent_ops=forms[name], all_logits=True, progress=False)
+    return {name: export_onnx(ck, root / name, options=OnnxOptions(forms[name], all_logits=True), progress=False)
             for name, ck in tiny_checkpoints.items()}
 
 
 @pytest.fixture(scope="session")
 def default_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_checkpoint("default", tmp_path_factory.mktemp("default") / "export", progress=False)
+    return export_onnx("default", tmp_path_factory.mktemp("default") / "export", progress=False)
 
 
 @pytest.fixture(scope="session")
 def default_contrib_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model, fp32 and q4, with the com.microsoft recurrent ops that app runtimes load."""
-    from quant.schemes import parse_schemes
-
-    return export_checkpoint("default", tmp_path_factory.mktemp("contrib") / "export", recurrent_ops="contrib",
-                             schemes=parse_schemes("fp32,q4"), progress=False)
+    return export_onnx("default", tmp_path_factory.mktemp("contrib") / "export", "fp32,q4", OnnxOptions("contrib"),
+                       progress=False)
 
 
 @pytest.fixture(scope="session")
 def default_checkpoint() -> Path:
-    return DEFAULT_MODEL_DIR
+    return CHECKPOINT_DIR
 
 
 ALL_SCHEMES = "fp32,fp16,q8,q4,q4f16"
@@ -98,19 +98,13 @@ ALL_SCHEMES = "fp32,fp16,q8,q4,q4f16"
 @pytest.fixture(scope="session")
 def default_all_variants(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model in every scheme, written by one export call."""
-    from quant.schemes import parse_schemes
-
-    return export_checkpoint("default", tmp_path_factory.mktemp("variants") / "export",
-                             schemes=parse_schemes(ALL_SCHEMES), progress=False)
+    return export_onnx("default", tmp_path_factory.mktemp("variants") / "export", ALL_SCHEMES, progress=False)
 
 
 @pytest.fixture(scope="session")
 def tiny_untied_quantized(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from quant.schemes import QuantOptions, parse_schemes
-
-    return export_checkpoint(tiny_checkpoints["kv_double_untied"], tmp_path_factory.mktemp("untied") / "export",
-                             schemes=parse_schemes(ALL_SCHEMES), quant=QuantOptions(64, False, 4),
-                             recurrent_ops="contrib", all_logits=True, progress=False)
+    return export_onnx(tiny_checkpoints["kv_double_untied"], tmp_path_factory.mktemp("untied") / "export",
+                       ALL_SCHEMES, OnnxOptions("contrib", QuantOptions(64, False, 4), all_logits=True), progress=False)
 
 
 COREML_CONTEXT = 256
@@ -119,8 +113,7 @@ COREML_CONTEXT = 256
 @pytest.fixture(scope="session")
 def default_coreml(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model as Core ML packages (fp32 and int4), context 256; shared by the Core ML and ios tests."""
-    from exporter.coreml_export import export_coreml
-    from quant.coreml_weights import parse_coreml_schemes
+    from exporter.coreml.backend import CoreMLOptions, export_coreml
 
-    return export_coreml("default", tmp_path_factory.mktemp("coreml") / "default", capacity=COREML_CONTEXT,
-                         schemes=parse_coreml_schemes("fp32,q4"), progress=False)
+    return export_coreml("default", tmp_path_factory.mktemp("coreml") / "default", "fp32,q4",
+                         CoreMLOptions(context=COREML_CONTEXT), progress=False)

@@ -119,12 +119,12 @@ def test_force_replaces_existing_output(tmp_path):
 
 def test_failure_during_export_leaves_nothing(tmp_path, monkeypatch):
     """An error after files were written (here: while tracing the decoder) still leaves no output."""
-    import exporter.export as export_module
+    import exporter.onnx.backend as backend
 
     def boom(*args, **kwargs):
         raise RuntimeError("simulated crash while writing the decoder")
 
-    monkeypatch.setattr(export_module, "trace_decoder", boom)
+    monkeypatch.setattr(backend, "trace_decoder", boom)
     ck = _checkpoint(tmp_path)
     out = tmp_path / "out" / "export"
     out.parent.mkdir()

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from exporter.bench_report import write_report
+from exporter.bench.report import write_report
 from runtime_py.bench import BENCH_SCHEMA_VERSION, Spread, choose_power_mode, markdown_table, run_benchmark, state_bytes
 from runtime_py.session import OnnxModel
 
@@ -71,7 +71,7 @@ def test_benchmark_report_schema_and_files(default_export, tmp_path):
 
 
 def test_peer_ratios_pair_configs_by_thread_count():
-    from exporter.peers import ratios
+    from exporter.bench.peers import ratios
 
     ours = [_config(1, 20.0, 0.05), _config(2, 30.0, 0.066)]
     peer = dict(_config(2, 24.0, 0.0825), peer="onnxruntime-genai int4", peak_rss_mib=200.0)
@@ -87,7 +87,7 @@ def test_peer_ratios_pair_configs_by_thread_count():
 def test_missing_peer_is_skipped_with_the_reason(monkeypatch):
     import importlib.util
 
-    from exporter import peers
+    from exporter.bench import peers
 
     real = importlib.util.find_spec
     monkeypatch.setattr(peers.importlib.util, "find_spec",

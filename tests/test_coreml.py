@@ -12,15 +12,17 @@ import torch
 from click.testing import CliRunner
 
 from exporter.cli import main
-from exporter.coreml_check import InterpretedPackage, read_package_spec, verify_coreml
-from exporter.coreml_drift import eager_call
-from exporter.coreml_export import export_coreml
-from exporter.coreml_session import CoreMLSequence
+from exporter.coreml.backend import CoreMLOptions, export_coreml
+from exporter.coreml.check import InterpretedPackage, read_package_spec, stored_weights, verify_coreml
+from exporter.coreml.drift import eager_call
+from exporter.coreml.sequence import CoreMLSequence
 from graphs import recurrent_ops
 from graphs.checkpoint import open_checkpoint
 from graphs.coreml_step import CoreMLStep
 from graphs.errors import QwenEdgeError
-from quant.coreml_weights import kmeans_lut, parse_coreml_schemes
+from graphs.recurrent_ops import MATMUL_ONLY
+from quant.coreml_weights import kmeans_lut
+from quant.schemes import SCHEMES
 
 from conftest import COREML_CONTEXT as CONTEXT
 
@@ -28,9 +30,8 @@ from conftest import COREML_CONTEXT as CONTEXT
 @pytest.fixture(scope="module")
 def tiny_coreml(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The Hv = 2·Hk layout with the delta-rule state as fp32 input/output (--recurrent-state io)."""
-    return export_coreml(tiny_checkpoints["kv_double_untied"], tmp_path_factory.mktemp("coreml") / "tiny",
-                         capacity=CONTEXT, schemes=parse_coreml_schemes("fp16,p4"), recurrent_mode="io",
-                         progress=False)
+    return export_coreml(tiny_checkpoints["kv_double_untied"], tmp_path_factory.mktemp("coreml") / "tiny", "fp16,p4",
+                         CoreMLOptions(context=CONTEXT, recurrent_state="io"), progress=False)
 
 
 def test_solve_by_products_equals_triangular_solve():
@@ -74,10 +75,44 @@ def test_default_model_passes_the_linux_checker(default_coreml: Path, variant: s
     assert all(s.ref_token == s.onnx_token for p in report.prompts for s in p.steps)
 
 
-def test_quantized_package_runs_in_the_interpreter(default_coreml: Path):
-    report, _ = verify_coreml("default", default_coreml, "q4", prompt_lengths=(70,), decode_steps=3, rtol=1.0)
-    assert np.isfinite([s.max_abs_diff for s in report.prompts[0].steps]).all()
-    assert report.prompts[0].greedy_agreement >= 0.5  # int4 keeps the trained model's choices mostly
+def _step_with_stored_weights(checkpoint: Path, package: Path, capacity: int, recurrent_io: bool = False):
+    """The eager step with every compressed weight replaced by what the package stores (decoded)."""
+    ck = open_checkpoint(checkpoint)
+    model = ck.build_decoder(kernels=MATMUL_ONLY, logits="last")
+    stored = stored_weights(package, ck.config)
+    float_weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with torch.no_grad():
+        for name, weight in stored.items():
+            model.get_parameter(name).copy_(torch.from_numpy(weight.astype(np.float32)))
+    return CoreMLStep(model, capacity, recurrent_io).eval(), stored, float_weights, ck.config
+
+
+def _check_stored_weights(stored: dict, float_weights: dict, scheme: str, max_error: float) -> None:
+    """Exactly the scheme's weights are compressed, each close to its float original (a 4-bit grid).
+    A tied table is one constant, named after the LM head."""
+    tied = "lm_head.weight" not in float_weights
+    want = {name for name in {*float_weights, "lm_head.weight"} if SCHEMES[scheme].bits_for(name)}
+    assert set(stored) == want - ({"embed_tokens.weight"} if tied else set())
+    for name, weight in stored.items():
+        ref = float_weights["embed_tokens.weight" if name not in float_weights else name].numpy()
+        error = np.linalg.norm(weight.astype(np.float32) - ref) / np.linalg.norm(ref)
+        assert 0 < error < max_error, (name, error)  # compressed (not exact), yet the same tensor
+
+
+def test_int4_package_computes_with_its_stored_weights(default_coreml: Path, default_checkpoint: Path):
+    """The q4 package, run by the interpreter, equals the eager step holding the package's own int4 weights."""
+    package = default_coreml / "coreml" / "model_q4.mlpackage"
+    step, stored, float_weights, _ = _step_with_stored_weights(default_checkpoint, package, CONTEXT)
+    _check_stored_weights(stored, float_weights, "q4", 0.2)
+    interpreted = InterpretedPackage(package)
+    interpreted.reset()
+    mil, eager = CoreMLSequence(interpreted.call, 64, CONTEXT), CoreMLSequence(eager_call(step), 64, CONTEXT)
+    ids = list(range(3, 73))
+    got, want = mil.prefill(ids), eager.prefill(ids)
+    for token in (5, 9, 200):
+        np.testing.assert_allclose(got, want, atol=2e-3 * max(1.0, np.abs(want).max()))
+        assert got.argmax() == want.argmax()
+        got, want = mil.decode(token), eager.decode(token)
 
 
 def test_tiny_model_passes_the_linux_checker_in_fp16(tiny_coreml: Path, tiny_checkpoints: dict[str, Path]):
@@ -89,17 +124,32 @@ def test_tiny_model_passes_the_linux_checker_in_fp16(tiny_coreml: Path, tiny_che
     assert not any(name.startswith("recurrent") for name in decode.states)
 
 
-def test_palettized_package_stores_4_bit_lut(tiny_coreml: Path, tiny_checkpoints: dict[str, Path]):
-    spec = read_package_spec(tiny_coreml / "coreml" / "model_p4.mlpackage")
+def test_palettized_package_computes_with_its_stored_lut(tiny_coreml: Path, tiny_checkpoints: dict[str, Path]):
+    """p4 stores 4-bit LUT weights; in fp16 compute the interpreter stays within the fp16 parity bound
+    (5e-2 of the logit scale) of the eager step holding those same LUT weights."""
+    package = tiny_coreml / "coreml" / "model_p4.mlpackage"
+    spec = read_package_spec(package)
     assert spec.functions["decode"].weight_bits.get("lut-uint4", 0) > 0
-    report, _ = verify_coreml(tiny_checkpoints["kv_double_untied"], tiny_coreml, "p4", prompt_lengths=(5,),
-                              decode_steps=2, rtol=10.0)
-    assert np.isfinite([s.max_abs_diff for s in report.prompts[0].steps]).all()
+    step, stored, float_weights, _ = _step_with_stored_weights(tiny_checkpoints["kv_double_untied"], package,
+                                                                CONTEXT, recurrent_io=True)
+    _check_stored_weights(stored, float_weights, "p4", 0.2)
+    for weight in stored.values():
+        assert len(np.unique(weight[:16])) <= 16  # one 16-entry table per group of 16 output channels
+    interpreted = InterpretedPackage(package)
+    interpreted.reset()
+    shape = step.recurrent_io_shape()
+    mil = CoreMLSequence(interpreted.call, 64, CONTEXT, shape)
+    eager = CoreMLSequence(eager_call(step), 64, CONTEXT, shape)
+    got, want = mil.prefill([5, 17, 42, 99, 3]), eager.prefill([5, 17, 42, 99, 3])
+    for token in (7, 11):
+        assert np.abs(got - want).max() <= 5e-2 * max(1.0, np.abs(want).max())
+        got, want = mil.decode(token), eager.decode(token)
 
 
 def test_interpreter_matches_the_eager_step_call_by_call(default_coreml: Path):
     """The interpreter and the eager module it was exported from give the same logits (fp32 compute)."""
-    model = open_checkpoint(Path(__file__).parent.parent / "default_model" / "checkpoint").build_decoder()
+    model = open_checkpoint(Path(__file__).parent.parent / "default_model" / "checkpoint").build_decoder(
+        kernels=MATMUL_ONLY, logits="last")
     step = CoreMLStep(model, CONTEXT).eval()
     package = InterpretedPackage(default_coreml / "coreml" / "model.mlpackage")
     package.reset()
@@ -110,8 +160,8 @@ def test_interpreter_matches_the_eager_step_call_by_call(default_coreml: Path):
 
 
 def test_unknown_op_is_a_clear_error(default_coreml: Path, monkeypatch: pytest.MonkeyPatch):
-    import exporter.coreml_check as check
-    import exporter.mil_interpreter as interpreter
+    import exporter.coreml.check as check
+    import exporter.coreml.mil_interpreter as interpreter
 
     package_path = default_coreml / "coreml" / "model.mlpackage"
     monkeypatch.setattr(check, "SUPPORTED_OPS", check.SUPPORTED_OPS - {"softmax"})
@@ -126,14 +176,15 @@ def test_unknown_op_is_a_clear_error(default_coreml: Path, monkeypatch: pytest.M
 
 
 def test_drift_of_fp16_state_short_run():
-    from exporter.coreml_drift import measure_drift
+    from exporter.coreml.drift import measure_drift
 
     report = measure_drift("default", "state", steps=24, prompt_len=10)
     assert report.greedy_agreement == 1.0 and report.max_relative_diff < 1e-2
 
 
 def test_recurrent_io_mode_matches_state_mode(tmp_path: Path):
-    model = open_checkpoint(Path(__file__).parent.parent / "default_model" / "checkpoint").build_decoder()
+    model = open_checkpoint(Path(__file__).parent.parent / "default_model" / "checkpoint").build_decoder(
+        kernels=MATMUL_ONLY, logits="last")
     io_step = CoreMLStep(model, 128, recurrent_io=True).eval()
     state_step = CoreMLStep(model, 128).eval()
     ids = list(range(10, 80))

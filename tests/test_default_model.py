@@ -9,7 +9,7 @@ import numpy as np
 from click.testing import CliRunner
 
 from exporter.cli import main
-from exporter.verify import greedy_reference
+from exporter.verify.runners import greedy_reference
 from graphs.checkpoint import open_checkpoint
 from runtime_py.generate import generate
 from runtime_py.session import OnnxModel

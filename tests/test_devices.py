@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from devices.fit import bytes_per_token, calibrate_efficiency, estimate_tok_s, fit
-from devices.profiles import DEVICES, Device, Sourced
+from devices.profiles import DEVICES, PROFILE_FIELDS, Device, Sourced
 from exporter.cli import main
+from graphs.config import load_text_config
+from graphs.state import state_tensors
+from runtime_py.export_format import read_manifest
 
 REQUIRED = {"iPhone 15 Pro", "iPhone 16 Pro", "Pixel 8", "Galaxy S24", "Galaxy A15 5G (6 GB)",
             "Raspberry Pi 5 (8 GB)", "MacBook Air M1 (8 GB)"}
@@ -51,14 +55,39 @@ def test_unknowns_stay_unknown():
     assert r.budget_kind == "total RAM" and r.fits is True and r.decode_tok_s is None
 
 
-def test_devices_cli(default_export, tmp_path):
+def test_devices_list_shows_every_number_with_its_source():
     listing = CliRunner().invoke(main, ["devices", "list"])
-    assert listing.exit_code == 0 and "Raspberry Pi 5" in listing.output and "https://" in listing.output
+    assert listing.exit_code == 0, listing.output
+    lines = listing.output.splitlines()
+    for d in DEVICES:
+        block = lines[lines.index(f"{d.name} ({d.soc})") + 1:][:len(PROFILE_FIELDS)]
+        for line, field in zip(block, PROFILE_FIELDS):
+            v = getattr(d, field)
+            assert line.startswith(f"  {field}: {'unknown' if v.value is None else v.value}"), line
+            assert f"— {v.source or 'no source'} ({v.confidence}" in line, line
+
+
+def test_devices_fit_follows_the_formula(default_export, tmp_path):
+    context = 512
     out = tmp_path / "fit.json"
-    result = CliRunner().invoke(main, ["devices", "fit", str(default_export), "--json", str(out)])
+    result = CliRunner().invoke(main, ["devices", "fit", str(default_export), "--context", str(context),
+                                       "--json", str(out)])
     assert result.exit_code == 0, result.output
-    assert "ESTIMATES" in result.output
     data = json.loads(out.read_text())
-    assert len(data["estimates"]) == len(DEVICES)  # one variant in this export
-    pi = next(e for e in data["estimates"] if e["device"].startswith("Raspberry"))
-    assert pi["fits"] is True and pi["decode_tok_s"] > 0
+    variants = read_manifest(default_export)["variants"]
+    cfg = load_text_config(default_export)
+    state = sum(int(np.prod(t.shape(1, context))) * np.dtype(t.dtype()).itemsize for t in state_tensors(cfg))
+    measured = {m["variant"]: m for m in data["measured"]}
+    assert set(measured) == set(variants) and len(data["estimates"]) == len(DEVICES) * len(variants)
+    by_name = {d.name: d for d in DEVICES}
+    for e in data["estimates"]:
+        device, m = by_name[e["device"]], measured[e["variant"]]
+        assert e["needed_bytes"] == variants[e["variant"]]["bytes_on_disk"] + state
+        bandwidth = device.bandwidth_gb_s.value
+        if bandwidth is None:
+            assert e["decode_tok_s"] is None
+        else:
+            assert e["decode_tok_s"] == pytest.approx(m["efficiency"] * bandwidth * 1e9 / m["per_token_bytes"])
+        assert e["fits"] == (None if e["budget_bytes"] is None else e["needed_bytes"] <= e["budget_bytes"])
+        assert f"{e['device']:<24} {e['variant']:<7}" in result.output
+    assert m["tok_s"] > 0 and m["efficiency"] > 0

@@ -13,11 +13,13 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from exporter.cli import _stop_ids, main
-from exporter.package import BUNDLE_MANIFEST, contrib_view, package_export, verify_bundle
+from exporter.cli import main
+from exporter.package.build import contrib_view, package_export
+from exporter.package.verify import BUNDLE_MANIFEST, verify_bundle
 from graphs.errors import QwenEdgeError
-from runtime_py.generate import generate
-from runtime_py.session import OnnxModel, read_manifest
+from runtime_py.export_format import read_manifest
+from runtime_py.generate import generate, stop_ids
+from runtime_py.session import OnnxModel
 from runtime_py.tokenizer import TextTokenizer
 
 PROMPTS = [("On Monday the", False), ("What is 12 plus 7?", True)]  # (text, wrap in the chat template)
@@ -80,7 +82,7 @@ def test_genai_generates_the_same_greedy_tokens(android_bundle: Path, default_al
             text = tokenizer.apply_chat_template([{"role": "user", "content": text}])
         prompt = tokenizer.encode(text)
         assert [int(t) for t in genai_tokenizer.encode(text)] == prompt
-        expected = generate(ours, prompt, 24, stop_ids=_stop_ids(default_all_variants))
+        expected = generate(ours, prompt, 24, stop_ids=stop_ids(default_all_variants))
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(prompt) + 24, do_sample=False)
         generator = og.Generator(model, params)
@@ -232,7 +234,7 @@ def test_package_bad_input(default_export: Path, tmp_path: Path) -> None:
 
 def test_ios_bundle_carries_the_core_ml_export(default_export: Path, default_coreml: Path, tmp_path: Path) -> None:
     """The real Core ML export (fp32 + int4) beside the ONNX export of the same checkpoint."""
-    from exporter.coreml_check import read_package_spec
+    from exporter.coreml.check import read_package_spec
 
     manifest = package_export(default_export, tmp_path / "ios", "ios", coreml_dir=default_coreml)
     listed = {f["path"] for f in manifest["files"]}
@@ -266,7 +268,7 @@ def _coreml_stand_in(onnx_export: Path, tmp_path: Path) -> Path:
 
 def test_standard_graph_converts_to_exactly_the_contrib_export(default_export: Path, default_contrib_export: Path) -> None:
     """to_contrib (used when packaging a standard export) writes the graph `--recurrent-ops contrib` writes."""
-    from exporter.onnx_recurrent import to_contrib
+    from exporter.onnx.forms import to_contrib
 
     def nodes(model: onnx.ModelProto) -> list:
         return [(n.op_type, n.domain, list(n.input), list(n.output), [a.SerializeToString() for a in n.attribute])
@@ -299,3 +301,18 @@ def test_web_bundle_of_a_standard_export_runs_in_transformers_js(default_export:
     ids, expected = runtime_tokens(default_export, "fp32", prompt, chat)
     assert js["prompt_ids"] == ids
     assert without_stop(js["generated_ids"], js["eos_token_id"]) == expected
+
+
+def test_packaging_leaves_the_export_untouched(default_export: Path, tmp_path: Path) -> None:
+    """Packaging a standard export converts a linked view of it; no byte of the export may change (the
+    view's manifest once overwrote the export's own through a hard link)."""
+    from exporter.package.verify import sha256
+
+    def hashes() -> dict[str, str]:
+        return {p.relative_to(default_export).as_posix(): sha256(p) for p in default_export.rglob("*") if p.is_file()}
+
+    before = hashes()
+    for target in ("web", "android"):
+        package_export(default_export, tmp_path / target, target)
+    assert hashes() == before
+    assert read_manifest(default_export)["recurrent_ops"] == "standard"

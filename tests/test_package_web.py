@@ -12,8 +12,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from exporter.export import DEFAULT_MODEL_DIR
-from exporter.package_web import rehome_external_data, write_web_layout
+from default_model import CHECKPOINT_DIR as DEFAULT_MODEL_DIR
+from exporter.package.web import rehome_external_data, write_web_layout
 from graphs.errors import QwenEdgeError
 from runtime_py.generate import generate
 from runtime_py.session import OnnxModel

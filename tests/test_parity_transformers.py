@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from exporter.verify import SINGLE_CALL
+from exporter.verify.parity import SINGLE_CALL
 from runtime_py.session import OnnxModel
 from tests.conftest import LAYOUTS
 from tests.hf_oracle import HfRunner, hf_causal_lm

@@ -117,7 +117,7 @@ def test_untied_quantized_embedding_has_its_own_table(tiny_untied_quantized, tin
 def test_float_variants_pass_their_gates_on_a_tiny_random_model(tiny_untied_quantized, tiny_checkpoints):
     """fp32 and fp16 hold their gates even on a random-weight model (the int gates need a trained one:
     random weights give chaotic logits, where int4 measured KL ≈ 0.9)."""
-    from exporter.quality import measure_quality
+    from exporter.verify.quality import measure_quality
 
     ids = np.random.default_rng(0).integers(0, 320, size=300).tolist()
     report = measure_quality(tiny_untied_quantized, tiny_checkpoints["kv_double_untied"], ["fp32", "fp16"],

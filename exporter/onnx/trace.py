@@ -15,12 +15,13 @@ import onnx_ir as ir
 import torch
 from torch.export import Dim
 
-from exporter.onnx_norms import fuse_norms
-from exporter.onnx_recurrent import place_recurrent_ops, translation_table
-from quant.onnx_weights import module_path
-from graphs.config import TextConfig
+from exporter.onnx.norms import fuse_norms
+from exporter.onnx.recurrent import place_recurrent_ops, translation_table
 from graphs.io_spec import GraphSpec, decoder_spec, embed_spec
 from graphs.qwen3_5 import EmbedTokens, Qwen35Decoder
+from graphs.state import TOTAL_LENGTH, state_tensors
+from quant.onnx_weights import module_path
+from runtime_py.export_format import TRACE_OPSET
 
 # Trace-time sizes: all different and > 1, so no dynamic axis is specialised to a constant.
 TRACE_BATCH, TRACE_SEQ, TRACE_PAST = 2, 7, 5
@@ -35,7 +36,7 @@ def _dims(spec: GraphSpec) -> list[dict[int, object]]:
         for axis, dim in enumerate(t.dims):
             if isinstance(dim, str):
                 # The mask spans past + current tokens: a relation torch.export infers itself.
-                entry[axis] = Dim.AUTO if dim == "total_sequence_length" else shared.setdefault(dim, Dim(dim))
+                entry[axis] = Dim.AUTO if dim == TOTAL_LENGTH else shared.setdefault(dim, Dim(dim))
         out.append(entry)
     return out
 
@@ -44,14 +45,11 @@ def activation_dtype(model: Qwen35Decoder) -> torch.dtype:
     return model.embed_tokens.weight.dtype
 
 
-def _sample_inputs(cfg: TextConfig, model: Qwen35Decoder) -> tuple[torch.Tensor, ...]:
+def _sample_inputs(model: Qwen35Decoder) -> tuple[torch.Tensor, ...]:
+    cfg, dtype = model.cfg, activation_dtype(model)
     b, t, p = TRACE_BATCH, TRACE_SEQ, TRACE_PAST
-    dtype = activation_dtype(model)
-    state = []
-    for s in model.initial_state(b, dtype):
-        if s.shape[2] == 0:  # attention cache: give it a non-empty past
-            s = torch.zeros(b, s.shape[1], p, s.shape[3], dtype=dtype)
-        state.append(s)
+    state = [torch.zeros(s.shape(b, p), dtype=torch.float32 if s.role.always_fp32 else dtype)
+             for s in state_tensors(cfg)]  # attention caches get a non-empty past
     return (
         torch.zeros(b, t, cfg.hidden_size, dtype=dtype),
         torch.ones(b, p + t, dtype=torch.int64),
@@ -81,6 +79,7 @@ def _trace(module: torch.nn.Module, args: tuple, spec: GraphSpec, dynamic: list)
             output_names=spec.output_names,
             dynamic_shapes=tuple(dynamic),
             custom_translation_table=translation_table(),
+            opset_version=TRACE_OPSET,
             verbose=False,
         )
     model = program.model
@@ -123,17 +122,13 @@ def trace_embed(model: Qwen35Decoder) -> ir.Model:
     return graph
 
 
-def trace_decoder(model: Qwen35Decoder, recurrent_ops: str, all_logits: bool = False) -> ir.Model:
-    """The stateful decoder graph; logits for the last position only unless `all_logits`."""
-    spec = decoder_spec(model.cfg, _dtype_name(model), all_logits)
+def trace_decoder(model: Qwen35Decoder, recurrent_ops: str) -> ir.Model:
+    """The stateful decoder graph; logits as the model was built to give them (all or last position)."""
+    spec = decoder_spec(model.cfg, _dtype_name(model), model.logits_mode == "all")
     dims = _dims(spec)
-    fixed = len(spec.inputs) - len(model.initial_state(1))
+    fixed = len(spec.inputs) - len(state_tensors(model.cfg))
     dynamic = [*dims[:fixed], tuple(dims[fixed:])]  # the state arrives as forward's *state varargs
-    model.last_logits_only = not all_logits
-    try:
-        graph = _trace(model, _sample_inputs(model.cfg, model), spec, dynamic)
-    finally:
-        model.last_logits_only = False
+    graph = _trace(model, _sample_inputs(model), spec, dynamic)
     place_recurrent_ops(graph, recurrent_ops)
     fuse_norms(graph, recurrent_ops)
     _describe(graph, spec, f"Qwen3.5 hybrid decoder, prefill and decode, recurrent ops: {recurrent_ops} (qwen-edge)")

@@ -1,6 +1,6 @@
 """Benchmark: export and verify a random-weight checkpoint of a real Qwen3.5 shape.
 
-    .venv/bin/python -m exporter.bench_export --preset qwen3.5-0.8b
+    .venv/bin/python -m exporter.bench.export --preset qwen3.5-0.8b
 
 Each stage runs as its own process so its wall time and peak resident memory (from the kernel's
 rusage of that process) are measured separately. Results go to bench_out/export_<preset>.json and
@@ -19,9 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from runtime_py.session import read_manifest
+from runtime_py.export_format import read_manifest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 QWEN_EDGE = [sys.executable, "-m", "exporter.cli"]
 
 
@@ -128,7 +128,7 @@ def main() -> None:
     rows = "\n".join(f"| {name} | {r['wall_s']} | {r['peak_rss_mib']} | {r['exit']} |" for name, r in results.items())
     size_rows = "\n".join(f"| {name} | {b:,} | {b / 1e9:.3f} | {b / 2**20:.1f} |"
                           for name, b in record["variant_bytes"].items())
-    command = f".venv/bin/python -m exporter.bench_export --preset {args.preset} --quant {args.quant} --block-size {args.block_size}"
+    command = f".venv/bin/python -m exporter.bench.export --preset {args.preset} --quant {args.quant} --block-size {args.block_size}"
     body = f"""## Export of the {args.preset} shape (random weights), {args.quant}, block {args.block_size}
 
 Measured {record['date']} on {record['machine']}.
@@ -180,7 +180,7 @@ def write_speed_section(doc: Path, preset: str, variant: str, block_size: str, q
 
 Measured {dt.date.today().isoformat()} on {machine()}.
 Command: `qwen-edge bench EXPORT --variant {variant}{" --compare CHECKPOINT" if compare else ""}` on an export made with
-`--quant {quant} --block-size {block_size} --recurrent-ops contrib` (via `.venv/bin/python -m exporter.bench_export --preset {preset}
+`--quant {quant} --block-size {block_size} --recurrent-ops contrib` (via `.venv/bin/python -m exporter.bench.export --preset {preset}
 --speed {variant} --quant {quant} --block-size {block_size}{"" if compare else " --no-compare"}`); median of 3 runs after 1 warm-up,
 min–max in brackets; each thread count{" and each peer" if compare else ""} in a fresh process.
 Plots: `bench_out/{name}/speed.png`, `memory.png`.
@@ -211,7 +211,7 @@ def quality_default(work: Path, doc: Path) -> None:
 
 Measured {dt.date.today().isoformat()} on {machine()}.
 Commands: `qwen-edge export default OUT --quant {schemes}` then
-`qwen-edge verify OUT --against default --tokens 2048` (via `.venv/bin/python -m exporter.bench_export --quality-default`).
+`qwen-edge verify OUT --against default --tokens 2048` (via `.venv/bin/python -m exporter.bench.export --quality-default`).
 Reference: the PyTorch fp32 decoder; text: `default_model/heldout.txt` (held out from training),
 {data['variants'][0]['positions']} scored positions; variants run token by token (decode path), block size 32,
 symmetric, accuracy level 4. Reference perplexity {data['variants'][0]['reference_perplexity']:.4f}.

@@ -9,9 +9,11 @@ same export twice gives identical hashes.
 
 Targets:
     android  merged ONNX graphs (input_ids in) + ORT format + required_operators.config + genai_config.json
-             (exporter/package_android.py)
+             (exporter/package/android.py)
     ios      the Core ML package(s) of the export + the same ONNX graphs, for ONNX Runtime on iOS
-    web      the onnx-community layout transformers.js loads (exporter/package_web.py)
+    web      the onnx-community layout transformers.js loads (exporter/package/web.py)
+
+`package verify` is exporter/package/verify.py. Nothing here imports torch.
 
 Mobile and web runtimes are older than ONNX Runtime 1.32, so every bundle carries the recurrent ops in
 the `com.microsoft` form; a `standard` export is converted while packaging (same op, same weights,
@@ -20,7 +22,6 @@ another domain) rather than refused, since the conversion is lossless and checke
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,18 +34,16 @@ from pathlib import Path
 import onnx
 
 from exporter.atomic import atomic_output_dir, check_destination
+from exporter.onnx.forms import CONTRIB_DOMAIN, to_contrib
+from exporter.package.verify import BUNDLE_FORMAT, BUNDLE_MANIFEST, file_records
 from graphs.config import load_text_config
 from graphs.errors import QwenEdgeError
-from graphs.io_spec import state_specs
-from runtime_py.session import MANIFEST as EXPORT_MANIFEST, read_manifest
+from graphs.state import layer_state_layout
+from runtime_py.export_format import (MANIFEST as EXPORT_MANIFEST, MIN_IOS, RECURRENT_FORMS, opset_imports,
+                                      qwen_edge_version, read_manifest, write_manifest)
 
-BUNDLE_MANIFEST = "manifest.json"
-BUNDLE_FORMAT = 1  # version of the manifest's schema
 TARGETS = ("android", "ios", "web")
-MIN_IOS = "18.0"  # Core ML states (ct.StateType) need iOS 18
 COREML_DIR = "coreml"
-_CHUNK = 1 << 20
-VARIANT_FILE_KEYS = ("onnx", "ort", "embed_tokens", "decoder")  # keys of a variant record that name bundle files
 
 
 def package_export(export_dir: Path, out: Path, target: str, variants: list[str] | None = None,
@@ -90,7 +89,7 @@ def _copy_support_files(export_dir: Path, out: Path, export: dict) -> list[str]:
 
 
 def _write_android(export_dir: Path, out: Path, export: dict, names: list[str]) -> dict:
-    from exporter.package_android import write_android
+    from exporter.package.android import write_android
 
     graphs = write_android(export_dir, out, {n: export["variants"][n] for n in names}, load_text_config(export_dir),
                            _generation_defaults(export_dir), _context_length(export_dir))
@@ -120,7 +119,7 @@ def _write_ios(export_dir: Path, out: Path, export: dict, names: list[str],
                coreml: tuple[list[Path], dict | None]) -> dict:
     """Core ML package(s) plus the ONNX graphs (and genai_config.json) of the Android bundle, without
     the ORT-format files: ONNX Runtime's iOS packages are full builds that load .onnx directly."""
-    from exporter.package_android import write_merged_graphs
+    from exporter.package.android import write_merged_graphs
 
     packages, coreml_record = coreml
     (out / COREML_DIR).mkdir()
@@ -134,7 +133,7 @@ def _write_ios(export_dir: Path, out: Path, export: dict, names: list[str],
 
 
 def _write_web(export_dir: Path, out: Path, export: dict, names: list[str]) -> dict:
-    from exporter.package_web import write_web_layout
+    from exporter.package.web import write_web_layout
 
     with contrib_view(export_dir, export) as source:
         write_web_layout(source, out, names)
@@ -154,16 +153,15 @@ def _context_length(export_dir: Path) -> int:
 @contextmanager
 def contrib_view(export_dir: Path, export: dict) -> Iterator[Path]:
     """The export itself when its recurrent ops are contrib; otherwise a temporary view of it whose
-    graphs are converted (exporter/onnx_recurrent.to_contrib) and whose other files are links."""
-    from exporter.export import MIN_ORT
-    from exporter.onnx_recurrent import to_contrib
-
+    graphs are converted (exporter/onnx/forms.to_contrib) and whose other files are links."""
     if export.get("recurrent_ops") == "contrib":
         yield export_dir
         return
     with tempfile.TemporaryDirectory(prefix="qwen-edge-contrib-") as tmp:
         view = Path(tmp) / export_dir.name
         for src in sorted(export_dir.rglob("*")):
+            if src.relative_to(export_dir).as_posix() == EXPORT_MANIFEST:
+                continue  # written below, as the view's own file
             dst = view / src.relative_to(export_dir)
             if src.is_dir():
                 dst.mkdir(parents=True, exist_ok=True)
@@ -175,8 +173,9 @@ def contrib_view(export_dir: Path, export: dict) -> Iterator[Path]:
                 onnx.save(model, str(dst))
             else:
                 _link_or_copy(src, dst)
-        record = dict(export, recurrent_ops="contrib", recurrent_ops_domain="com.microsoft", min_onnxruntime=MIN_ORT["contrib"])
-        (view / EXPORT_MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+        contrib = RECURRENT_FORMS["contrib"]
+        write_manifest(view, dict(export, recurrent_ops=contrib.name, recurrent_ops_domain=contrib.domain,
+                                  min_onnxruntime=contrib.min_onnxruntime))
         yield view
 
 
@@ -200,8 +199,6 @@ def _generation_defaults(export_dir: Path) -> dict:
 
 def _graph_record(path: Path) -> dict:
     """Inputs, outputs (name, dims, dtype) and opset imports, read from the graph itself."""
-    from exporter.export import opset_imports  # lazily, like MIN_ORT: it imports torch
-
     model = onnx.load(str(path), load_external_data=False)
 
     def tensors(values) -> list[dict]:  # noqa: ANN001
@@ -210,21 +207,6 @@ def _graph_record(path: Path) -> dict:
 
     return {"inputs": tensors(model.graph.input), "outputs": tensors(model.graph.output),
             "opset_imports": opset_imports(model)}
-
-
-def _state_layout(export_dir: Path) -> list[dict]:
-    """Per layer, which state tensors flow from `present*` back to `past*` (graphs/io_spec.py)."""
-    cfg = load_text_config(export_dir)
-    pasts, presents = state_specs(cfg, past=True), state_specs(cfg, past=False)
-    layout = []
-    for past, present in zip(pasts, presents):
-        layer = int(past.name.split(".")[1])
-        kind = cfg.layer_types[layer]
-        if not layout or layout[-1]["layer"] != layer:
-            layout.append({"layer": layer, "kind": kind, "tensors": []})
-        layout[-1]["tensors"].append({"input": past.name, "output": present.name, "dims": list(past.dims),
-                                      "dtype": past.dtype, "doc": past.doc})
-    return layout
 
 
 def _model_record(export_dir: Path, export: dict) -> dict:
@@ -238,15 +220,13 @@ def _model_record(export_dir: Path, export: dict) -> dict:
 
 
 def _manifest(export_dir: Path, root: Path, export: dict, target: str, names: list[str], details: dict) -> dict:
-    from exporter.export import MIN_ORT, qwen_edge_version  # imported here: `verify` needs no torch
-
     graph_files = sorted(p for p in root.rglob("*.onnx") if p.is_file())
     graphs = {p.relative_to(root).as_posix(): _graph_record(p) for p in graph_files}
     opsets: dict[str, int] = {}
     for record in graphs.values():
         for domain, version in record["opset_imports"].items():
             opsets[domain] = max(opsets.get(domain, 0), version)
-    runtime = {"onnxruntime": MIN_ORT["contrib"], "opset_imports": dict(sorted(opsets.items()))}
+    runtime = {"onnxruntime": RECURRENT_FORMS["contrib"].min_onnxruntime, "opset_imports": dict(sorted(opsets.items()))}
     if "coreml" in details:
         runtime["ios"] = MIN_IOS
     quant_keys = ("activations", "weight_bits", "block_size", "symmetric", "accuracy_level")
@@ -259,10 +239,10 @@ def _manifest(export_dir: Path, root: Path, export: dict, target: str, names: li
         "qwen_edge_version": qwen_edge_version(),
         "model": _model_record(export_dir, export),
         "logits": export.get("logits"),
-        "recurrent_ops": {"form": "contrib", "domain": "com.microsoft", "exported_as": export.get("recurrent_ops")},
+        "recurrent_ops": {"form": "contrib", "domain": CONTRIB_DOMAIN, "exported_as": export.get("recurrent_ops")},
         "variants": variants,
         "graphs": graphs,
-        "state_layout": _state_layout(export_dir),
+        "state_layout": layer_state_layout(load_text_config(export_dir)),
         "generation_defaults": _generation_defaults(export_dir),
         "support_files": details["support_files"],
         "min_runtime": runtime,
@@ -271,59 +251,4 @@ def _manifest(export_dir: Path, root: Path, export: dict, target: str, names: li
     if "coreml" in details:
         manifest["coreml"] = details["coreml"]
     manifest["total_bytes"] = sum(f["bytes"] for f in manifest["files"])
-    return manifest
-
-
-def file_records(root: Path) -> list[dict]:
-    """Path, size and SHA-256 of every file under `root` except the manifest, sorted by path."""
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() != BUNDLE_MANIFEST)
-    return [{"path": p.relative_to(root).as_posix(), "bytes": p.stat().st_size, "sha256": sha256(p)} for p in files]
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_bundle(bundle: Path) -> dict:
-    """Re-check a bundle against its manifest; raise QwenEdgeError naming every problem found.
-
-    Checks: every listed path stays inside the bundle, exists, and has the listed size and SHA-256;
-    no file is present that the manifest does not list; every graph and variant file the manifest
-    names is among the hashed files. Returns the manifest.
-    """
-    bundle = Path(bundle)
-    path = bundle / BUNDLE_MANIFEST
-    if not path.is_file():
-        raise QwenEdgeError(f"{bundle}: no {BUNDLE_MANIFEST}; pass a folder written by 'qwen-edge package'")
-    try:
-        manifest = json.loads(path.read_text())
-        entries = manifest["files"]
-        listed = {e["path"]: e for e in entries}
-    except (ValueError, KeyError, TypeError) as exc:
-        raise QwenEdgeError(f"{path}: not a qwen-edge bundle manifest ({exc}); re-package the export") from None
-    root = bundle.resolve()
-    problems = []
-    for rel, entry in sorted(listed.items()):
-        target = (root / rel).resolve()
-        if Path(rel).is_absolute() or ".." in Path(rel).parts or not target.is_relative_to(root):
-            problems.append(f"{rel}: path outside the bundle")
-        elif not target.is_file():
-            problems.append(f"{rel}: missing")
-        elif target.stat().st_size != entry.get("bytes"):
-            problems.append(f"{rel}: {target.stat().st_size} bytes, manifest says {entry.get('bytes')}")
-        elif sha256(target) != entry.get("sha256"):
-            problems.append(f"{rel}: SHA-256 differs from the manifest (file changed)")
-    for extra in sorted(set(f["path"] for f in file_records(bundle)) - set(listed)):
-        problems.append(f"{extra}: not listed in the manifest")
-    named = list(manifest.get("graphs", {})) + [f for v in manifest.get("variants", {}).values()
-                                                for k, f in v.items() if k in VARIANT_FILE_KEYS]
-    for rel in sorted(set(named) - set(listed)):
-        problems.append(f"{rel}: named by the manifest but not hashed in its file list")
-    if problems:
-        more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
-        raise QwenEdgeError(f"{bundle}: failed verification: {problems[0]}{more}; re-package the export")
     return manifest

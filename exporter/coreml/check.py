@@ -2,10 +2,10 @@
 
 On Linux a package is checked by its spec (functions, inputs, outputs, states, op types, weight
 bit-widths) and by running each function's MIL program with the NumPy interpreter
-(exporter/mil_interpreter.py) against the PyTorch reference: prefills of 64 and 130 tokens, each
-followed by greedy decode steps, teacher-forced with the reference's tokens (as exporter/verify.py
-does for ONNX). On macOS the same check runs the package with coremltools' own prediction
-(`MLModel(..., function_name=...)`, `make_state()`), chosen with `--runner coreml`.
+(exporter/coreml/mil_interpreter.py) against the PyTorch reference: prefills of 64 and 130 tokens,
+each followed by greedy decode steps, in the parity loop ONNX uses (exporter/verify/parity.py). On
+macOS the same check runs the package with coremltools' own prediction (`MLModel(...,
+function_name=...)`, `make_state()`), chosen with `--runner coreml`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.coreml_session import CallFn, CoreMLSequence
-from exporter.mil_interpreter import SUPPORTED_OPS, builtin_np_dtype, run_function
-from exporter.verify import PromptReport, ReferenceRunner, VerifyReport, compare_step, prompt_ids
+from default_model import resolve_checkpoint
+from exporter.coreml.mil_interpreter import HANDLERS, SUPPORTED_OPS, builtin_np_dtype, run_function
+from exporter.coreml.sequence import CoreMLRunner
+from exporter.verify.parity import VerifyReport, prompt_ids, teacher_forced
+from exporter.verify.runners import ReferenceRunner
+from graphs.config import TextConfig
 from graphs.errors import QwenEdgeError
-from runtime_py.session import read_manifest
+from runtime_py.export_format import read_manifest, variant_record
 
 WEIGHT_OPS = ("linear", "gather", "conv")
 # Default logit tolerance relative to the logit scale, per compute precision. States are fp16 in
@@ -125,6 +128,20 @@ def read_package_spec(package: Path) -> PackageSpec:
     return PackageSpec(str(package), spec.description.defaultFunctionName, functions, weight_files)
 
 
+def stored_weights(package: Path, cfg: TextConfig, function: str = "decode") -> dict[str, np.ndarray]:
+    """{decoder parameter: weight} of every compressed weight a function reads, decoded as Core ML
+    decodes it (the interpreter's constexpr handlers): what the package really computes with."""
+    from quant.coreml_weights import param_of_constant
+
+    _, program = load_program(package)
+    weights = {}
+    for op in program.functions[function].operations:
+        if op.op_type.startswith("constexpr_") and (param := param_of_constant(op.name, cfg)) is not None:
+            args = {k: v.val for k, v in op.inputs.items()}
+            weights[param] = np.asarray(HANDLERS[op.op_type](args))
+    return weights
+
+
 def unsupported_ops(package_spec: PackageSpec) -> list[str]:
     return sorted({op for f in package_spec.functions.values() for op in f.op_types if op not in SUPPORTED_OPS})
 
@@ -137,7 +154,7 @@ class InterpretedPackage:
         missing = unsupported_ops(read_package_spec(package))
         if missing:
             raise QwenEdgeError(f"{package}: MIL op type(s) {', '.join(missing)} not implemented by the interpreter; "
-                                "add them to exporter/mil_interpreter.py")
+                                "add them to exporter/coreml/mil_interpreter.py")
         self.state_vars = {s.name: None for fn in spec.description.functions for s in fn.state}
         self.constants: dict[int, np.ndarray] = {}
         self.states: dict[str, np.ndarray] = {}
@@ -176,39 +193,25 @@ class CoreMLPredictor:
 def verify_coreml(checkpoint: str | Path, export_dir: Path, variant: str = "fp32",
                   prompt_lengths: tuple[int, ...] = COREML_PROMPT_LENGTHS, decode_steps: int = 32,
                   rtol: float | None = None, runner: str = "mil") -> tuple[VerifyReport, PackageSpec]:
-    """Parity of one Core ML variant against the PyTorch reference (see exporter/verify.py)."""
-    from exporter.export import resolve_checkpoint
+    """Parity of one Core ML variant against the PyTorch reference (exporter/verify/parity.py)."""
     from graphs.checkpoint import open_checkpoint
 
     manifest = read_manifest(export_dir)
     if manifest.get("format") != "coreml":
         raise QwenEdgeError(f"{export_dir}: not a Core ML export (format {manifest.get('format')!r}); "
                             "export with --format coreml")
-    if variant not in manifest["variants"]:
-        raise QwenEdgeError(f"{export_dir}: no Core ML variant {variant!r}; exported: {', '.join(manifest['variants'])}")
-    record = manifest["variants"][variant]
+    record = variant_record(export_dir, variant)
     package = Path(export_dir) / record["package"]
     package_spec = read_package_spec(package)
     if rtol is None:
         rtol = DEFAULT_RTOL[record["compute_precision"]]
     target = InterpretedPackage(package) if runner == "mil" else CoreMLPredictor(package)
     model = open_checkpoint(resolve_checkpoint(checkpoint)).build_decoder()
-    io_shape = tuple(manifest["functions"]["decode"]["inputs"]["recurrent_in"]) if manifest["recurrent_state"] == "io" else None
-    call: CallFn = target.call
-    reports = []
-    for n, length in enumerate(prompt_lengths):
-        ids = prompt_ids(length, model.cfg.vocab_size, seed=n)
-        target.reset()
-        sequence = CoreMLSequence(call, manifest["prefill_chunk"], manifest["context_capacity"], io_shape)
-        reference, report = ReferenceRunner(model), PromptReport(length)
-        ref, got = reference.forward(ids), sequence.prefill(ids)[None]
-        for step in range(decode_steps + 1):
-            result = compare_step(step, ref, got, rtol)
-            report.steps.append(result)
-            if step == decode_steps:
-                break
-            ref, got = reference.forward([result.ref_token]), sequence.decode(result.ref_token)[None]
-        reports.append(report)
+    inputs = manifest["functions"]["decode"]["inputs"]
+    io_shape = tuple(inputs["recurrent_in"]) if manifest["recurrent_state"] == "io" else None
+    runner = CoreMLRunner(target.call, target.reset, manifest["prefill_chunk"], manifest["context_capacity"], io_shape)
+    prompts = [prompt_ids(length, model.cfg.vocab_size, seed=n) for n, length in enumerate(prompt_lengths)]
+    reports = teacher_forced(ReferenceRunner(model), runner, prompts, decode_steps, rtol)
     return VerifyReport(str(checkpoint), str(export_dir), rtol, decode_steps, reports), package_spec
 
 

@@ -308,7 +308,7 @@ def run_function(function: object, feeds: dict[str, np.ndarray], states: dict[st
         handler = HANDLERS.get(kind)
         if handler is None:
             raise QwenEdgeError(f"MIL interpreter: op type {kind!r} (op {op.name!r}) is not implemented; "
-                                "add it to exporter/mil_interpreter.py")
+                                "add it to exporter/coreml/mil_interpreter.py")
         if kind.startswith("constexpr_") and id(op) in constants:
             results = [constants[id(op)]]
         else:

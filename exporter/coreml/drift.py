@@ -1,6 +1,6 @@
 """Measure how far the Core ML step drifts from the fp32 reference over a long greedy decode.
 
-    python -m exporter.coreml_drift [--checkpoint default] [--steps 2048] [--prompt 64]
+    python -m exporter.coreml.drift [--checkpoint default] [--steps 2048] [--prompt 64]
 
 Core ML states are fp16. The step (graphs/coreml_step.CoreMLStep, run eagerly in fp32 compute so
 only state precision differs) is compared with the reference decoder, teacher-forced with the
@@ -17,11 +17,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from exporter.coreml_session import CoreMLSequence
-from exporter.export import resolve_checkpoint
-from exporter.verify import ReferenceRunner, prompt_ids
+from default_model import resolve_checkpoint
+from exporter.coreml.sequence import CoreMLRunner
+from exporter.verify.parity import prompt_ids, teacher_forced
+from exporter.verify.runners import ReferenceRunner
 from graphs.checkpoint import open_checkpoint
 from graphs.coreml_step import CoreMLStep
+from graphs.recurrent_ops import MATMUL_ONLY, REFERENCE
 
 
 @dataclass
@@ -52,23 +54,17 @@ def eager_call(step: CoreMLStep):  # noqa: ANN201
 def measure_drift(checkpoint: str, mode: str, steps: int, prompt_len: int, chunk: int = 64, window: int = 256,
                   seed: int = 0) -> DriftReport:
     ck = open_checkpoint(resolve_checkpoint(checkpoint))
-    reference = ck.build_decoder()
-    reference.use_reference_kernels()
+    reference = ck.build_decoder(kernels=REFERENCE)
     capacity = -(-(prompt_len + steps + chunk) // chunk) * chunk
-    step = CoreMLStep(ck.build_decoder(), capacity, recurrent_io=mode == "io").eval()
-    seq = CoreMLSequence(eager_call(step), chunk, capacity, step.recurrent_io_shape() if mode == "io" else None)
+    step = CoreMLStep(ck.build_decoder(kernels=MATMUL_ONLY, logits="last"), capacity, recurrent_io=mode == "io").eval()
+    target = CoreMLRunner(eager_call(step), step.reset_states, chunk, capacity,
+                          step.recurrent_io_shape() if mode == "io" else None)
     ids = prompt_ids(prompt_len, reference.cfg.vocab_size, seed)
-    runner = ReferenceRunner(reference)
-    ref, got = runner.forward(ids)[-1], seq.prefill(ids)
-    agree, first, diffs = 0, None, []
-    for i in range(steps):
-        token = int(ref.argmax())
-        ref, got = runner.forward([token])[-1], seq.decode(token)
-        diffs.append(float(np.abs(got - ref).max()) / max(1.0, float(np.abs(ref).max())))
-        if int(got.argmax()) == int(ref.argmax()):
-            agree += 1
-        elif first is None:
-            first = i
+    [report] = teacher_forced(ReferenceRunner(reference), target, [ids], steps, rtol=float("inf"))
+    decode = report.steps[1:]
+    diffs = [s.max_abs_diff / max(1.0, s.logit_scale) for s in decode]
+    first = next((i for i, s in enumerate(decode) if s.ref_token != s.onnx_token), None)
+    agree = sum(s.ref_token == s.onnx_token for s in decode)
     by_window = [max(diffs[i : i + window]) for i in range(0, steps, window)]
     return DriftReport(mode, steps, agree / steps, first, max(diffs), by_window, window)
 

@@ -7,7 +7,7 @@ decoder); its only route to a separate embedding graph is the vision-language pi
 which also needs a vision encoder. So the bundle carries `onnx/model{suffix}.onnx`: embed_tokens
 merged in front of the decoder (input `input_ids`, every other input and output as in the export).
 Plain ONNX Runtime loads the same file, so no weight is shipped twice; genai_config.json maps the
-state names (`past_conv.%d`, `present_recurrent.%d`, ...) instead of renaming them.
+state names (the %d patterns of graphs/state.py) instead of renaming them.
 
 Layout written into the bundle (per variant, suffix as in the export):
     onnx/model{suffix}.onnx (+ .onnx_data)   merged graph, recurrent ops in com.microsoft
@@ -31,11 +31,13 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from exporter.onnx_recurrent import to_contrib
+from exporter.onnx.external_data import relocate
+from exporter.onnx.forms import to_contrib
 from graphs.config import TextConfig
 from graphs.errors import QwenEdgeError
+from graphs.state import name_patterns
 
-DATA_ALIGNMENT = 4096  # each copied data file starts on a page, so ORT can map it
+DATA_ALIGNMENT = 4096  # each tensor starts on a page, so ORT can map it
 GENAI_MODEL_TYPE = "qwen3_5_text"
 OPERATORS_CONFIG = "required_operators.config"
 ORT_FORMAT_LIMIT = 2**31  # an .ort file is one flatbuffer, weights included
@@ -84,11 +86,9 @@ def merge_embedding(embed_path: Path, decoder_path: Path, out_path: Path) -> boo
 
     own = len(graph.initializer)
     graph.initializer.extend(embed.graph.initializer)
-    data_name = out_path.name + "_data"
-    starts: dict[Path, int] = {}  # source data file -> its offset in the new one
-    with open(out_path.parent / data_name, "wb") as data:
-        _relocate(graph.initializer[:own], decoder_path.parent, data, data_name, starts)
-        _relocate(graph.initializer[own:], embed_path.parent, data, data_name, starts)
+    sources = [(t, decoder_path.parent) for t in graph.initializer[:own]]
+    sources += [(t, embed_path.parent) for t in graph.initializer[own:]]
+    relocate(sources, out_path.parent, out_path.name + "_data", align=DATA_ALIGNMENT)
     onnx.save(decoder, str(out_path))
     return converted
 
@@ -103,30 +103,6 @@ def _check_same_default_opset(embed: onnx.ModelProto, decoder: onnx.ModelProto, 
                     != onnx.defs.get_schema(node.op_type, target, "").since_version):
                 raise QwenEdgeError(f"{embed_path}: {node.op_type} differs between opset {own} and the decoder's "
                                     f"opset {target}; re-export both graphs with one qwen-edge version")
-
-
-def _relocate(tensors: list[onnx.TensorProto], src_dir: Path, data, data_name: str, bases: dict[Path, int]) -> None:  # noqa: ANN001
-    """Copy each source data file once into `data` (page-aligned) and point the tensors at the copy."""
-    for tensor in tensors:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in tensor.external_data}
-        source = (src_dir / info["location"]).resolve()
-        if not source.is_relative_to(src_dir.resolve()):
-            raise QwenEdgeError(f"{src_dir}: a graph names weight data outside its folder ({info['location']}); re-export it")
-        if source not in bases:
-            if not source.is_file():
-                raise QwenEdgeError(f"{source}: weight data file missing; re-export, or copy the export folder whole")
-            data.write(b"\0" * (-data.tell() % DATA_ALIGNMENT))
-            bases[source] = data.tell()
-            with open(source, "rb") as src:
-                shutil.copyfileobj(src, data, 1 << 24)
-        info["location"] = data_name
-        info["offset"] = str(bases[source] + int(info.get("offset", 0)))
-        del tensor.external_data[:]
-        for key in ("location", "offset", "length"):
-            if key in info:
-                tensor.external_data.add(key=key, value=info[key])
 
 
 # ONNX Runtime's own conversion (what `convert_onnx_models_to_ort` does per model), run in a child process.
@@ -211,7 +187,8 @@ def write_operators_config(ort_paths: list[Path], root: Path) -> Path:
 def genai_config(cfg: TextConfig, model_file: str, generation: dict, context_length: int) -> dict:
     """onnxruntime-genai's configuration for the merged graph (model type `qwen3_5_text`).
 
-    Search defaults come from the export's generation_config.json. State names are mapped, not renamed: genai finds each layer's tensors from these %d patterns.
+    Search defaults come from the export's generation_config.json. State names are mapped, not
+    renamed: genai finds each layer's tensors from the %d patterns of graphs/state.py.
     `past_present_share_buffer` is off because the graph concatenates its KV cache (it does not write
     into a preallocated max-length buffer as genai's own GroupQueryAttention graphs do).
     """
@@ -226,12 +203,11 @@ def genai_config(cfg: TextConfig, model_file: str, generation: dict, context_len
                 "hidden_size": cfg.hidden_size,
                 "inputs": {
                     "input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
-                    "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value",
-                    "past_conv_names": "past_conv.%d", "past_recurrent_names": "past_recurrent.%d",
+                    **{f"past_{role}_names": pattern for role, pattern in name_patterns("past").items()},
                 },
                 "outputs": {
-                    "logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value",
-                    "present_conv_names": "present_conv.%d", "present_recurrent_names": "present_recurrent.%d",
+                    "logits": "logits",
+                    **{f"present_{role}_names": pattern for role, pattern in name_patterns("present").items()},
                 },
                 "num_attention_heads": cfg.num_attention_heads,
                 "num_hidden_layers": cfg.num_hidden_layers,

@@ -1,6 +1,6 @@
 """Benchmark: Core ML conversion of a random-weight checkpoint of a real Qwen3.5 shape.
 
-    .venv/bin/python -m exporter.bench_coreml --preset qwen3.5-0.8b --quant q4,fp16,p4
+    .venv/bin/python -m exporter.bench.coreml --preset qwen3.5-0.8b --quant q4,fp16,p4
 
 Each weight option is converted by its own `qwen-edge export --format coreml` process, one at a
 time, so wall time and peak resident memory (the kernel's maxrss of that process) belong to that
@@ -16,8 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from exporter.bench_export import QWEN_EDGE, ROOT, folder_size_mib, machine, replace_section, run_measured
-from runtime_py.session import read_manifest
+from exporter.bench.export import QWEN_EDGE, ROOT, folder_size_mib, machine, replace_section, run_measured
+from runtime_py.export_format import read_manifest
 
 
 def main() -> None:
@@ -57,7 +57,7 @@ def main() -> None:
     body = f"""## Core ML conversion of the {args.preset} shape (random weights)
 
 Measured {dates} on {machine()} (shared with other jobs, so times are upper bounds).
-Command: `.venv/bin/python -m exporter.bench_coreml --preset {args.preset} --quant NAMES`: per weight option one
+Command: `.venv/bin/python -m exporter.bench.coreml --preset {args.preset} --quant NAMES`: per weight option one
 `qwen-edge export --format coreml CHECKPOINT OUT --quant NAME --context {args.context} --chunk {args.chunk}`
 process (trace + convert of `prefill` and `decode`, weight compression, multifunction merge); peak RSS is
 the kernel's maxrss of that process. Checkpoint {folder_size_mib(ck)} MiB (bf16).

@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
 
+from exporter.onnx.external_data import relocate, stored_tensors
 from graphs.errors import QwenEdgeError
-from runtime_py.session import read_manifest
+from runtime_py.export_format import read_manifest
 
 # Below 2 GiB: a browser's ArrayBuffer and onnxruntime-web's fetch of one external data file.
 DATA_CHUNK_BYTES = 2_000_000_000
-COPY_BLOCK = 64 << 20
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Token-id settings transformers.js reads from the top level of config.json.
 TOP_LEVEL_KEYS = ("tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
@@ -103,61 +102,10 @@ def rehome_external_data(src: Path, dst: Path, chunk_bytes: int = DATA_CHUNK_BYT
         model = onnx.load(str(src), load_external_data=False)
     except Exception as exc:  # onnx raises protobuf DecodeError or its own errors on a damaged file
         raise QwenEdgeError(f"{src}: not a readable ONNX graph ({exc}); re-run 'qwen-edge export'") from None
-    chunks: list[Path] = []
-    written = 0
-    placed: dict[tuple[str, int, int], tuple[str, int]] = {}
-    out = None
-    try:
-        for tensor in _tensors(model.graph):
-            if tensor.data_location != onnx.TensorProto.EXTERNAL:
-                continue
-            info = {e.key: e.value for e in tensor.external_data}
-            source = (info["location"], int(info.get("offset", 0)), int(info["length"]))
-            if source not in placed:
-                if out is None or (written and written + source[2] > chunk_bytes):
-                    if out is not None:
-                        out.close()
-                    chunks.append(dst.with_name(dst.name + "_data" + (f"_{len(chunks)}" if chunks else "")))
-                    out, written = chunks[-1].open("wb"), 0
-                _copy_range(src.parent / source[0], source[1], source[2], out, src)
-                placed[source] = (chunks[-1].name, written)
-                written += source[2]
-            location, offset = placed[source]
-            del tensor.external_data[:]
-            for key, value in (("location", location), ("offset", str(offset)), ("length", str(source[2]))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-    finally:
-        if out is not None:
-            out.close()
+    files = relocate([(t, src.parent) for t in stored_tensors(model.graph)], dst.parent, dst.name + "_data",
+                     chunk_bytes=chunk_bytes)
     dst.write_bytes(model.SerializeToString())
-    return len(chunks)
-
-
-def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor a graph stores: initializers and node attributes, subgraphs included."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _tensors(sub)
-
-
-def _copy_range(path: Path, offset: int, length: int, out, graph: Path) -> None:
-    if not path.is_file() or path.stat().st_size < offset + length:
-        raise QwenEdgeError(f"{graph}: its weights file {path.name} is missing or truncated; re-run 'qwen-edge export'")
-    with path.open("rb") as f:
-        f.seek(offset)
-        left = length
-        while left:
-            block = f.read(min(left, COPY_BLOCK))
-            out.write(block)
-            left -= len(block)
+    return len(files)
 
 
 def _generation_config(export_dir: Path, text: dict) -> dict:

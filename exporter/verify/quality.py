@@ -9,7 +9,6 @@ a default gate (`quant/schemes.py`); a missed gate fails the run.
 
 from __future__ import annotations
 
-import json
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -17,15 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.verify import ReferenceRunner, greedy_reference
+from default_model import HELDOUT_TEXT
+from exporter.verify.runners import ReferenceRunner, greedy_reference
 from graphs.checkpoint import open_checkpoint
 from graphs.errors import QwenEdgeError
 from quant.schemes import SCHEMES, GateOverrides, QualityGate
+from runtime_py.export_format import MANIFEST, export_variants
 from runtime_py.generate import generate
-from runtime_py.session import MANIFEST, OnnxModel, export_variants
+from runtime_py.session import OnnxModel
 from runtime_py.tokenizer import TextTokenizer
-
-DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "default_model" / "heldout.txt"
 PositionLogits = Callable[[list[int]], np.ndarray]  # ids [T] -> logits [T, V] (row t predicts ids[t+1])
 Greedy = Callable[[list[int], int], list[int]]
 
@@ -46,6 +45,43 @@ class VariantQuality:
     @property
     def passed(self) -> bool:
         return not self.failures
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """One gated metric of one variant: its value, the limit, and whether it holds."""
+
+    metric: str  # the VariantQuality field
+    label: str
+    value: float
+    limit: float
+    higher_is_better: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.value >= self.limit if self.higher_is_better else self.value <= self.limit
+
+    @property
+    def message(self) -> str:
+        """The failure as the report prints it, e.g. 'mean KL 0.2 > 0.1'."""
+        op = "<" if self.higher_is_better else ">"
+        if self.metric == "top1_agreement":
+            return f"{self.label} {self.value:.2%} {op} {self.limit:.2%}"
+        if self.metric == "perplexity_increase":
+            return f"{self.label} +{self.value:.2%} {op} +{self.limit:.2%}"
+        return f"{self.label} {self.value:.4g} {op} {self.limit:g}"
+
+    @property
+    def junit_message(self) -> str:
+        """The failure in raw numbers, ending with the limit as given."""
+        return f"{self.value:.4g} {'<' if self.higher_is_better else '>'} {self.limit}"
+
+
+def gate_checks(q: "VariantQuality") -> list[GateCheck]:
+    """The one place a variant is held to its gate."""
+    return [GateCheck("top1_agreement", "top-1 agreement", q.top1_agreement, q.gate.min_top1, True),
+            GateCheck("mean_kl", "mean KL", q.mean_kl, q.gate.max_kl, False),
+            GateCheck("perplexity_increase", "perplexity", q.perplexity_increase, q.gate.max_ppl_increase, False)]
 
 
 @dataclass
@@ -134,7 +170,7 @@ def measure_quality(
     token_ids: list[int] | None = None,
 ) -> QualityReport:
     """Score `variants` of `export_dir` against `against` on held-out text (or on `token_ids` directly)."""
-    text_path = text_path or DEFAULT_TEXT
+    text_path = text_path or HELDOUT_TEXT
     if token_ids is None and not text_path.is_file():
         raise QwenEdgeError(f"--text {text_path}: file not found; give a UTF-8 text file of held-out text")
     names = variants or export_variants(export_dir)
@@ -165,12 +201,7 @@ def measure_quality(
         gate = gates.gate_for(SCHEMES[name])
         q = VariantQuality(name, s.count, s.agree / s.count, s.kl / s.count, ppl, ref_ppl, ppl / ref_ppl - 1,
                            float(np.mean(agreement[name])), gate)
-        if q.top1_agreement < gate.min_top1:
-            q.failures.append(f"top-1 agreement {q.top1_agreement:.2%} < {gate.min_top1:.2%}")
-        if q.mean_kl > gate.max_kl:
-            q.failures.append(f"mean KL {q.mean_kl:.4g} > {gate.max_kl:g}")
-        if q.perplexity_increase > gate.max_ppl_increase:
-            q.failures.append(f"perplexity +{q.perplexity_increase:.2%} > +{gate.max_ppl_increase:.2%}")
+        q.failures.extend(c.message for c in gate_checks(q) if not c.ok)
         results.append(q)
     return QualityReport(str(export_dir), ref_name, "given token ids" if token_ids is not None else str(text_path), results)
 
@@ -192,20 +223,12 @@ def write_junit(report: QualityReport, path: Path) -> None:
     suite = ET.Element("testsuite", name="qwen-edge quality")
     cases = failures = 0
     for v in report.variants:
-        checks = {"top1_agreement": (v.top1_agreement >= v.gate.min_top1, f"{v.top1_agreement:.4f} < {v.gate.min_top1}"),
-                  "mean_kl": (v.mean_kl <= v.gate.max_kl, f"{v.mean_kl:.4g} > {v.gate.max_kl}"),
-                  "perplexity_increase": (v.perplexity_increase <= v.gate.max_ppl_increase,
-                                          f"{v.perplexity_increase:.4f} > {v.gate.max_ppl_increase}")}
-        for metric, (ok, message) in checks.items():
-            case = ET.SubElement(suite, "testcase", classname=f"quality.{v.variant}", name=metric)
+        for check in gate_checks(v):
+            case = ET.SubElement(suite, "testcase", classname=f"quality.{v.variant}", name=check.metric)
             cases += 1
-            if not ok:
+            if not check.ok:
                 failures += 1
-                ET.SubElement(case, "failure", message=message)
+                ET.SubElement(case, "failure", message=check.junit_message)
     suite.set("tests", str(cases))
     suite.set("failures", str(failures))
     ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
-
-
-def write_json(report: QualityReport, path: Path) -> None:
-    path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")

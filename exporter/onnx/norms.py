@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-NORM_OP = {"standard": "RMSNormalization", "contrib": "SimplifiedLayerNormalization"}
+from exporter.onnx.forms import NORM_OP
 
 
 @dataclass

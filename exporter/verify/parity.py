@@ -1,8 +1,10 @@
-"""Parity of an ONNX export against the PyTorch reference decoder built from the same checkpoint.
+"""Parity of an export against the PyTorch reference decoder built from the same checkpoint.
 
-For each prompt: one prefill call, then greedy decode steps. Both sides are fed the reference's
-greedy token (teacher forcing), so every step compares logits for the same history; if all greedy
-choices agree, the free-running greedy sequences are identical.
+`teacher_forced` is the one parity loop, for any runner (exporter/verify/runners.py: ONNX here, the
+MIL interpreter or Core ML in exporter/coreml/check.py). For each prompt: one prefill call, then
+greedy decode steps. Both sides are fed the reference's greedy token (teacher forcing), so every
+step compares logits for the same history; if all greedy choices agree, the free-running greedy
+sequences are identical.
 
 Tolerance: max |logits_onnx - logits_ref| <= rtol * max(1, max |logits_ref|) per call, i.e. relative
 to the logit scale of that call (fp32 default rtol 1e-4). A greedy disagreement fails unless it is a
@@ -15,11 +17,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from exporter.export import resolve_checkpoint
+from default_model import resolve_checkpoint
+from exporter.verify.runners import OnnxRunner, ReferenceRunner, SequenceRunner
 from graphs.checkpoint import open_checkpoint
-from graphs.qwen3_5 import Qwen35Decoder
 from runtime_py.session import OnnxModel
 
 DEFAULT_PROMPT_LENGTHS = (1, 63, 64, 65, 130)
@@ -73,35 +74,6 @@ class VerifyReport:
         return out
 
 
-class ReferenceRunner:
-    """The PyTorch decoder driven like the runtime: explicit state carried between calls."""
-
-    def __init__(self, model: Qwen35Decoder) -> None:
-        self.model = model
-        self.state = model.initial_state(1)
-        self.length = 0
-
-    @torch.no_grad()
-    def forward(self, ids: list[int]) -> np.ndarray:
-        t = len(ids)
-        embeds = self.model.embed_tokens(torch.tensor([ids]))
-        mask = torch.ones(1, self.length + t, dtype=torch.int64)
-        pos = torch.arange(self.length, self.length + t).expand(3, 1, t)
-        logits, *self.state = self.model(embeds, mask, pos, *self.state)
-        self.length += t
-        return logits[0].numpy()
-
-
-def greedy_reference(model: Qwen35Decoder, prompt: list[int], steps: int) -> list[int]:
-    """Greedy continuation of `prompt` by the PyTorch reference, carrying state like the runtime."""
-    runner = ReferenceRunner(model)
-    out, logits = [], runner.forward(prompt)
-    for _ in range(steps):
-        out.append(int(logits[-1].argmax()))
-        logits = runner.forward([out[-1]])
-    return out
-
-
 def compare_step(step: int, ref: np.ndarray, got: np.ndarray, rtol: float) -> StepResult:
     """Compare the logits of one call ([T, V] each); tokens are read at the last position.
 
@@ -120,6 +92,25 @@ def prompt_ids(length: int, vocab: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(0, vocab, size=length).tolist()
 
 
+def teacher_forced(reference: SequenceRunner, target: SequenceRunner, prompts: list[list[int]], decode_steps: int,
+                   rtol: float) -> list[PromptReport]:
+    """Per prompt: prefill, then `decode_steps` steps fed the reference's greedy token; every call compared."""
+    reports = []
+    for ids in prompts:
+        reference.start()
+        target.start()
+        report = PromptReport(len(ids))
+        ref, got = reference.prefill(ids), target.prefill(ids)
+        for step in range(decode_steps + 1):
+            result = compare_step(step, ref, got, rtol)
+            report.steps.append(result)
+            if step == decode_steps:
+                break
+            ref, got = reference.decode(result.ref_token), target.decode(result.ref_token)
+        reports.append(report)
+    return reports
+
+
 def verify_export(
     checkpoint: str | Path,
     export_dir: str | Path,
@@ -128,24 +119,12 @@ def verify_export(
     rtol: float = 1e-4,
     variant: str = "fp32",
 ) -> VerifyReport:
+    """Parity of one ONNX variant: each prompt in one graph call, then decode steps."""
     folder = resolve_checkpoint(checkpoint)
     model = open_checkpoint(folder).build_decoder()
-    onnx_model = OnnxModel(export_dir, variant, prefill_chunk=SINGLE_CALL)  # each prompt in one graph call
-    reports = []
-    for n, length in enumerate(prompt_lengths):
-        ids = prompt_ids(length, model.cfg.vocab_size, seed=n)
-        ref_runner, state = ReferenceRunner(model), onnx_model.new_state(1)
-        report = PromptReport(length)
-        ref = ref_runner.forward(ids)
-        got = onnx_model.forward(np.array([ids]), state)[0]
-        for step in range(decode_steps + 1):
-            result = compare_step(step, ref, got, rtol)
-            report.steps.append(result)
-            if step == decode_steps:
-                break
-            ref = ref_runner.forward([result.ref_token])
-            got = onnx_model.forward(np.array([[result.ref_token]]), state)[0]
-        reports.append(report)
+    target = OnnxRunner(OnnxModel(export_dir, variant, prefill_chunk=SINGLE_CALL))
+    prompts = [prompt_ids(length, model.cfg.vocab_size, seed=n) for n, length in enumerate(prompt_lengths)]
+    reports = teacher_forced(ReferenceRunner(model), target, prompts, decode_steps, rtol)
     return VerifyReport(str(folder), str(export_dir), rtol, decode_steps, reports)
 
 

@@ -1,7 +1,7 @@
 """The host side of a Core ML sequence: what an app feeds the `prefill` and `decode` functions.
 
 NumPy only, so the same logic drives the eager PyTorch step (tests, drift), the Linux MIL
-interpreter (`exporter/coreml_check.py`) and coremltools prediction on macOS.
+interpreter (`exporter/coreml/check.py`) and coremltools prediction on macOS; an app mirrors it.
 
 A prompt of n tokens runs as ceil(n / chunk) prefill calls. The padding of the last partial chunk
 goes at the start of the first chunk (token 0, position -1): zero embeddings leave every state
@@ -17,7 +17,7 @@ import numpy as np
 
 from graphs.errors import QwenEdgeError
 
-MASK_VALUE = -1e4  # graphs/coreml_step.MASK_VALUE (that module imports torch; this one must not)
+MASK_VALUE = -1e4  # additive mask of a slot a token may not see: finite in fp16, exp() underflows to 0
 
 # call(function_name, feeds) -> outputs; outputs hold "logits" [1, 1, vocab] and, when the
 # recurrent state is carried by the caller, "recurrent_out".
@@ -76,6 +76,27 @@ class CoreMLSequence:
         logits = self._run("decode", [token], [self.position])
         self.position += 1
         return logits
+
+
+class CoreMLRunner:
+    """A Core ML decoder as a runner of the parity loop (exporter/verify/runners.py): `reset` gives it
+    fresh states, `call` runs one function."""
+
+    def __init__(self, call: CallFn, reset: Callable[[], None], chunk: int, capacity: int,
+                 recurrent_io_shape: tuple[int, ...] | None = None) -> None:
+        self.call, self.reset = call, reset
+        self.chunk, self.capacity, self.recurrent_io_shape = chunk, capacity, recurrent_io_shape
+        self.start()
+
+    def start(self) -> None:
+        self.reset()
+        self.sequence = CoreMLSequence(self.call, self.chunk, self.capacity, self.recurrent_io_shape)
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        return self.sequence.prefill(ids)[None]
+
+    def decode(self, token: int) -> np.ndarray:
+        return self.sequence.decode(token)[None]
 
 
 def greedy(sequence: CoreMLSequence, prompt: list[int], steps: int) -> list[int]:

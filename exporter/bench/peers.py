@@ -107,7 +107,7 @@ def measure_transformers(checkpoint: Path, threads: int, prompt_lengths: list[in
 
 def run_peer(kind: str, path: Path, threads: int, prompt_lengths: list[int], decode_tokens: int, repeats: int) -> dict:
     """One peer configuration in a fresh process (its peak RSS is its own)."""
-    cmd = [sys.executable, "-m", "exporter.peers", kind, str(path), str(threads), ",".join(map(str, prompt_lengths)),
+    cmd = [sys.executable, "-m", "exporter.bench.peers", kind, str(path), str(threads), ",".join(map(str, prompt_lengths)),
            str(decode_tokens), str(repeats)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,0 +1,178 @@
+"""The Core ML side of `qwen-edge export` (exporter/pipeline.py): a stateful multifunction .mlpackage per scheme.
+
+Output layout:
+    OUT/coreml/model{suffix}.mlpackage   functions `prefill` (chunk tokens) and `decode` (1 token),
+                                         one copy of the weights, states per layer (fp16)
+    OUT/qwen_edge.json                   format "coreml": chunk, capacity, state mode, I/O, variants
+
+Each function is the eager `graphs.coreml_step.CoreMLStep` exported with `torch.export` (static
+shapes: the cache write is a slice at a run-time start, which Core ML maps to `slice_update`) and
+converted on its own; `ct.utils.save_multifunction` then merges the two, keeping identical weights
+once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from exporter.pipeline import files_bytes
+from exporter.progress import Stages
+from graphs.checkpoint import Checkpoint
+from graphs.config import TextConfig
+from graphs.coreml_step import CoreMLStep
+from graphs.errors import QwenEdgeError
+from graphs.recurrent_ops import MATMUL_ONLY
+from graphs.state import state_tensors
+from quant.coreml_weights import compress_weights
+from quant.schemes import Scheme
+from runtime_py.export_format import COREML_MIN_DEPLOYMENT
+
+RECURRENT_MODES = ("state", "io")
+FUNCTIONS = ("prefill", "decode")
+DEFAULT_FUNCTION = "decode"
+
+
+@dataclass(frozen=True)
+class CoreMLOptions:
+    """Core ML-only export options."""
+
+    chunk: int = 64  # tokens per prefill call
+    context: int = 4096  # KV-cache capacity, a multiple of the chunk
+    recurrent_state: str = "state"  # "state": fp16 Core ML state; "io": fp32 input/output the app carries
+
+    def __post_init__(self) -> None:
+        if self.chunk < 1 or self.context < 1:
+            raise QwenEdgeError(f"--chunk {self.chunk} and --context {self.context} must be positive")
+        if self.context % self.chunk:
+            raise QwenEdgeError(f"--chunk {self.chunk} does not divide --context {self.context}; pick a context that "
+                                f"is a multiple of the chunk, e.g. {self.context - self.context % self.chunk or self.chunk}")
+        if self.recurrent_state not in RECURRENT_MODES:
+            raise QwenEdgeError(f"--recurrent-state {self.recurrent_state!r} is not a mode; "
+                                f"use one of {', '.join(RECURRENT_MODES)}")
+
+
+class CoreMLBackend:
+    format = "coreml"
+
+    def __init__(self, options: CoreMLOptions = CoreMLOptions()) -> None:
+        self.options = options
+        self.cfg: TextConfig | None = None
+
+    def check(self, schemes: tuple[Scheme, ...]) -> None:
+        """Every scheme has a Core ML form."""
+
+    def prepare_stages(self, activations: str) -> list[str]:
+        return [f"convert {f} ({activations})" for f in FUNCTIONS]
+
+    def load(self, checkpoint: Checkpoint) -> CoreMLStep:
+        self.cfg = checkpoint.config
+        model = checkpoint.build_decoder(kernels=MATMUL_ONLY, logits="last")
+        return CoreMLStep(model, self.options.context, recurrent_io=self.options.recurrent_state == "io").eval()
+
+    def prepare(self, step: CoreMLStep, activations: str, folder: Path, stages: Stages) -> dict:
+        (folder / "coreml").mkdir(exist_ok=True)
+        tokens = {"prefill": self.options.chunk, "decode": 1}
+        return {f: stages.run(lambda f=f: convert_function(step, tokens[f], activations)) for f in FUNCTIONS}
+
+    def write_variant(self, converted: dict, scheme: Scheme, folder: Path) -> dict:
+        parts_dir = folder / f".parts{scheme.suffix}"
+        parts_dir.mkdir()
+        parts = {}
+        for function, mlmodel in converted.items():
+            parts[function] = parts_dir / f"{function}.mlpackage"
+            compress_weights(mlmodel, scheme, self.cfg).save(str(parts[function]))
+        merge_functions(parts, folder / scheme.coreml_package)
+        shutil.rmtree(parts_dir)
+        return {"package": scheme.coreml_package, "compute_precision": scheme.activations, "weights": scheme.coreml,
+                "weight_bits": scheme.stored_bits, "bytes_on_disk": files_bytes(folder, [scheme.coreml_package])}
+
+    def release(self, converted: dict) -> None:
+        converted.clear()
+
+    def manifest_fields(self, cfg: TextConfig) -> dict:
+        o = self.options
+        return {
+            "minimum_deployment_target": COREML_MIN_DEPLOYMENT,
+            "prefill_chunk": o.chunk,
+            "context_capacity": o.context,
+            "recurrent_state": o.recurrent_state,
+            "state_dtype": "float16",
+            "padding": "start of the first prefill chunk: token 0, position_id -1",
+            "default_function": DEFAULT_FUNCTION,
+            **io_record(cfg, o),
+        }
+
+
+def _example_inputs(tokens: int, step: CoreMLStep) -> tuple[torch.Tensor, ...]:
+    inputs = (torch.zeros(1, tokens, dtype=torch.int32), torch.arange(tokens, dtype=torch.int32)[None],
+              torch.zeros(1, 1, tokens, step.capacity), torch.zeros(1, dtype=torch.int32))
+    if step.recurrent_io:
+        inputs += (torch.zeros(step.recurrent_io_shape()),)
+    return inputs
+
+
+def convert_function(step: CoreMLStep, tokens: int, compute: str):  # noqa: ANN201
+    """One function (T = tokens) as a Core ML mlprogram (not loaded: this may be Linux)."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' pass-by-pass bars; our Stages bar reports progress
+    import coremltools as ct
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(step, _example_inputs(tokens, step), strict=False)
+        program = program.run_decompositions({})
+    # fp32 outputs in every variant: an fp16 program casts at the end, so the carried state and the
+    # logits keep one dtype across variants
+    outputs = [ct.TensorType(name="logits", dtype=np.float32)]
+    if step.recurrent_io:
+        outputs.append(ct.TensorType(name="recurrent_out", dtype=np.float32))
+    precision = ct.precision.FLOAT16 if compute == "float16" else ct.precision.FLOAT32
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    return ct.convert(program, outputs=outputs, minimum_deployment_target=ct.target.iOS18,
+                      compute_precision=precision, convert_to="mlprogram", skip_model_load=True)
+
+
+def merge_functions(parts: dict[str, Path], out: Path) -> None:
+    """Save the per-function packages as one multifunction package; shared weights stored once."""
+    import coremltools as ct
+
+    desc = ct.utils.MultiFunctionDescriptor()
+    for name, path in parts.items():
+        desc.add_function(str(path), src_function_name="main", target_function_name=name)
+    desc.default_function_name = DEFAULT_FUNCTION
+    ct.utils.save_multifunction(desc, str(out))
+
+
+def io_record(cfg: TextConfig, options: CoreMLOptions) -> dict:
+    """The package's inputs, outputs and states per function, as the manifest states them."""
+    recurrent_io = options.recurrent_state == "io"
+    tensors = state_tensors(cfg)
+    states = {t.coreml_name: list(t.shape(1, options.context)) for t in tensors
+              if not (recurrent_io and t.role.role == "recurrent")}
+    recurrent = [t for t in tensors if t.role.role == "recurrent"]
+    functions = {}
+    for name, t in (("prefill", options.chunk), ("decode", 1)):
+        inputs = {"input_ids": [1, t], "position_ids": [1, t], "attention_mask": [1, 1, t, options.context],
+                  "write_position": [1]}
+        outputs = {"logits": [1, 1, cfg.vocab_size]}
+        if recurrent_io:
+            inputs["recurrent_in"] = outputs["recurrent_out"] = [len(recurrent), *recurrent[0].shape(1)[1:]]
+        functions[name] = {"inputs": inputs, "outputs": outputs}
+    return {"functions": functions, "states": states}
+
+
+def export_coreml(checkpoint: str | Path, out: Path, schemes: str = "fp32", options: CoreMLOptions = CoreMLOptions(), *,
+                  force: bool = False, progress: bool = True) -> Path:
+    """`qwen-edge export --format coreml CHECKPOINT OUT --quant SCHEMES` from Python."""
+    from exporter.pipeline import ExportRequest, run_export
+    from quant.schemes import parse_schemes
+
+    return run_export(ExportRequest(checkpoint, out, tuple(parse_schemes(schemes, "coreml")), force, progress),
+                      CoreMLBackend(options))

@@ -1,0 +1,58 @@
+"""The two forms of an exported decoder graph, and the lossless conversion from one to the other.
+
+- "standard": the recurrent ops `LinearAttention` / `CausalConvWithState` in ONNX opset 27 and the
+  norms as `RMSNormalization` (ONNX Runtime >= 1.32);
+- "contrib": the same ops in `com.microsoft` and the norms as ONNX Runtime's
+  `SimplifiedLayerNormalization`, the rest of the graph on the trace opset (ORT >= 1.25, what web
+  and mobile runtimes load).
+
+`to_contrib` turns a saved standard graph into the contrib form (the app bundles need it). It edits
+protobufs only, so packaging needs neither torch nor the weights in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import onnx
+
+from runtime_py.export_format import RECURRENT_FORMS, TRACE_OPSET
+
+RECURRENT_OPS = ("LinearAttention", "CausalConvWithState")
+NORM_OP = {"standard": "RMSNormalization", "contrib": "SimplifiedLayerNormalization"}
+CONTRIB_DOMAIN = RECURRENT_FORMS["contrib"].domain
+
+
+def to_contrib(model: onnx.ModelProto) -> bool:
+    """Turn a standard (opset-27) graph into the contrib form, in place.
+
+    The recurrent nodes move to `com.microsoft` and each fused norm becomes
+    `SimplifiedLayerNormalization` (exporter/onnx/norms.py): same inputs, attributes and weights
+    (external data untouched), only op names, domains and opset imports change, so the result is the
+    graph `--recurrent-ops contrib` would have written. Returns False when the graph had no standard node.
+    """
+    standard = [n for n in all_nodes(model.graph) if n.domain in ("", "ai.onnx")
+                and n.op_type in (*RECURRENT_OPS, NORM_OP["standard"])]
+    if not standard:
+        return False
+    for node in standard:
+        if node.op_type == NORM_OP["standard"]:
+            node.op_type = NORM_OP["contrib"]
+        else:
+            node.domain = CONTRIB_DOMAIN
+    imports = {o.domain: o.version for o in model.opset_import}
+    imports[""] = TRACE_OPSET
+    imports[CONTRIB_DOMAIN] = max(imports.get(CONTRIB_DOMAIN, 1), 1)
+    imports.pop("ai.onnx", None)
+    del model.opset_import[:]
+    model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in sorted(imports.items()))
+    return True
+
+
+def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node, including those of subgraphs (If/Loop/Scan bodies)."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from all_nodes(sub)

@@ -1,0 +1,1 @@
+"""`qwen-edge package`: app bundles for Android, iOS and the web, and `package verify`."""
