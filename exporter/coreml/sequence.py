@@ -97,11 +97,3 @@ class CoreMLRunner:
 
     def decode(self, token: int) -> np.ndarray:
         return self.sequence.decode(token)[None]
-
-
-def greedy(sequence: CoreMLSequence, prompt: list[int], steps: int) -> list[int]:
-    """Greedy continuation of `prompt` (the prefill's token, then `steps - 1` decode calls)."""
-    out = [int(sequence.prefill(prompt).argmax())]
-    while len(out) < steps:
-        out.append(int(sequence.decode(out[-1]).argmax()))
-    return out
