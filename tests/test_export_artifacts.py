@@ -96,3 +96,17 @@ def test_every_norm_is_one_node(layout, norm_op, tiny_exports, tiny_checkpoints)
     assert all(init.name in used for init in model.graph.initializer)  # the old chains' constants went too
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in norms[0].attribute}
     assert attrs["axis"] == -1 and attrs["stash_type"] == 1 and attrs["epsilon"] == pytest.approx(cfg.rms_norm_eps)
+
+
+DOCUMENTED_AXES = {"batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"}
+
+
+@pytest.mark.parametrize("layout", ["kv_equal_tied", "kv_double_untied"])
+def test_every_dynamic_axis_has_a_documented_name(layout, tiny_exports, default_all_variants):
+    """Graph inputs and outputs carry the spec's axis names (no traced names such as `s53`), in every variant."""
+    graphs = [*(tiny_exports[layout] / "onnx").glob("*.onnx"), *(default_all_variants / "onnx").glob("*.onnx")]
+    for path in graphs:
+        model = onnx.load(str(path), load_external_data=False)
+        for value in [*model.graph.input, *model.graph.output]:
+            for dim in value.type.tensor_type.shape.dim:
+                assert dim.HasField("dim_value") or dim.dim_param in DOCUMENTED_AXES, (path.name, value.name, dim)

@@ -58,8 +58,27 @@ def _sample_inputs(model: Qwen35Decoder) -> tuple[torch.Tensor, ...]:
     )
 
 
+def _name_dynamic_axes(model: ir.Model, spec: GraphSpec) -> None:
+    """Give every dynamic axis the spec's name (`total_sequence_length`, not the tracer's `s53` or
+    `sequence_length + past_sequence_length`), in the graph's I/O and in every intermediate shape."""
+    dims = {t.name: t.dims for t in (*spec.inputs, *spec.outputs)}
+    rename: dict[str, str] = {}
+    for value in (*model.graph.inputs, *model.graph.outputs):
+        for traced, wanted in zip(value.shape or (), dims.get(value.name, ())):
+            if isinstance(wanted, str) and isinstance(traced, ir.SymbolicDim) and traced.value != wanted:
+                rename[traced.value] = wanted
+    if not rename:
+        return
+    values = [*model.graph.inputs, *(out for node in model.graph for out in node.outputs)]
+    for value in values:
+        if value.shape is not None and any(isinstance(d, ir.SymbolicDim) and d.value in rename for d in value.shape):
+            value.shape = ir.Shape([ir.SymbolicDim(rename[d.value]) if isinstance(d, ir.SymbolicDim) and d.value in rename
+                                    else d for d in value.shape])
+
+
 def _describe(model: ir.Model, spec: GraphSpec, doc: str) -> None:
-    """Put the spec's descriptions on the graph's inputs and outputs (self-describing artifact)."""
+    """Put the spec's descriptions and axis names on the graph's inputs and outputs (self-describing artifact)."""
+    _name_dynamic_axes(model, spec)
     model.graph.doc_string = doc
     docs = {t.name: t.doc for t in (*spec.inputs, *spec.outputs)}
     for value in (*model.graph.inputs, *model.graph.outputs):
