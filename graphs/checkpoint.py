@@ -7,7 +7,6 @@ so a wrong or damaged file fails in seconds with the name of the tensor at fault
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from safetensors import safe_open
 
 from graphs.config import TextConfig, load_text_config
 from graphs.errors import QwenEdgeError
+from graphs.file_checks import member, read_json
 from graphs.qwen3_5 import LogitsMode, Qwen35Decoder
 from graphs.recurrent_ops import CUSTOM_OPS, RecurrentKernels
 
@@ -41,19 +41,40 @@ class TensorEntry:
 
 def _shard_files(folder: Path) -> list[Path]:
     index = folder / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise QwenEdgeError(f"{index}: not a valid safetensors index ({exc}); re-download it") from exc
-        files = sorted({folder / name for name in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise QwenEdgeError(f"{folder}: shard {missing[0]} named in {INDEX_NAME} is missing; download all shards")
-        return files
+    if index.exists():
+        return _indexed_shards(folder, index)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise QwenEdgeError(f"{folder}: no *.safetensors weights found; point at a checkpoint folder with weights")
+    for file in files:
+        _check_regular(file)
+    return files
+
+
+def _check_regular(path: Path) -> None:
+    """Weights are read from regular files only (a FIFO or a device would block or never end)."""
+    if not path.is_file():
+        raise QwenEdgeError(f"{path}: not a regular file; a checkpoint's weights must be plain .safetensors files")
+
+
+def _indexed_shards(folder: Path, index: Path) -> list[Path]:
+    """The shards `model.safetensors.index.json` names; each name must be a file inside the checkpoint."""
+    _check_regular(index)
+    fix = "re-download the checkpoint's index"
+    parsed = read_json(index, fix)
+    weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise QwenEdgeError(f"{index}: not a safetensors index (it needs a non-empty 'weight_map' object); {fix}")
+    names = list(weight_map.values())
+    for name in names:
+        member(folder, name, str(index), follow_links=True)  # a string, and a plain name inside the folder
+    files = [folder / name for name in sorted(set(names))]
+    for file in files:
+        if not file.name.endswith(".safetensors"):
+            raise QwenEdgeError(f"{index}: shard {file.name!r} is not a .safetensors file; {fix}")
+        if not file.exists():
+            raise QwenEdgeError(f"{folder}: shard {file.name} named in {INDEX_NAME} is missing; download all shards")
+        _check_regular(file)
     return files
 
 
@@ -84,9 +105,10 @@ def index_tensors(folder: Path) -> dict[str, TensorEntry]:
         except QwenEdgeError:
             raise
         except Exception as exc:  # safetensors raises several types for damaged files
+            detail = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
             raise QwenEdgeError(
-                f"{file}: unreadable safetensors file ({str(exc).splitlines()[0]}); it is truncated or corrupt, re-download it"
-            ) from exc
+                f"{file}: unreadable safetensors file ({detail}); it is truncated or corrupt, re-download it"
+            ) from None
     return entries
 
 
