@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from graphs.config import check_within_context, load_text_config
+from graphs.errors import QwenEdgeError
+from graphs.file_checks import read_json
 from runtime_py.export_format import export_variants
 from runtime_py.session import OnnxModel
 from runtime_py.tokenizer import StreamDecoder, TextTokenizer
@@ -76,10 +78,14 @@ def stop_ids(export_dir: Path) -> list[int]:
     """End-of-sequence ids from generation_config.json, else config.json."""
     for name in ("generation_config.json", "config.json"):
         path = Path(export_dir) / name
-        if path.is_file():
-            eos = json.loads(path.read_text()).get("eos_token_id")
+        if path.exists():
+            config = read_json(path, f"fix {name} or re-export")
+            eos = config.get("eos_token_id") if isinstance(config, dict) else None
             if eos is not None:
-                return eos if isinstance(eos, list) else [eos]
+                ids = eos if isinstance(eos, list) else [eos]
+                if not all(type(i) is int and i >= 0 for i in ids):
+                    raise QwenEdgeError(f"{path}: eos_token_id must be a token id or a list of them; fix {name}")
+                return ids
     return []
 
 
@@ -103,7 +109,13 @@ def generate_text(request: GenerateRequest, on_text: Callable[[str], None]) -> l
                       threads=request.threads)
     messages = [{"role": "user", "content": request.prompt}]
     text = tokenizer.apply_chat_template(messages) if request.chat else request.prompt
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise QwenEdgeError("--prompt is empty; give at least one token of text")
+    cfg = load_text_config(request.export_dir)
+    check_within_context(cfg, len(ids), "--prompt")
     stream = StreamDecoder(tokenizer)
     on_text("" if request.chat else request.prompt)
-    return generate(model, tokenizer.encode(text), request.max_new_tokens, request.sampling,
+    # Generation stops at the model's context, as transformers' max_length does.
+    return generate(model, ids, min(request.max_new_tokens, cfg.max_position_embeddings - len(ids)), request.sampling,
                     stop_ids=stop_ids(request.export_dir), on_token=lambda t: on_text(stream.push(t)))

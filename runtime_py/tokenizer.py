@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from graphs.errors import QwenEdgeError
+from graphs.file_checks import read_json
+from runtime_py.chat_template import TemplateLimit, render_bounded
+
+# What `check_support_files` renders to prove a chat template works.
+SAMPLE_CONVERSATION = [{"role": "user", "content": "What is 12 plus 7?"}]
 
 
 class TextTokenizer:
@@ -18,15 +21,26 @@ class TextTokenizer:
     def __init__(self, folder: Path | str) -> None:
         folder = Path(folder)
         path = folder / "tokenizer.json"
-        if not path.is_file():
+        if not path.exists():
             raise QwenEdgeError(f"{folder}: tokenizer.json not found; export from a checkpoint that has one")
-        self.tokenizer = Tokenizer.from_file(str(path))
+        read_json(path, "re-download the checkpoint's tokenizer.json")  # a clear error for a damaged file
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the tokenizers library raises plain Exceptions for files it cannot read
+            raise QwenEdgeError(f"{path}: not a tokenizer the tokenizers library can load "
+                                f"({str(exc)[:160]}); re-download the checkpoint's tokenizer.json") from None
         cfg_path = folder / "tokenizer_config.json"
-        self.config: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        config = read_json(cfg_path, "re-download the checkpoint's tokenizer_config.json") if cfg_path.exists() else {}
+        if not isinstance(config, dict):
+            raise QwenEdgeError(f"{cfg_path}: must hold a JSON object; re-download the checkpoint's tokenizer_config.json")
+        self.config: dict[str, Any] = config
         template_file = folder / "chat_template.jinja"
-        self.chat_template: str | None = (
-            template_file.read_text() if template_file.is_file() else self.config.get("chat_template")
-        )
+        try:
+            template = template_file.read_bytes().decode("utf-8") if template_file.is_file() else config.get("chat_template")
+        except (OSError, UnicodeDecodeError):
+            raise QwenEdgeError(f"{template_file}: not readable UTF-8 text; re-download the checkpoint's chat template") from None
+        self.chat_template: Any = template
+        self.template_source = template_file if template_file.is_file() else cfg_path
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -38,12 +52,25 @@ class TextTokenizer:
         return self.tokenizer.token_to_id(token)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The prompt the model's chat template makes of `messages`; every template error is a QwenEdgeError."""
         if not self.chat_template:
             raise QwenEdgeError("this model has no chat template; run without --chat to use a plain prompt")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        template = env.from_string(self.chat_template)
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=self.config.get("bos_token") or "", eos_token=self.config.get("eos_token") or "")
+        if not isinstance(self.chat_template, str):
+            raise QwenEdgeError("the model's chat_template is not a string; give one template in tokenizer_config.json "
+                                "or chat_template.jinja")
+        variables = {"messages": messages, "add_generation_prompt": add_generation_prompt,
+                     "bos_token": self.config.get("bos_token") or "", "eos_token": self.config.get("eos_token") or ""}
+        try:
+            text = render_bounded(self.chat_template, variables)
+        except TemplateLimit as exc:
+            raise QwenEdgeError(f"{self.template_source}: the chat template asks for more work than a prompt needs "
+                                f"({exc}); fix the template or run without --chat") from None
+        except Exception as exc:  # a template can raise anything (syntax, undefined names, its own raise_exception)
+            raise QwenEdgeError(f"{self.template_source}: the chat template fails ({type(exc).__name__}: "
+                                f"{str(exc)[:160]}); fix the template or run without --chat") from None
+        if not isinstance(text, str):
+            raise QwenEdgeError(f"{self.template_source}: the chat template did not produce text; fix the template")
+        return text
 
 
 class StreamDecoder:
@@ -62,3 +89,16 @@ class StreamDecoder:
         piece = text[self.emitted :]
         self.emitted = len(text)
         return piece
+
+
+def check_support_files(folder: Path) -> None:
+    """Refuse, at export, tokenizer files that `generate` could not use: tokenizer.json must load,
+    tokenizer_config.json must be an object, a chat template must render a sample conversation into
+    text the tokenizer encodes. A checkpoint without tokenizer.json is accepted (random test
+    checkpoints have none), and so is one without a chat template."""
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").exists():
+        return
+    tokenizer = TextTokenizer(folder)
+    if isinstance(tokenizer.chat_template, str) and tokenizer.chat_template:
+        tokenizer.encode(tokenizer.apply_chat_template(SAMPLE_CONVERSATION))
