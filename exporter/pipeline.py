@@ -22,8 +22,10 @@ from exporter.progress import Stages
 from graphs.checkpoint import Checkpoint, open_checkpoint
 from graphs.config import TextConfig
 from graphs.errors import QwenEdgeError
+from graphs.file_checks import read_json
 from quant.schemes import SCHEMES, Scheme
 from runtime_py.export_format import EXPORT_FORMAT, SUPPORT_FILES, qwen_edge_version, write_manifest
+from runtime_py.tokenizer import check_support_files
 
 ACTIVATIONS = ("float32", "float16")  # groups are prepared in this order
 
@@ -46,6 +48,9 @@ class ExportBackend(Protocol):
 
     def check(self, schemes: tuple[Scheme, ...]) -> None:
         """Refuse, before any work, what this format cannot write."""
+
+    def check_config(self, cfg: TextConfig) -> None:
+        """Refuse, before any weight is read, options this model cannot take."""
 
     def prepare_stages(self, activations: str) -> list[str]:
         """Names of the stages `prepare` runs for one activation dtype."""
@@ -73,15 +78,15 @@ def run_export(request: ExportRequest, backend: ExportBackend) -> Path:
     backend.check(request.schemes)
     folder = resolve_checkpoint(request.checkpoint)
     out = Path(request.out)
-    check_destination(out, request.force)
+    check_destination(out, request.force, [folder])
     groups = [(a, [s for s in request.schemes if s.activations == a]) for a in ACTIVATIONS]
     groups = [(a, members) for a, members in groups if members]
     names = ["check checkpoint", "load weights"]
     for activations, members in groups:
         names += backend.prepare_stages(activations) + [f"write {s.name}" for s in members]
     stages = Stages([*names, "copy tokenizer"], request.progress)
-    checkpoint = stages.run(lambda: open_checkpoint(folder))
-    with atomic_output_dir(out, request.force) as tmp:
+    checkpoint = stages.run(lambda: _open_checked(folder, backend))
+    with atomic_output_dir(out, request.force, [folder]) as tmp:
         model = stages.run(lambda: backend.load(checkpoint))
         records = {}
         for activations, members in groups:
@@ -102,11 +107,25 @@ def run_export(request: ExportRequest, backend: ExportBackend) -> Path:
     return out
 
 
+def _open_checked(folder: Path, backend: ExportBackend) -> Checkpoint:
+    """The checkpoint, its options and every file `generate` will read, checked before the work starts."""
+    checkpoint = open_checkpoint(folder)
+    backend.check_config(checkpoint.config)
+    check_support_files(folder)
+    generation = folder / "generation_config.json"
+    if generation.exists() and not isinstance(read_json(generation, "fix it or remove it"), dict):
+        raise QwenEdgeError(f"{generation}: must hold a JSON object; fix it or remove it")
+    return checkpoint
+
+
 def copy_support_files(src: Path, dst: Path) -> list[str]:
-    """Tokenizer, chat template and configs a client needs beside the graphs."""
-    names = [n for n in SUPPORT_FILES if (src / n).is_file()]
+    """Tokenizer, chat template and configs a client needs beside the graphs (contents only: the
+    copies follow the user's umask, not the checkpoint's modes)."""
+    names = [n for n in SUPPORT_FILES if (src / n).exists()]
     for name in names:
-        shutil.copy2(src / name, dst / name)
+        if not (src / name).is_file():
+            raise QwenEdgeError(f"{src / name}: not a regular file; a checkpoint's support files must be plain files")
+        shutil.copyfile(src / name, dst / name)
     return names
 
 

@@ -69,6 +69,13 @@ class CoreMLBackend:
     def check(self, schemes: tuple[Scheme, ...]) -> None:
         """Every scheme has a Core ML form."""
 
+    def check_config(self, cfg: TextConfig) -> None:
+        """The KV-cache capacity is allocated in full: no more than the model's context."""
+        if self.options.context > cfg.max_position_embeddings:
+            raise QwenEdgeError(f"--context {self.options.context} is longer than the model's context "
+                                f"({cfg.max_position_embeddings:,} positions, config.json max_position_embeddings); "
+                                "pass a smaller --context")
+
     def prepare_stages(self, activations: str) -> list[str]:
         return [f"convert {f} ({activations})" for f in FUNCTIONS]
 

@@ -55,6 +55,9 @@ class OnnxBackend:
             if not scheme.onnx:
                 raise QwenEdgeError(f"--quant {scheme.name!r} is a Core ML weight option; export it with --format coreml")
 
+    def check_config(self, cfg: TextConfig) -> None:
+        """Every config that passed graphs/config.py exports to ONNX."""
+
     def prepare_stages(self, activations: str) -> list[str]:
         return [f"trace {activations} graphs"]
 
