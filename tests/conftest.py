@@ -85,6 +85,16 @@ def tiny_exports(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.Tem
 
 
 @pytest.fixture(scope="session")
+def tiny_bundle(tiny_exports: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An Android bundle of a tiny contrib export; tests that change it restore it."""
+    from exporter.package.build import package_export
+
+    out = tmp_path_factory.mktemp("tiny-bundle") / "bundle"
+    package_export(tiny_exports["kv_double_untied"], out, "android")
+    return out
+
+
+@pytest.fixture(scope="session")
 def default_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_onnx("default", tmp_path_factory.mktemp("default") / "export", progress=False)
 

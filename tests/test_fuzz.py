@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, strategies as st
 
-from exporter.package.build import package_export
+from exporter.package.manifest import CLAIMS
 from exporter.package.verify import BUNDLE_MANIFEST, check_bundle
 from graphs.checkpoint import index_tensors
 from graphs.config import LIMITS, text_config_from_dict
@@ -190,34 +190,55 @@ def test_strict_json_refuses_repeated_keys_and_nan(key: str, twice: bool) -> Non
 
 # ---- package verify --------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_bundle(tiny_exports: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("fuzz") / "bundle"
-    package_export(tiny_exports["kv_double_untied"], out, "android")
-    return out
-
-
-DERIVED_PATHS = ("graphs", "min_runtime", "model", "state_layout", "logits", "files", "total_bytes", "variants",
-                 "support_files", "target", "format", "bundle_format", "recurrent_ops")
+def _is_claim(path: tuple) -> bool:
+    """Is `path` (or a part of it) a field only the build knows (exporter/package/manifest.CLAIMS)?"""
+    dotted = ".".join("*" if i == 1 and path[0] == "variants" else str(k) for i, k in enumerate(path))
+    return any(dotted == c or dotted.startswith(c + ".") for c in CLAIMS)
 
 
 @given(data=st.data())
 def test_verify_rejects_every_tampered_manifest(tiny_bundle: Path, data: st.DataObject) -> None:
-    """Any change to a field `verify` checks is caught; any change at all is caught with the hash pinned."""
+    """Any change to the manifest is caught, except a well-typed change of a provenance claim; with the
+    hash pinned, any change at all is caught."""
     path = tiny_bundle / BUNDLE_MANIFEST
     original = path.read_bytes()
     manifest = json.loads(original)
     _, pinned = check_bundle(tiny_bundle)
-    top = data.draw(st.sampled_from(DERIVED_PATHS))
-    inner = data.draw(st.sampled_from([p for p in _paths(manifest[top], (top,))]))
-    new = data.draw(JSON | st.sampled_from([0, 1, -1, "", [], {}, None]))
-    tampered = _replace(manifest, inner, new) if data.draw(st.booleans()) else _delete(manifest, inner)
+    inner = data.draw(st.sampled_from(_paths(manifest)[1:]))
+    new = data.draw(JSON | st.sampled_from([0, 1, -1, "", [], {}, None, True]))
+    action = data.draw(st.sampled_from(["replace", "delete", "add"]))
+    if action == "add":
+        parent = inner[:-1]
+        node = manifest
+        for key in parent:
+            node = node[key]
+        if not isinstance(node, dict):
+            return
+        inner = parent + (data.draw(st.text(min_size=1, max_size=8)),)
+    tampered = _delete(manifest, inner) if action == "delete" else _replace(manifest, inner, new)
     if tampered == manifest:
         return
     try:
         path.write_text(json.dumps(tampered, indent=2, sort_keys=True) + "\n")
-        with pytest.raises(QwenEdgeError):
-            check_bundle(tiny_bundle)
+        if not _is_claim(inner):
+            with pytest.raises(QwenEdgeError):
+                check_bundle(tiny_bundle)
+        with pytest.raises(QwenEdgeError, match="pinned"):
+            check_bundle(tiny_bundle, pinned)
+    finally:
+        path.write_bytes(original)
+
+
+def test_claims_are_what_only_the_pin_proves(tiny_bundle: Path) -> None:
+    """A well-typed change of a provenance claim passes `verify` (documented) and fails with the pin."""
+    path = tiny_bundle / BUNDLE_MANIFEST
+    original = path.read_bytes()
+    _, pinned = check_bundle(tiny_bundle)
+    manifest = json.loads(original)
+    manifest["model"]["name"] = "someone-else/another-model"
+    try:
+        path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        check_bundle(tiny_bundle)
         with pytest.raises(QwenEdgeError, match="pinned"):
             check_bundle(tiny_bundle, pinned)
     finally:

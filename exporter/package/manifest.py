@@ -11,6 +11,12 @@ is caught even when every file's hash is right. Torch-free (onnx protobufs only,
     logits              'last position' or 'all positions', from the graphs' logits output
     generation_defaults generation_config.json of the bundle ({} without one)
     files, total_bytes  path, size and SHA-256 of every file but the manifest
+    support_files       the copied tokenizer/config files at the bundle's top level (web: every top-level file)
+    coreml.packages     the bundle's coreml/*.mlpackage folders
+
+Only the build knows the CLAIMS (provenance): `verify` checks their types, and only a pinned
+manifest hash (`package verify --manifest-sha256`) proves their values. Every other field is either
+derived above or checked against the files (variant file names, quantization, recurrent-op form).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from exporter.onnx.forms import CONTRIB_DOMAIN, RECURRENT_OPS, all_nodes
 from graphs.config import TextConfig, text_config_from_dict
 from graphs.errors import QwenEdgeError
 from graphs.file_checks import read_json
-from graphs.state import layer_state_layout
+from graphs.state import layer_state_layout, state_tensors
 from runtime_py.export_format import MIN_IOS, RECURRENT_FORMS, opset_imports
 
 BUNDLE_MANIFEST = "manifest.json"
@@ -34,6 +40,12 @@ SHAPE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_si
               "num_key_value_heads", "head_dim", "linear_num_key_heads", "linear_num_value_heads",
               "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim", "tie_word_embeddings")
 DERIVED = ("graphs", "min_runtime", "model.shape", "state_layout", "logits", "generation_defaults", "total_bytes")
+TOP_LEVEL_KEYS = {"bundle_format", "target", "format", "qwen_edge_version", "model", "logits", "recurrent_ops",
+                  "variants", "graphs", "state_layout", "generation_defaults", "support_files", "min_runtime", "files",
+                  "total_bytes"}  # plus "coreml" in an ios bundle
+CLAIMS = ("qwen_edge_version", "model.name", "recurrent_ops.exported_as", "variants.*.converted_to_contrib",
+          "coreml.export_record")
+QUANT_KEYS = ("activations", "weight_bits", "block_size", "symmetric", "accuracy_level")
 _CHUNK = 1 << 20
 
 
@@ -94,6 +106,16 @@ def quantization_of(model: onnx.ModelProto) -> dict:
         found["accuracy_level"].add(attrs.get("accuracy_level", 0))
         found["symmetric"].add(len(node.input) < 4 or not node.input[3])
     return {k: next(iter(v)) if len(v) == 1 else sorted(v, key=str) for k, v in found.items() if v}
+
+
+def activations_of(model: onnx.ModelProto, cfg: TextConfig) -> str | None:
+    """The activation dtype a graph computes in: that of its state inputs held in the activation dtype
+    (graphs/state.py; logits are float32 in every variant)."""
+    names = {t.past_name for t in state_tensors(cfg) if t.dtype("float16") == "float16"}
+    for tensor in graph_record(model)["inputs"]:
+        if tensor["name"] in names:
+            return tensor["dtype"]
+    return None
 
 
 def bundle_config(root: Path) -> TextConfig:

@@ -23,10 +23,13 @@ import re
 import stat
 from pathlib import Path
 
-from exporter.package.manifest import (BUNDLE_FORMAT, BUNDLE_MANIFEST, DERIVED, derived_fields, file_records,
-                                       load_graph, quantization_of, sha256, standard_recurrent_nodes)
+from exporter.onnx.forms import CONTRIB_DOMAIN
+from exporter.package.manifest import (BUNDLE_FORMAT, BUNDLE_MANIFEST, DERIVED, QUANT_KEYS, TOP_LEVEL_KEYS,
+                                       activations_of, bundle_config, derived_fields, file_records, load_graph, quantization_of,
+                                       sha256, standard_recurrent_nodes)
 from graphs.errors import QwenEdgeError
-from graphs.file_checks import parse_json, relative_name_problem
+from graphs.file_checks import MAX_JSON_BYTES, parse_json, relative_name_problem
+from runtime_py.export_format import RECURRENT_FORMS, SUPPORT_FILES
 
 __all__ = ["BUNDLE_FORMAT", "BUNDLE_MANIFEST", "bundle_entries", "check_bundle", "file_records", "sha256", "verify_bundle"]
 
@@ -118,35 +121,22 @@ def _check_entries(root: Path, listed: dict[str, dict], problems: list[str]) -> 
 def _check_claims(root: Path, manifest: dict, listed: dict[str, dict], problems: list[str]) -> None:
     """The manifest's fields against the (already hash-checked) files."""
     target = manifest.get("target")
+    expected_keys = TOP_LEVEL_KEYS | ({"coreml"} if target == "ios" else set())
+    for key in sorted(set(manifest) ^ expected_keys):
+        problems.append(f"{key}: " + ("not a field of a bundle manifest" if key in manifest else "missing"))
     if manifest.get("format") != TARGET_FORMATS[target]:
         problems.append(f"format {manifest.get('format')!r:.40} is not {TARGET_FORMATS[target]!r}, the {target} format")
+    if not isinstance(manifest.get("qwen_edge_version"), str):
+        problems.append("qwen_edge_version: not a string")
     for rel in REQUIRED_FILES[target]:
         if rel not in listed:
             problems.append(f"{rel}: the {target} target needs it, and the bundle does not list it")
-    support = manifest.get("support_files")
-    if not isinstance(support, list) or not all(isinstance(n, str) and n in listed for n in support):
-        problems.append("support_files: must list files of the bundle")
+    top = sorted(p for p in listed if "/" not in p)
+    support = top if target == "web" else [p for p in top if p in SUPPORT_FILES]
+    if manifest.get("support_files") != support:
+        problems.append(f"support_files: must list the bundle's {'top-level' if target == 'web' else 'tokenizer and config'} "
+                        "files, sorted")
     graphs = sorted(p for p in listed if p.endswith(".onnx"))
-    variants = manifest.get("variants")
-    if not isinstance(variants, dict) or not variants:
-        problems.append("variants: must be a non-empty object")
-        variants = {}
-    for name, record in variants.items():
-        _check_variant(root, target, name, record, listed, problems)
-    coreml = manifest.get("coreml")
-    if (target == "ios") != isinstance(coreml, dict):
-        problems.append("coreml: an ios bundle describes its Core ML packages there, other targets do not")
-    elif target == "ios":
-        packages = coreml.get("packages")
-        if not isinstance(packages, list) or not packages or not all(
-                isinstance(p, str) and f"{p}/Manifest.json" in listed for p in packages):
-            problems.append("coreml.packages: must name the bundle's .mlpackage folders (each with its Manifest.json)")
-    for rel in graphs:
-        if standard_recurrent_nodes(load_graph(root / rel)):
-            problems.append(f"{rel}: recurrent ops outside com.microsoft, but the manifest claims the contrib form")
-    recurrent = manifest.get("recurrent_ops")
-    if not isinstance(recurrent, dict) or recurrent.get("form") != "contrib":
-        problems.append("recurrent_ops: every bundle carries the contrib form")
     derived = derived_fields(root, graphs, target == "ios")
     derived["total_bytes"] = sum(e["bytes"] for e in listed.values())
     for key in DERIVED:
@@ -156,26 +146,69 @@ def _check_claims(root: Path, manifest: dict, listed: dict[str, dict], problems:
             stated = stated.get(tail) if isinstance(stated, dict) else None
         if stated != derived[key]:
             problems.append(f"{key}: the manifest's value differs from what the bundle's files say")
+    model = manifest.get("model")
+    if (not isinstance(model, dict) or set(model) != {"name", "architecture", "shape"}
+            or model["architecture"] != "qwen3_5" or not isinstance(model["name"], str)):
+        problems.append("model: must be {name (a string), architecture 'qwen3_5', shape}")
+    recurrent = manifest.get("recurrent_ops")
+    exported_as = recurrent.get("exported_as") if isinstance(recurrent, dict) else None
+    if (not isinstance(recurrent, dict) or set(recurrent) != {"form", "domain", "exported_as"}
+            or recurrent["form"] != "contrib" or recurrent["domain"] != CONTRIB_DOMAIN
+            or exported_as not in tuple(RECURRENT_FORMS)):
+        problems.append(f"recurrent_ops: every bundle carries the contrib form ({CONTRIB_DOMAIN}), exported as one of "
+                        f"{', '.join(RECURRENT_FORMS)}")
+    for rel in graphs:
+        if standard_recurrent_nodes(load_graph(root / rel)):
+            problems.append(f"{rel}: recurrent ops outside com.microsoft, but the manifest claims the contrib form")
+    variants = manifest.get("variants")
+    if not isinstance(variants, dict) or not variants:
+        problems.append("variants: must be a non-empty object")
+        variants = {}
+    converted = exported_as == "standard" and "linear_attention" in (derived["model.shape"]["layer_types"])
+    named: list[str] = []
+    for name, record in variants.items():
+        named += _check_variant(root, target, name, record, listed, converted, problems)
+    models = sorted(p for p in listed if p.endswith((".onnx", ".ort")))
+    if sorted(named) != models:
+        problems.append("variants: must name every graph of the bundle, each once")
+    if target == "ios":
+        _check_coreml(manifest.get("coreml"), listed, problems)
 
 
-def _check_variant(root: Path, target: str, name: object, record: object, listed: dict, problems: list[str]) -> None:
-    if not isinstance(record, dict):
-        problems.append(f"variants.{name}: not an object")
-        return
-    for key in VARIANT_FILE_KEYS[target]:
-        if not isinstance(record.get(key), str) or record[key] not in listed:
-            problems.append(f"variants.{name}.{key}: must name a file listed in the bundle")
-    quant = record.get("quantization")
-    if not isinstance(quant, dict):
-        problems.append(f"variants.{name}.quantization: not an object")
-        return
+def _check_coreml(coreml: object, listed: dict, problems: list[str]) -> None:
+    packages = sorted({p.split("/")[1] for p in listed if p.startswith("coreml/") and p.count("/") >= 2
+                       and p.split("/")[1].endswith(".mlpackage")})
+    if (not isinstance(coreml, dict) or set(coreml) != {"packages", "export_record"}
+            or coreml["packages"] != [f"coreml/{p}" for p in packages]
+            or not all(f"coreml/{p}/Manifest.json" in listed for p in packages)
+            or not isinstance(coreml["export_record"], (dict, type(None)))):
+        problems.append("coreml: must name the bundle's coreml/*.mlpackage folders (each with its Manifest.json) "
+                        "and the Core ML export's record")
+
+
+def _check_variant(root: Path, target: str, name: object, record: object, listed: dict, converted: bool,
+                   problems: list[str]) -> list[str]:
+    """Check one variant's record; returns the graph files it names."""
+    keys = VARIANT_FILE_KEYS[target]
+    if not isinstance(record, dict) or set(record) != {*keys, "quantization", "converted_to_contrib"}:
+        problems.append(f"variants.{name}: must be an object of {', '.join(keys)}, quantization and converted_to_contrib")
+        return []
+    files = [record[k] for k in keys if isinstance(record[k], str) and record[k] in listed]
+    if len(files) != len(keys):
+        problems.append(f"variants.{name}: {', '.join(keys)} must name files listed in the bundle")
+    if record["converted_to_contrib"] is not converted:
+        problems.append(f"variants.{name}.converted_to_contrib: must be {str(converted).lower()} for a bundle whose "
+                        "recurrent_ops.exported_as is that")
+    quant = record["quantization"]
     graph = record.get("onnx", record.get("decoder"))
-    if isinstance(graph, str) and graph in listed and graph.endswith(".onnx"):
-        found = quantization_of(load_graph(root / graph))
-        claimed = {k: quant[k] for k in ("weight_bits", "block_size", "accuracy_level", "symmetric") if k in quant}
-        if claimed != found:
-            problems.append(f"variants.{name}.quantization: claims {claimed or 'float weights'}, "
-                            f"the graph {graph} has {found or 'float weights'}")
+    if not isinstance(quant, dict) or not set(quant) <= set(QUANT_KEYS):
+        problems.append(f"variants.{name}.quantization: must be an object of {', '.join(QUANT_KEYS)}")
+    elif graph in files:
+        model = load_graph(root / graph)
+        found = {**quantization_of(model), "activations": activations_of(model, bundle_config(root))}
+        if quant != found:
+            problems.append(f"variants.{name}.quantization: claims {quant}, the graph {graph} has {found}")
+    return files
 
 
 def verify_bundle(bundle: Path, manifest_sha256: str | None = None) -> dict:
@@ -196,6 +229,8 @@ def check_bundle(bundle: Path, manifest_sha256: str | None = None) -> tuple[dict
     if path.is_symlink() or not path.is_file():
         raise QwenEdgeError(f"{bundle}: no {BUNDLE_MANIFEST} (as a regular file); pass a folder written by "
                             "'qwen-edge package'")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise QwenEdgeError(f"{path}: {path.stat().st_size:,} bytes, larger than any bundle manifest; re-package the export")
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if manifest_sha256 is not None and digest != manifest_sha256.lower():
