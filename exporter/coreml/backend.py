@@ -13,9 +13,11 @@ once.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +157,20 @@ def merge_functions(parts: dict[str, Path], out: Path) -> None:
         desc.add_function(str(path), src_function_name="main", target_function_name=name)
     desc.default_function_name = DEFAULT_FUNCTION
     ct.utils.save_multifunction(desc, str(out))
+    stable_item_identifiers(out)
+
+
+def stable_item_identifiers(package: Path) -> None:
+    """coremltools names a package's items (the model spec, the weights folder) by random UUIDs in
+    Manifest.json; name them by their paths instead (UUID version 5), so that exporting the same
+    checkpoint twice gives identical bytes. The identifiers are only keys within the package."""
+    path = package / "Manifest.json"
+    manifest = json.loads(path.read_text())
+    entries = manifest["itemInfoEntries"]
+    renamed = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, f"qwen-edge:{item['path']}")) for old, item in entries.items()}
+    manifest["itemInfoEntries"] = {renamed[old]: item for old, item in entries.items()}
+    manifest["rootModelIdentifier"] = renamed[manifest["rootModelIdentifier"]]
+    path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
 
 
 def io_record(cfg: TextConfig, options: CoreMLOptions) -> dict:
