@@ -13,6 +13,7 @@ once.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -67,7 +68,8 @@ class CoreMLBackend:
         self.cfg: TextConfig | None = None
 
     def check(self, schemes: tuple[Scheme, ...]) -> None:
-        """Every scheme has a Core ML form."""
+        """Every scheme has a Core ML form; coremltools must be installed."""
+        require_coremltools("--format coreml")
 
     def prepare_stages(self, activations: str) -> list[str]:
         return [f"convert {f} ({activations})" for f in FUNCTIONS]
@@ -109,6 +111,13 @@ class CoreMLBackend:
             "default_function": DEFAULT_FUNCTION,
             **io_record(cfg, o),
         }
+
+
+def require_coremltools(what: str) -> None:
+    """A clear error where coremltools is missing (it has no wheel for Linux on ARM or Windows)."""
+    if importlib.util.find_spec("coremltools") is None:
+        raise QwenEdgeError(f"{what} needs coremltools, which is not installed (it ships for macOS and Linux x86_64 "
+                            "only); export ONNX here, or run this on such a machine with 'pip install coremltools==9.0'")
 
 
 def _example_inputs(tokens: int, step: CoreMLStep) -> tuple[torch.Tensor, ...]:
