@@ -191,7 +191,10 @@ def text_config_from_dict(raw: Any) -> TextConfig:
         raise _bad(f"'rope_parameters.mrope_section' must be a short list of non-negative integers, "
                    f"not {section!r:.60}; {_FIX}")
 
-    eos = _token_ids(raw.get("eos_token_id", text.get("eos_token_id")), "eos_token_id")
+    eos = raw.get("eos_token_id")  # a null top-level value defers to text_config, as in transformers
+    if eos is None:
+        eos = text.get("eos_token_id")
+    eos = _token_ids(eos, "eos_token_id")
     for key in ("bos_token_id", "pad_token_id"):
         for part in (raw, text):
             if part.get(key) is not None:
@@ -276,3 +279,60 @@ def preset_config_dict(name: str) -> dict[str, Any]:
     if not path.is_file():
         raise QwenEdgeError(f"unknown preset {name!r}; choose one of {', '.join(preset_names())}")
     return json.loads(path.read_text())
+
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """The special token ids a checkpoint declares, resolved as transformers' generate() resolves them."""
+
+    eos: tuple[int, ...]  # every end token declared anywhere (generation config, config, text_config)
+    pad: int | None  # generation_config.json's when that file exists, else config.json's (top, then text_config)
+    bos: int | None
+
+
+def _ids(value: Any, where: str, key: str) -> tuple[int, ...]:
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise QwenEdgeError(f"{where}: {key} {value!r} is not a token id (a non-negative integer or a list of them); "
+                                f"fix {key} in {where}")
+    return tuple(values)
+
+
+def declared_token_ids(folder: Path, vocab_size: int | None = None) -> TokenIds:
+    """bos/eos/pad of a checkpoint or export folder. transformers reads only generation_config.json when
+    it exists (else config.json, top level first, then text_config for unset or null keys); the end
+    tokens are the union of all three, since generation must stop on every end token declared."""
+    folder = Path(folder)
+    config = load_config_json(folder / "config.json")
+    sources = [(config, "config.json"), (config.get("text_config") or {}, "config.json text_config")]
+    generation_path = folder / GENERATION_CONFIG
+    if generation_path.is_file():
+        try:
+            generation = json.loads(generation_path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise QwenEdgeError(f"{generation_path}: not valid JSON ({exc}); fix or remove it") from None
+        if not isinstance(generation, dict):
+            raise QwenEdgeError(f"{generation_path}: expected a JSON object; fix or remove it")
+        sources.insert(0, (generation, GENERATION_CONFIG))
+    resolving = sources[:1] if generation_path.is_file() else sources
+
+    def first(key: str) -> int | None:
+        for source, where in resolving:
+            ids = _ids(source.get(key), where, key)
+            if ids:
+                return ids[0]
+        return None
+
+    eos = tuple(dict.fromkeys(i for source, where in sources for i in _ids(source.get("eos_token_id"), where,
+                                                                            "eos_token_id")))
+    found = TokenIds(eos, first("pad_token_id"), first("bos_token_id"))
+    if vocab_size is not None:
+        for token in (*found.eos, found.pad, found.bos):
+            if token is not None and token >= vocab_size:
+                raise QwenEdgeError(f"{folder}: token id {token} is outside the vocabulary ({vocab_size} tokens); "
+                                    "fix the ids in config.json / generation_config.json")
+    return found

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from graphs.config import check_within_context, load_text_config
+from graphs.config import declared_token_ids, load_text_config
 from graphs.errors import QwenEdgeError
-from graphs.file_checks import read_json
+from runtime_py.chat import parse_assistant
 from runtime_py.export_format import export_variants
 from runtime_py.session import OnnxModel
 from runtime_py.tokenizer import StreamDecoder, TextTokenizer
@@ -75,47 +75,108 @@ def generate(
 
 
 def stop_ids(export_dir: Path) -> list[int]:
-    """End-of-sequence ids from generation_config.json, else config.json."""
-    for name in ("generation_config.json", "config.json"):
-        path = Path(export_dir) / name
-        if path.exists():
-            config = read_json(path, f"fix {name} or re-export")
-            eos = config.get("eos_token_id") if isinstance(config, dict) else None
-            if eos is not None:
-                ids = eos if isinstance(eos, list) else [eos]
-                if not all(type(i) is int and i >= 0 for i in ids):
-                    raise QwenEdgeError(f"{path}: eos_token_id must be a token id or a list of them; fix {name}")
-                return ids
-    return []
+    """Every end-of-sequence id the checkpoint declares (generation_config.json, config.json, text_config)."""
+    return list(declared_token_ids(Path(export_dir)).eos)
+
+
+@dataclass
+class GenerateResult:
+    """One generation: the ids in and out, the text, and for chat prompts the reply parsed as the
+    template's format defines it (reasoning, content, tool calls)."""
+
+    prompt_ids: list[int]
+    generated_ids: list[int]
+    text: str
+    reply: dict | None = None
+
+    def to_json(self) -> dict:
+        return {"prompt_ids": self.prompt_ids, "generated_ids": self.generated_ids, "text": self.text,
+                **(self.reply or {})}
+
+
+def generate_chat(model: OnnxModel, tokenizer: TextTokenizer, messages: list[dict], max_new_tokens: int,
+                  sampling: Sampling = Sampling(), *, tools: list[dict] | None = None,
+                  enable_thinking: bool | None = None, stop_ids: Iterable[int] = (),
+                  on_token: Callable[[int], None] | None = None, context: int | None = None) -> GenerateResult:
+    """Render `messages` with the model's chat template (as transformers does), generate, parse the reply.
+    `context` (the model's positions) refuses a longer prompt and ends generation there."""
+    prompt = tokenizer.apply_chat_template(messages, tools=tools, enable_thinking=enable_thinking)
+    prompt_ids = tokenizer.encode(prompt)
+    if context is not None:
+        max_new_tokens = room_for(prompt_ids, max_new_tokens, context)
+    ids = generate(model, prompt_ids, max_new_tokens, sampling, stop_ids, on_token)
+    raw = tokenizer.decode(ids, skip_special_tokens=False)
+    reply = parse_assistant(raw, thinking=prompt.rstrip().endswith("<think>"), tools=tools)
+    return GenerateResult(prompt_ids, ids, tokenizer.decode(ids), reply)
 
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """`qwen-edge generate`: a prompt (optionally wrapped in the chat template) and how to continue it."""
+    """`qwen-edge generate`: a plain prompt, one user turn (`chat`), or a whole conversation (`messages`)."""
 
     export_dir: Path
-    prompt: str
+    prompt: str | None = None
     chat: bool = False
+    messages: list[dict] | None = None  # runtime_py/chat.load_messages
+    system: str | None = None  # a system turn in front of the conversation
+    tools: list[dict] | None = None  # JSON tool definitions, as the template takes them
+    thinking: bool | None = None  # False turns thinking off; None leaves the template's default
     max_new_tokens: int = 64
     sampling: Sampling = field(default_factory=Sampling)
     threads: int | None = None
     variant: str | None = None  # None: the first variant exported
 
+    def conversation(self) -> list[dict] | None:
+        """The messages to render, or None for a plain prompt; refuses options that cannot apply."""
+        if (self.prompt is None) == (self.messages is None):
+            raise QwenEdgeError("give --prompt TEXT or --messages FILE (one of them)")
+        chat_only = [name for name, given in (("--system", self.system is not None), ("--tools", self.tools),
+                                              ("--no-thinking", self.thinking is False)) if given]
+        if self.messages is None and not self.chat:
+            if chat_only:
+                raise QwenEdgeError(f"{', '.join(chat_only)} apply to chat prompts; add --chat or use --messages")
+            return None
+        messages = list(self.messages) if self.messages is not None else [{"role": "user", "content": self.prompt}]
+        if self.system is not None:
+            if messages[0].get("role") == "system":
+                raise QwenEdgeError("--system and a system message in --messages: give the system prompt once")
+            messages.insert(0, {"role": "system", "content": self.system})
+        for i, message in enumerate(messages):
+            content = message.get("content")
+            if isinstance(content, list) and any(part.get("type") != "text" for part in content):
+                raise QwenEdgeError(f"messages[{i}] holds an image or video part, and this export has no vision "
+                                    "encoder; give text parts only")
+        return messages
 
-def generate_text(request: GenerateRequest, on_text: Callable[[str], None]) -> list[int]:
-    """Stream the prompt (plain prompts are echoed) and then the generated text through `on_text`."""
+
+def room_for(prompt_ids: list[int], max_new_tokens: int, context: int) -> int:
+    """How many tokens may follow the prompt: refuse an empty prompt or one that leaves no room in the
+    model's context; generation ends at the context, as transformers' max_length does."""
+    if not prompt_ids:
+        raise QwenEdgeError("the prompt is empty; give at least one token of text")
+    if len(prompt_ids) + 1 > context:
+        raise QwenEdgeError(f"the prompt: {len(prompt_ids):,} tokens is longer than the model's context allows "
+                            f"({context:,} positions, config.json max_position_embeddings, with room for one new "
+                            "token); give a shorter prompt")
+    return min(max_new_tokens, context - len(prompt_ids))
+
+
+def generate_text(request: GenerateRequest, on_text: Callable[[str], None] | None = None) -> GenerateResult:
+    """Generate for `request`, streaming the text through `on_text` (a plain prompt is echoed first)."""
+    messages = request.conversation()
     tokenizer = TextTokenizer(request.export_dir)
     model = OnnxModel(request.export_dir, request.variant or export_variants(request.export_dir)[0],
                       threads=request.threads)
-    messages = [{"role": "user", "content": request.prompt}]
-    text = tokenizer.apply_chat_template(messages) if request.chat else request.prompt
-    ids = tokenizer.encode(text)
-    if not ids:
-        raise QwenEdgeError("--prompt is empty; give at least one token of text")
-    cfg = load_text_config(request.export_dir)
-    check_within_context(cfg, len(ids), "--prompt")
     stream = StreamDecoder(tokenizer)
-    on_text("" if request.chat else request.prompt)
-    # Generation stops at the model's context, as transformers' max_length does.
-    return generate(model, ids, min(request.max_new_tokens, cfg.max_position_embeddings - len(ids)), request.sampling,
-                    stop_ids=stop_ids(request.export_dir), on_token=lambda t: on_text(stream.push(t)))
+    on_token = None if on_text is None else (lambda t: on_text(stream.push(t)))
+    stops = stop_ids(request.export_dir)
+    context = load_text_config(request.export_dir).max_position_embeddings
+    if messages is not None:
+        return generate_chat(model, tokenizer, messages, request.max_new_tokens, request.sampling, tools=request.tools,
+                             enable_thinking=request.thinking, stop_ids=stops, on_token=on_token, context=context)
+    prompt_ids = tokenizer.encode(request.prompt)
+    max_new_tokens = room_for(prompt_ids, request.max_new_tokens, context)
+    if on_text is not None:
+        on_text(request.prompt)
+    ids = generate(model, prompt_ids, max_new_tokens, request.sampling, stops, on_token)
+    return GenerateResult(prompt_ids, ids, tokenizer.decode(ids))

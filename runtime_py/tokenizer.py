@@ -9,7 +9,7 @@ from tokenizers import Tokenizer
 
 from graphs.errors import QwenEdgeError
 from graphs.file_checks import read_json
-from runtime_py.chat_template import TemplateLimit, render_bounded
+from runtime_py.chat_template import render_chat, special_tokens_from_config
 
 # What `check_support_files` renders to prove a chat template works.
 SAMPLE_CONVERSATION = [{"role": "user", "content": "What is 12 plus 7?"}]
@@ -40,7 +40,6 @@ class TextTokenizer:
         except (OSError, UnicodeDecodeError):
             raise QwenEdgeError(f"{template_file}: not readable UTF-8 text; re-download the checkpoint's chat template") from None
         self.chat_template: Any = template
-        self.template_source = template_file if template_file.is_file() else cfg_path
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -51,26 +50,16 @@ class TextTokenizer:
     def token_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The prompt the model's chat template makes of `messages`; every template error is a QwenEdgeError."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                            tools: list[dict] | None = None, documents: list[dict] | None = None,
+                            enable_thinking: bool | None = None, **extra: Any) -> str:
+        """The prompt transformers' `apply_chat_template(messages, tokenize=False, ...)` renders
+        (runtime_py/chat_template.py); `enable_thinking=None` leaves the template's default."""
         if not self.chat_template:
             raise QwenEdgeError("this model has no chat template; run without --chat to use a plain prompt")
-        if not isinstance(self.chat_template, str):
-            raise QwenEdgeError("the model's chat_template is not a string; give one template in tokenizer_config.json "
-                                "or chat_template.jinja")
-        variables = {"messages": messages, "add_generation_prompt": add_generation_prompt,
-                     "bos_token": self.config.get("bos_token") or "", "eos_token": self.config.get("eos_token") or ""}
-        try:
-            text = render_bounded(self.chat_template, variables)
-        except TemplateLimit as exc:
-            raise QwenEdgeError(f"{self.template_source}: the chat template asks for more work than a prompt needs "
-                                f"({exc}); fix the template or run without --chat") from None
-        except Exception as exc:  # a template can raise anything (syntax, undefined names, its own raise_exception)
-            raise QwenEdgeError(f"{self.template_source}: the chat template fails ({type(exc).__name__}: "
-                                f"{str(exc)[:160]}); fix the template or run without --chat") from None
-        if not isinstance(text, str):
-            raise QwenEdgeError(f"{self.template_source}: the chat template did not produce text; fix the template")
-        return text
+        return render_chat(self.chat_template, messages, tools=tools, documents=documents,
+                           add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking,
+                           special_tokens=special_tokens_from_config(self.config), **extra)
 
 
 class StreamDecoder:
@@ -100,5 +89,5 @@ def check_support_files(folder: Path) -> None:
     if not (folder / "tokenizer.json").exists():
         return
     tokenizer = TextTokenizer(folder)
-    if isinstance(tokenizer.chat_template, str) and tokenizer.chat_template:
+    if tokenizer.chat_template:
         tokenizer.encode(tokenizer.apply_chat_template(SAMPLE_CONVERSATION))
