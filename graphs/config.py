@@ -308,17 +308,16 @@ def declared_token_ids(folder: Path, vocab_size: int | None = None) -> TokenIds:
     tokens are the union of all three, since generation must stop on every end token declared."""
     folder = Path(folder)
     config = load_config_json(folder / "config.json")
+    if not isinstance(config, dict) or not isinstance(config.get("text_config") or {}, dict):
+        raise QwenEdgeError(f"{folder / 'config.json'}: must hold a JSON object (and text_config an object); {_FIX}")
     sources = [(config, "config.json"), (config.get("text_config") or {}, "config.json text_config")]
     generation_path = folder / GENERATION_CONFIG
-    if generation_path.is_file():
-        try:
-            generation = json.loads(generation_path.read_text())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise QwenEdgeError(f"{generation_path}: not valid JSON ({exc}); fix or remove it") from None
+    if generation_path.exists():
+        generation = read_json(generation_path, "fix or remove it")
         if not isinstance(generation, dict):
             raise QwenEdgeError(f"{generation_path}: expected a JSON object; fix or remove it")
         sources.insert(0, (generation, GENERATION_CONFIG))
-    resolving = sources[:1] if generation_path.is_file() else sources
+    resolving = sources[:1] if generation_path.exists() else sources
 
     def first(key: str) -> int | None:
         for source, where in resolving:
