@@ -347,3 +347,21 @@ def test_exporting_the_default_model_twice_gives_identical_files(default_export:
     assert first and {k: second.get(k) for k in first} == first
     records = [json.loads((d / MANIFEST).read_text())["variants"]["fp32"] for d in (default_export, default_all_variants)]
     assert records[0] == records[1]
+
+
+def test_core_ml_packages_are_written_reproducibly(default_coreml: Path, tmp_path: Path) -> None:
+    """The export names the package's items by their paths and writes the spec with sorted maps
+    (exporter/coreml/backend.make_reproducible): doing it again changes no byte. (Two full Core ML
+    exports of the default model compared byte for byte: BENCHMARKS.md.)"""
+    import uuid
+
+    from exporter.coreml.backend import make_reproducible
+
+    package = default_coreml / "coreml" / "model.mlpackage"
+    manifest = json.loads((package / "Manifest.json").read_text())
+    assert {key: str(uuid.uuid5(uuid.NAMESPACE_URL, f"qwen-edge:{item['path']}"))
+            for key, item in manifest["itemInfoEntries"].items()} == {k: k for k in manifest["itemInfoEntries"]}
+    copy = tmp_path / "model.mlpackage"
+    shutil.copytree(package, copy)
+    make_reproducible(copy)
+    assert _hashes(copy) == _hashes(package)

@@ -162,20 +162,26 @@ def merge_functions(parts: dict[str, Path], out: Path) -> None:
         desc.add_function(str(path), src_function_name="main", target_function_name=name)
     desc.default_function_name = DEFAULT_FUNCTION
     ct.utils.save_multifunction(desc, str(out))
-    stable_item_identifiers(out)
+    make_reproducible(out)
 
 
-def stable_item_identifiers(package: Path) -> None:
-    """coremltools names a package's items (the model spec, the weights folder) by random UUIDs in
-    Manifest.json; name them by their paths instead (UUID version 5), so that exporting the same
-    checkpoint twice gives identical bytes. The identifiers are only keys within the package."""
+def make_reproducible(package: Path) -> None:
+    """Give a saved package the same bytes on every export of the same checkpoint. coremltools names the
+    package's items (model spec, weights folder) by random UUIDs in Manifest.json: they are named by
+    their paths instead (UUID version 5; only keys within the package). And it serializes the spec's
+    protobuf maps (the functions, metadata) in arbitrary order: the spec is rewritten with sorted maps."""
+    from coremltools.proto import Model_pb2
+
     path = package / "Manifest.json"
     manifest = json.loads(path.read_text())
-    entries = manifest["itemInfoEntries"]
+    entries, root = manifest["itemInfoEntries"], manifest["rootModelIdentifier"]
     renamed = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, f"qwen-edge:{item['path']}")) for old, item in entries.items()}
     manifest["itemInfoEntries"] = {renamed[old]: item for old, item in entries.items()}
-    manifest["rootModelIdentifier"] = renamed[manifest["rootModelIdentifier"]]
+    manifest["rootModelIdentifier"] = renamed[root]
     path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
+    spec_path = package / "Data" / entries[root]["path"]
+    spec = Model_pb2.Model.FromString(spec_path.read_bytes())
+    spec_path.write_bytes(spec.SerializeToString(deterministic=True))
 
 
 def io_record(cfg: TextConfig, options: CoreMLOptions) -> dict:
