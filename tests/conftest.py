@@ -15,9 +15,9 @@ from exporter.onnx.backend import OnnxOptions, export_onnx
 from quant.schemes import QuantOptions
 from graphs.random_checkpoint import write_random_checkpoint
 
-# Property-based tests (tests/test_fuzz.py): a few hundred examples each by default; a long run sets
+# Property-based tests (tests/test_fuzz.py): 200 examples each by default; a long run sets
 # QWEN_EDGE_FUZZ_EXAMPLES=10000. No deadline: the machine is shared, and a slow example is not a bug.
-settings.register_profile("qwen-edge", max_examples=int(os.environ.get("QWEN_EDGE_FUZZ_EXAMPLES", "300")),
+settings.register_profile("qwen-edge", max_examples=int(os.environ.get("QWEN_EDGE_FUZZ_EXAMPLES", "200")),
                           deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                 HealthCheck.too_slow])
 settings.load_profile("qwen-edge")

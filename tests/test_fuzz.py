@@ -1,7 +1,7 @@
 """Property-based tests of every reader of untrusted input: any input gives a result or a QwenEdgeError,
 never another exception, and a tampered bundle never verifies.
 
-A few hundred examples each in `make test`; for a long run (10,000 each):
+200 examples each in `make test`; for a long run (10,000 each):
 
     QWEN_EDGE_FUZZ_EXAMPLES=10000 .venv/bin/python -m pytest tests/test_fuzz.py
 
