@@ -325,9 +325,9 @@ def test_a_pinned_manifest_hash_catches_a_consistently_edited_bundle(tiny_bundle
     pinned = first.stdout.split("manifest sha256 ")[1].split()[0]
     # Rewrite one file and its manifest entry (size and hash) together: verify alone cannot tell.
     manifest = json.loads((bundle / "manifest.json").read_text())
-    entry = next(e for e in manifest["files"] if e["path"] == "tokenizer_config.json")
-    data = (bundle / "tokenizer_config.json").read_bytes().replace(b"{", b"{ ", 1)
-    (bundle / "tokenizer_config.json").write_bytes(data)
+    entry = next(e for e in manifest["files"] if e["path"] == "config.json")
+    data = (bundle / "config.json").read_bytes().replace(b"{", b"{ ", 1)
+    (bundle / "config.json").write_bytes(data)
     entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     manifest["total_bytes"] = sum(e["bytes"] for e in manifest["files"])
     (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
