@@ -19,6 +19,7 @@ import click
 # progress. tqdm reads this when it is first imported, which torch does, so it is set before any import.
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+from graphs.config import LIMITS
 from graphs.errors import QwenEdgeError
 
 
@@ -100,6 +101,8 @@ def _output_file(option: str, path: Path | None, *inputs: Path | str | None) -> 
 
 
 MAX_THREADS = 1024
+MAX_CONTEXT = LIMITS["max_position_embeddings"]  # the longest context a config.json may declare
+MAX_REPEATS = 1000
 
 
 def _ints(text: str | None, option: str, most: int = 1 << 24) -> tuple[int, ...] | None:
@@ -152,7 +155,7 @@ COREML_ONLY = ("chunk", "context", "recurrent_state")
               help="ONNX: MatMulNBits compute: 4 = int8 activations (fastest on CPU), 1 = fp32, 0 = runtime default.")
 @click.option("--all-logits", is_flag=True, help="ONNX: logits for every position (default: last position only).")
 @click.option("--chunk", type=click.IntRange(min=1), default=64, show_default=True, help="Core ML: tokens per prefill call.")
-@click.option("--context", type=click.IntRange(min=1), default=4096, show_default=True,
+@click.option("--context", type=click.IntRange(1, MAX_CONTEXT), default=4096, show_default=True,
               help="Core ML: KV-cache capacity (a multiple of --chunk).")
 @click.option("--recurrent-state", default="state", show_default=True,
               help="Core ML: 'state' (fp16 Core ML state) or 'io' (fp32 input/output the app carries).")
@@ -283,7 +286,7 @@ def generate(export_dir: Path, prompt: str | None, chat: bool, messages_path: Pa
 @click.option("--threads", "threads_text", default=None, help="Comma-separated thread counts (default: 1 and all cores).")
 @click.option("--prompt-lengths", default="128,512", show_default=True)
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+@click.option("--repeats", type=click.IntRange(1, MAX_REPEATS), default=3, show_default=True,
               help="Measured repetitions after one warm-up.")
 @click.option("--contexts", default="1024,2048,4096,8192,16384,32768", show_default=True,
               help="Context lengths for the state-memory curve.")
@@ -379,7 +382,7 @@ def devices_list() -> None:
 
 @devices.command("fit")
 @click.argument("export_dir", type=click.Path(path_type=Path))
-@click.option("--context", type=click.IntRange(min=1), default=4096, show_default=True,
+@click.option("--context", type=click.IntRange(1, MAX_CONTEXT), default=4096, show_default=True,
               help="Context length the state must hold.")
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
               help="Threads for the calibration run on this machine.")

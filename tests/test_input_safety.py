@@ -171,6 +171,8 @@ OPTION_CASES = [
     (["bench", "E", "--decode-tokens", "0"], "--decode-tokens"),
     (["devices", "fit", "E", "--context", "0"], "--context"),
     (["devices", "fit", "E", "--threads", "-2"], "--threads"),
+    (["devices", "fit", "E", "--context", str(10**18)], "--context"),
+    (["bench", "E", "--repeats", str(10**9)], "--repeats"),
 ]
 
 
