@@ -225,7 +225,9 @@ def check_bundle(bundle: Path, manifest_sha256: str | None = None) -> tuple[dict
     bundle = Path(bundle)
     path = bundle / BUNDLE_MANIFEST
     if not bundle.is_dir() or bundle.is_symlink():
-        raise QwenEdgeError(f"{bundle}: not a folder; pass a folder written by 'qwen-edge package'")
+        what = "a symbolic link" if bundle.is_symlink() else "not a folder" if bundle.exists() else "not found"
+        raise QwenEdgeError(f"{bundle}: {what}, so no {BUNDLE_MANIFEST} to check; pass a folder written by "
+                            "'qwen-edge package'")
     if path.is_symlink() or not path.is_file():
         raise QwenEdgeError(f"{bundle}: no {BUNDLE_MANIFEST} (as a regular file); pass a folder written by "
                             "'qwen-edge package'")
