@@ -19,7 +19,6 @@ import click
 # progress. tqdm reads this when it is first imported, which torch does, so it is set before any import.
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from graphs.config import LIMITS
 from graphs.errors import QwenEdgeError
 
 
@@ -91,6 +90,24 @@ class FiniteFloat(click.ParamType):
         return number
 
 
+class ContextLength(click.IntRange):
+    """A context length from 1 to the longest one a config.json may declare (graphs/config.py LIMITS,
+    read when the option is parsed: the CLI module imports no command's work)."""
+
+    def _bounds(self) -> None:
+        from graphs.config import LIMITS
+
+        self.min, self.max = 1, LIMITS["max_position_embeddings"]
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        self._bounds()
+        return super().convert(value, param, ctx)
+
+    def _describe_range(self) -> str:
+        self._bounds()
+        return super()._describe_range()
+
+
 def _output_file(option: str, path: Path | None, *inputs: Path | str | None) -> None:
     """Check an output file option (e.g. --json FILE) before any work is done."""
     if path is not None:
@@ -101,7 +118,6 @@ def _output_file(option: str, path: Path | None, *inputs: Path | str | None) -> 
 
 
 MAX_THREADS = 1024
-MAX_CONTEXT = LIMITS["max_position_embeddings"]  # the longest context a config.json may declare
 MAX_REPEATS = 1000
 
 
@@ -155,7 +171,7 @@ COREML_ONLY = ("chunk", "context", "recurrent_state")
               help="ONNX: MatMulNBits compute: 4 = int8 activations (fastest on CPU), 1 = fp32, 0 = runtime default.")
 @click.option("--all-logits", is_flag=True, help="ONNX: logits for every position (default: last position only).")
 @click.option("--chunk", type=click.IntRange(min=1), default=64, show_default=True, help="Core ML: tokens per prefill call.")
-@click.option("--context", type=click.IntRange(1, MAX_CONTEXT), default=4096, show_default=True,
+@click.option("--context", type=ContextLength(), default=4096, show_default=True,
               help="Core ML: KV-cache capacity (a multiple of --chunk).")
 @click.option("--recurrent-state", default="state", show_default=True,
               help="Core ML: 'state' (fp16 Core ML state) or 'io' (fp32 input/output the app carries).")
@@ -382,7 +398,7 @@ def devices_list() -> None:
 
 @devices.command("fit")
 @click.argument("export_dir", type=click.Path(path_type=Path))
-@click.option("--context", type=click.IntRange(1, MAX_CONTEXT), default=4096, show_default=True,
+@click.option("--context", type=ContextLength(), default=4096, show_default=True,
               help="Context length the state must hold.")
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
               help="Threads for the calibration run on this machine.")
