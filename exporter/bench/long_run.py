@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +37,8 @@ def _state_norms(state) -> dict[str, float]:  # noqa: ANN001 (runtime_py.session
     """The largest per-tensor RMS of each state kind."""
     norms: dict[str, float] = {}
     for name, value in state.values.items():
-        role = next((r.role for r in ROLES if r.past_pattern.split("%d")[0] in name), "other")
+        role = next((r.role for r in ROLES if re.fullmatch(re.escape(r.past_pattern).replace("%d", r"\d+"), name)),
+                    "other")
         array = value.numpy().astype(np.float64)
         rms = float(np.sqrt(np.mean(array * array))) if array.size else 0.0
         norms[role] = max(norms.get(role, 0.0), rms)
