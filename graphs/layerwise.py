@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from graphs.checkpoint import Checkpoint, expected_shapes
+from graphs.checkpoint import Checkpoint
 from graphs.qwen3_5 import Qwen35Decoder, attention_bias, layer_step, rms_norm, rope_cos_sin
 from graphs.recurrent_ops import CUSTOM_OPS, RecurrentKernels
 
@@ -54,7 +54,7 @@ def score_sequences(checkpoint: Checkpoint, sequences: list[list[int]],
 
 
 def _lm_head(checkpoint: Checkpoint, normed: list[torch.Tensor]) -> list[np.ndarray]:
-    vocab, width = expected_shapes(checkpoint.config)["lm_head.weight"]
+    vocab, width = checkpoint.config.vocab_size, checkpoint.config.hidden_size
     out = [np.empty((h.shape[0], vocab), np.float32) for h in normed]
     step = max(1, HEAD_BLOCK_BYTES // (4 * width))
     for start in range(0, vocab, step):
