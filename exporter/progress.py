@@ -2,7 +2,8 @@
 
 On a terminal: one bar over the stages, naming the current one; a stage that streams (the weights of
 an export) shows tensors and bytes done and an estimate of the time left. Elsewhere (a log, CI): one
-line per finished stage with its elapsed time, so a log says where the time went.
+line per finished stage with its elapsed time and the peak memory so far, so a log says where the
+time and memory went.
 """
 
 from __future__ import annotations
@@ -71,9 +72,10 @@ class Stages:
             if self.done == len(self.names):
                 self.bar.__exit__(None, None, None)
         elif self.enabled:
-            extra = f" ({self.detail})" if self.detail else ""
+            extra = f"; {self.detail}" if self.detail else ""
             click.echo(f"{self.label} [{self.done}/{len(self.names)}] {self.current}: "
-                       f"{time.perf_counter() - start:.1f} s{extra}", file=self.stream)
+                       f"{time.perf_counter() - start:.1f} s (peak RSS {peak_rss_bytes() / 2**20:,.0f} MiB{extra})",
+                       file=self.stream)
         return result
 
 
