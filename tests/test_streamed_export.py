@@ -4,17 +4,17 @@ the in-memory export, and its weight pass holds one block of rows, not the model
 from __future__ import annotations
 
 import copy
-import functools
 import tracemalloc
 from pathlib import Path
 
-import pytest
+import onnx_ir as ir
 import torch
 
-import exporter.onnx.backend as onnx_backend
 from exporter.onnx.backend import OnnxOptions, export_onnx
+from exporter.onnx.streamed import CheckpointWeight, Sink, stream_weights
+from graphs.checkpoint import expected_shapes, is_placeholder, open_checkpoint
 from graphs.random_checkpoint import write_random_checkpoint
-from quant.schemes import QuantOptions
+from quant.schemes import QuantOptions, WeightFormat
 from tests.conftest import TINY_TEXT
 
 
@@ -58,24 +58,31 @@ def _wide_config() -> dict:
     return cfg
 
 
-def test_weight_pass_memory_is_one_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Python-heap peak (numpy included) of the pass that writes every variant's weights stays below the
-    largest single tensor, while the pass writes over twenty times that."""
-    ck = write_random_checkpoint(_wide_config(), tmp_path / "ck", seed=3, dtype=torch.float32)
+def test_weight_pass_memory_is_one_block(tmp_path: Path) -> None:
+    """The pass that fills the streamed tensors (here every large matrix as float32 [K, N] and as q4,
+    the decoder's two forms) peaks below the largest single tensor on the Python heap (numpy included),
+    while it writes over twenty times that; and each tensor's bytes are its whole-tensor value."""
+    ck = open_checkpoint(write_random_checkpoint(_wide_config(), tmp_path / "ck", seed=3, dtype=torch.float32))
     largest = 128 * 2048 * 4  # one MLP projection in float32
-    measured = {}
-
-    def traced_stream(reader, sinks, progress=None):  # noqa: ANN001, ANN202 (the backend's call)
-        measured["written"] = sum(s.tensor.nbytes for s in sinks)
-        tracemalloc.start()
-        try:
-            onnx_backend.STREAM(reader, sinks, progress, block_bytes=largest // 8)
-        finally:
-            measured["peak"] = tracemalloc.get_traced_memory()[1]
-            tracemalloc.stop()
-
-    monkeypatch.setattr(onnx_backend, "STREAM", onnx_backend.stream_weights, raising=False)
-    monkeypatch.setattr(onnx_backend, "stream_weights", functools.partial(traced_stream))
-    export_onnx(ck, tmp_path / "export", "fp32,q4", progress=False)
-    assert measured["written"] > 20 * largest
-    assert measured["peak"] < largest, f"weight pass peaked at {measured['peak']:,} bytes (largest tensor {largest:,})"
+    fmt = WeightFormat(4, 32, True)
+    data, sinks, offset = tmp_path / "weights.bin", [], 0
+    for name, shape in expected_shapes(ck.config).items():
+        if not is_placeholder(name, shape) or name == "lm_head.weight":
+            continue
+        weight = CheckpointWeight(ck, name, shape, ir.DataType.FLOAT, (1, 0))
+        for tensor in (weight, *weight.packed_parts(fmt).values()):
+            sinks.append(Sink(tensor, data, offset))
+            offset += tensor.nbytes
+    with data.open("wb") as f:
+        f.truncate(offset)
+    tracemalloc.start()
+    try:
+        stream_weights(ck, sinks, block_bytes=largest // 8)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert offset > 20 * largest
+    assert peak < largest, f"weight pass peaked at {peak:,} bytes (largest tensor {largest:,})"
+    written = data.read_bytes()
+    for sink in sinks[:: max(1, len(sinks) // 7)]:
+        assert written[sink.offset : sink.offset + sink.tensor.nbytes] == sink.tensor.tobytes(), sink.tensor
