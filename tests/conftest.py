@@ -77,7 +77,10 @@ def tiny_exports(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.Tem
 
 @pytest.fixture(scope="session")
 def default_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_onnx("default", tmp_path_factory.mktemp("default") / "export", progress=False)
+    """The default model, fp32, with the opset-27 recurrent ops (`--recurrent-ops standard`; the packagers
+    convert it); default_contrib_export is the default form."""
+    return export_onnx("default", tmp_path_factory.mktemp("default") / "export", options=OnnxOptions("standard"),
+                       progress=False)
 
 
 @pytest.fixture(scope="session")
