@@ -101,7 +101,7 @@ def test_config_reader_accepts_or_refuses_cleanly(raw: object) -> None:
     assert 1 <= cfg.num_hidden_layers <= LIMITS["num_hidden_layers"] == 1024
     assert len(cfg.layer_types) == cfg.num_hidden_layers
     assert all(1 <= getattr(cfg, k) <= LIMITS[k] for k in ("hidden_size", "vocab_size", "head_dim", "intermediate_size"))
-    assert 0 < cfg.rms_norm_eps <= 1 and cfg.rotary_dim >= 2
+    assert 0 < cfg.rms_norm_eps <= 1 and cfg.rotary_dim % 2 == 0
 
 
 def _safetensors_bytes(header: object, data: bytes) -> bytes:
