@@ -51,13 +51,19 @@ def _paths(doc: object, prefix: tuple = ()) -> list[tuple]:
     return found
 
 
-def _replace(doc: object, path: tuple, value: object) -> object:
-    if not path:
-        return value
+def _parent(doc: object, path: tuple) -> tuple[object, object]:
+    """A deep copy of `doc` and, inside it, the container that holds `path`'s last key."""
     doc = copy.deepcopy(doc)
     node = doc
     for key in path[:-1]:
         node = node[key]
+    return doc, node
+
+
+def _replace(doc: object, path: tuple, value: object) -> object:
+    if not path:
+        return value
+    doc, node = _parent(doc, path)
     node[path[-1]] = value
     return doc
 
@@ -65,10 +71,7 @@ def _replace(doc: object, path: tuple, value: object) -> object:
 def _delete(doc: object, path: tuple) -> object:
     if not path:
         return doc
-    doc = copy.deepcopy(doc)
-    node = doc
-    for key in path[:-1]:
-        node = node[key]
+    doc, node = _parent(doc, path)
     del node[path[-1]]
     return doc
 
