@@ -43,6 +43,7 @@ class ExportBackend(Protocol):
     """The format-specific steps of an export."""
 
     format: str
+    wants_mtp: bool  # read (and check) the checkpoint's MTP head, which this backend exports
 
     def check(self, schemes: tuple[Scheme, ...]) -> None:
         """Refuse, before any work, what this format cannot write."""
@@ -80,7 +81,7 @@ def run_export(request: ExportRequest, backend: ExportBackend) -> Path:
     for activations, members in groups:
         names += backend.prepare_stages(activations) + [f"write {s.name}" for s in members]
     stages = Stages([*names, "copy tokenizer"], request.progress)
-    checkpoint = stages.run(lambda: open_checkpoint(folder))
+    checkpoint = stages.run(lambda: open_checkpoint(folder, mtp=backend.wants_mtp))
     with atomic_output_dir(out, request.force) as tmp:
         model = stages.run(lambda: backend.load(checkpoint))
         records = {}

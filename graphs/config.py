@@ -44,6 +44,8 @@ class TextConfig:
     mrope_section: tuple[int, ...] = (11, 11, 10)
     tie_word_embeddings: bool = True
     eos_token_id: tuple[int, ...] = field(default_factory=tuple)
+    # multi-token prediction head (`mtp.*` weights; transformers ignores them): decoder layers it has
+    mtp_num_hidden_layers: int = 0
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -134,6 +136,7 @@ def text_config_from_dict(raw: dict[str, Any]) -> TextConfig:
         mrope_section=tuple(int(s) for s in rope.get("mrope_section", (11, 11, 10))),
         tie_word_embeddings=bool(tie),
         eos_token_id=eos_ids,
+        mtp_num_hidden_layers=int(text.get("mtp_num_hidden_layers", 0)),
     )
     _validate(cfg)
     return cfg
@@ -155,6 +158,8 @@ def _validate(cfg: TextConfig) -> None:
         )
     if cfg.linear_conv_kernel_dim < 2:
         raise _bad("linear_conv_kernel_dim must be at least 2")
+    if cfg.mtp_num_hidden_layers < 0:
+        raise _bad(f"mtp_num_hidden_layers is {cfg.mtp_num_hidden_layers}; it counts layers, so it is 0 or more")
 
 
 def load_config_json(path: Path) -> dict[str, Any]:

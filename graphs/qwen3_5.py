@@ -202,6 +202,18 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor, bias: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, s0: torch.Tensor, s1: torch.Tensor,
+                kv_write: KVWrite | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pre-norm mixer and MLP, each with its residual; (s0, s1) is this layer's state in and out."""
+        h = self.input_layernorm(x)
+        if self.is_linear:
+            h, s0, s1 = self.linear_attn(h, token_mask, s0, s1)
+        else:
+            h, s0, s1 = self.self_attn(h, cos, sin, bias, s0, s1, kv_write)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), s0, s1
+
 
 class Qwen35Decoder(nn.Module):
     """Embedding, decoder layers, final norm and LM head; forward takes embeddings and explicit state.
@@ -230,11 +242,8 @@ class Qwen35Decoder(nn.Module):
         *state: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         """inputs_embeds [B,T,hidden]; attention_mask [B,past+T] (1 = real token); position_ids [3,B,T]."""
-        t = inputs_embeds.shape[1]
-        token_mask = attention_mask[:, -t:]
-        bias = attention_bias(attention_mask, t)
-        cos, sin = rope_cos_sin(self.cfg, position_ids, inputs_embeds.dtype)
-        hidden, new_state = self.run_layers(inputs_embeds, token_mask, bias, cos, sin, state)
+        hidden, new_state = self.run_layers(inputs_embeds, *layer_inputs(self.cfg, inputs_embeds, attention_mask,
+                                                                           position_ids), state)
         return (self.logits(hidden), *new_state)
 
     def run_layers(self, x: torch.Tensor, token_mask: torch.Tensor, bias: torch.Tensor, cos: torch.Tensor,
@@ -243,14 +252,7 @@ class Qwen35Decoder(nn.Module):
         """The layer stack: hidden states [B,T,hidden] and the new state, two tensors per layer."""
         new_state: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
-            s0, s1 = state[2 * i], state[2 * i + 1]
-            h = layer.input_layernorm(x)
-            if layer.is_linear:
-                h, s0, s1 = layer.linear_attn(h, token_mask, s0, s1)
-            else:
-                h, s0, s1 = layer.self_attn(h, cos, sin, bias, s0, s1, kv_write)
-            x = x + h
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x, s0, s1 = layer(x, token_mask, bias, cos, sin, state[2 * i], state[2 * i + 1], kv_write)
             new_state += [s0, s1]
         return x, new_state
 
@@ -264,6 +266,14 @@ class Qwen35Decoder(nn.Module):
         """Zero state for a fresh sequence: empty KV cache, zero conv and recurrent states."""
         return [torch.zeros(t.shape(batch), dtype=torch.float32 if t.role.always_fp32 else dtype)
                 for t in state_tensors(self.cfg)]
+
+
+def layer_inputs(cfg: TextConfig, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What every layer of a call takes besides x: token mask [B,T], attention bias, RoPE cos and sin."""
+    t = inputs_embeds.shape[1]
+    cos, sin = rope_cos_sin(cfg, position_ids, inputs_embeds.dtype)
+    return attention_mask[:, -t:], attention_bias(attention_mask, t), cos, sin
 
 
 def attention_bias(attention_mask: torch.Tensor, t: int) -> torch.Tensor:

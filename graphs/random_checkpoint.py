@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from graphs.config import TextConfig, text_config_from_dict
-from graphs.checkpoint import INDEX_NAME, expected_shapes
+from graphs.checkpoint import INDEX_NAME, MTP, expected_mtp_shapes, expected_shapes
 
 
 def random_tensor(name: str, shape: tuple[int, ...], cfg: TextConfig, gen: torch.Generator) -> torch.Tensor:
@@ -47,11 +48,14 @@ def write_random_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     multimodal_names: bool = True,
     max_shard_bytes: int | None = None,
+    mtp: bool | None = None,
 ) -> Path:
     """Write `config.json` and random `*.safetensors` for `config` into `folder`.
 
     multimodal_names picks the published layout (`model.language_model.*`) over the text-only one
     (`model.*`). max_shard_bytes splits the weights into shards with a `model.safetensors.index.json`.
+    mtp: write the MTP head (`mtp.*`, as published checkpoints do); by default when the config's
+    `mtp_num_hidden_layers` is 1.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -62,6 +66,10 @@ def write_random_checkpoint(
     for name, shape in expected_shapes(cfg).items():
         key = name if name == "lm_head.weight" else prefix + name
         tensors[key] = random_tensor(name, shape, cfg, gen).to(dtype).contiguous()
+    with_mtp = cfg.mtp_num_hidden_layers == 1 if mtp is None else mtp
+    if with_mtp:
+        for name, shape in expected_mtp_shapes(replace(cfg, mtp_num_hidden_layers=1)).items():
+            tensors[name] = random_tensor(name[len(MTP):], shape, cfg, gen).to(dtype).contiguous()
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if max_shard_bytes is None:
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})

@@ -2,9 +2,11 @@
 
     OUT/onnx/embed_tokens{suffix}.onnx (+ .onnx_data)
     OUT/onnx/decoder_model_merged{suffix}.onnx (+ .onnx_data)
+    OUT/onnx/mtp{suffix}.onnx (+ .onnx_data)      when the checkpoint has an MTP head (graphs/mtp.py)
 
 Each activation dtype is traced once into a scratch folder; a float variant is that graph re-saved
-under its published name, a quantized variant a transform of it (quant/onnx_weights.py).
+under its published name, a quantized variant a transform of it (quant/onnx_weights.py). The MTP
+graph is quantized by the same scheme and reads the LM head's bytes from the decoder's data file.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ import onnx
 import onnx_ir as ir
 import onnxruntime
 
-from exporter.onnx.external_data import external_info, set_external
-from exporter.onnx.trace import name_nodes_and_strip_trace_metadata, save_graph, trace_decoder, trace_embed
+from exporter.onnx.external_data import external_info, set_external, share_identical_weights
+from exporter.onnx.trace import (name_nodes_and_strip_trace_metadata, save_graph, trace_decoder, trace_embed,
+                                 trace_mtp)
 from exporter.pipeline import files_bytes
 from exporter.progress import Stages
 from graphs.checkpoint import Checkpoint
 from graphs.config import TextConfig
 from graphs.errors import QwenEdgeError
+from graphs.mtp import MTPDraftStep, MTPHead
 from graphs.qwen3_5 import Qwen35Decoder
 from quant.onnx_weights import pack_blockwise, quantize_projections, quantized_embed_graph
 from quant.schemes import QuantOptions, Scheme
@@ -37,10 +41,19 @@ class OnnxOptions:
     recurrent_ops: str = "standard"  # exporter/onnx/forms.py
     quant: QuantOptions = field(default_factory=QuantOptions)
     all_logits: bool = False  # logits of every position (default: the last one)
+    mtp: bool = True  # export the checkpoint's MTP head when it has one (--no-mtp: leave it out)
 
     def __post_init__(self) -> None:
         if self.recurrent_ops not in RECURRENT_FORMS:
             raise QwenEdgeError(f"--recurrent-ops {self.recurrent_ops!r}: use one of {', '.join(RECURRENT_FORMS)}")
+
+
+@dataclass
+class OnnxModels:
+    """What one export traces: the decoder, and the MTP head when there is one."""
+
+    decoder: Qwen35Decoder
+    mtp: MTPHead | None
 
 
 class OnnxBackend:
@@ -48,7 +61,9 @@ class OnnxBackend:
 
     def __init__(self, options: OnnxOptions = OnnxOptions()) -> None:
         self.options = options
+        self.wants_mtp = options.mtp
         self.cfg: TextConfig | None = None
+        self.mtp_note: str | None = None
 
     def check(self, schemes: tuple[Scheme, ...]) -> None:
         for scheme in schemes:
@@ -58,19 +73,28 @@ class OnnxBackend:
     def prepare_stages(self, activations: str) -> list[str]:
         return [f"trace {activations} graphs"]
 
-    def load(self, checkpoint: Checkpoint) -> Qwen35Decoder:
+    def load(self, checkpoint: Checkpoint) -> OnnxModels:
         self.cfg = checkpoint.config
-        return checkpoint.build_decoder(logits="all" if self.options.all_logits else "last")
+        self.mtp_note = ("exported" if checkpoint.has_mtp else checkpoint.mtp_note or
+                         ("left out (--no-mtp)" if not self.options.mtp else "the checkpoint has none"))
+        decoder = checkpoint.build_decoder(logits="all" if self.options.all_logits else "last")
+        return OnnxModels(decoder, checkpoint.build_mtp() if checkpoint.has_mtp else None)
 
-    def prepare(self, model: Qwen35Decoder, activations: str, folder: Path, stages: Stages) -> Path:
+    def prepare(self, models: OnnxModels, activations: str, folder: Path, stages: Stages) -> Path:
+        model = models.decoder
         if activations == "float16":
             model.half()
+            if models.mtp is not None:
+                models.mtp.half()
         float_dir = folder / f".float-{activations}"
         float_dir.mkdir()
 
         def trace() -> None:
             save_graph(trace_embed(model), float_dir / "embed.onnx")
-            save_graph(trace_decoder(model, self.options.recurrent_ops), float_dir / "decoder.onnx")
+            draftable = models.mtp is not None
+            save_graph(trace_decoder(model, self.options.recurrent_ops, draftable), float_dir / "decoder.onnx")
+            if draftable:
+                save_graph(trace_mtp(MTPDraftStep(model.cfg, models.mtp, model.lm_head)), float_dir / "mtp.onnx")
 
         stages.run(trace)
         return float_dir
@@ -81,6 +105,8 @@ class OnnxBackend:
             _copy_float_graphs(float_dir, folder, scheme)
         else:
             _write_quantized(scheme, float_dir, folder, self.options.quant, self.cfg.tie_word_embeddings)
+        if (float_dir / "mtp.onnx").is_file():
+            _write_mtp(float_dir, scheme, folder, self.options.quant)
         return _variant_record(scheme, self.options.quant, folder)
 
     def release(self, float_dir: Path) -> None:
@@ -93,6 +119,7 @@ class OnnxBackend:
             "recurrent_ops_domain": form.domain or "ai.onnx",
             "min_onnxruntime": form.min_onnxruntime,
             "logits": "all positions" if self.options.all_logits else "last position",
+            "mtp_head": self.mtp_note,
             "exported_with_onnxruntime": onnxruntime.__version__,
         }
 
@@ -125,6 +152,16 @@ def _write_quantized(scheme: Scheme, float_dir: Path, out_dir: Path, opts: Quant
                   location=Path(embed_name).name + "_data", size_threshold=1024)
 
 
+def _write_mtp(float_dir: Path, scheme: Scheme, out_dir: Path, opts: QuantOptions) -> None:
+    """The MTP graph of one variant: quantized like the decoder, its LM head read from the decoder's data."""
+    graph = ir.load(float_dir / "mtp.onnx")
+    if scheme.weight_bits is not None:
+        quantize_projections(graph, scheme, opts)
+    name_nodes_and_strip_trace_metadata(graph)
+    path = save_graph(graph, out_dir / scheme.mtp_file)
+    share_identical_weights(path, out_dir / scheme.files[1])
+
+
 def _share_lm_head_bytes(embed: onnx.ModelProto, decoder_path: Path, lm_head_bits: int) -> None:
     """Point the embedding's initializers at the LM head's bytes in the saved decoder's data file."""
     decoder = onnx.load(str(decoder_path), load_external_data=False)
@@ -139,12 +176,14 @@ def _share_lm_head_bytes(embed: onnx.ModelProto, decoder_path: Path, lm_head_bit
 
 def _variant_record(scheme: Scheme, quant: QuantOptions, root: Path) -> dict:
     embed, decoder = scheme.files
-    record = {"embed_tokens": embed, "decoder": decoder, "activations": scheme.activations,
+    graphs = [embed, decoder, *([scheme.mtp_file] if (root / scheme.mtp_file).is_file() else [])]
+    record = {"embed_tokens": embed, "decoder": decoder, **({"mtp": graphs[2]} if len(graphs) > 2 else {}),
+              "activations": scheme.activations,
               "opset_imports": opset_imports(onnx.load(str(root / decoder), load_external_data=False))}
     if scheme.weight_bits:
         record.update(weight_bits=scheme.weight_bits, block_size=quant.block_size, symmetric=quant.symmetric,
                       accuracy_level=quant.accuracy_level)
-    record["bytes_on_disk"] = files_bytes(root, [f for name in (embed, decoder) for f in (name, name + "_data")])
+    record["bytes_on_disk"] = files_bytes(root, [f for name in graphs for f in (name, name + "_data")])
     return record
 
 
