@@ -92,18 +92,22 @@ class DraftableDecoder(nn.Module):
 
     def __init__(self, decoder: Qwen35Decoder) -> None:
         super().__init__()
-        self.decoder = decoder
+        # the decoder's own modules under their own names (`layers.3.mlp.up_proj`, `lm_head`), so node
+        # names and the quantization predicate see what they see in the plain decoder
+        self.cfg, self.logits_mode = decoder.cfg, decoder.logits_mode
+        self.layers, self.norm, self.lm_head = decoder.layers, decoder.norm, decoder.lm_head
+
+    run_layers = Qwen35Decoder.run_layers
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        d = self.decoder
-        select = d.logits_mode == "last"
+        select = self.logits_mode == "last"
         state = rest[1:] if select else rest
-        hidden, new_state = d.run_layers(inputs_embeds, *layer_inputs(d.cfg, inputs_embeds, attention_mask,
-                                                                        position_ids), state)
-        normed = d.norm(hidden)
+        hidden, new_state = self.run_layers(inputs_embeds, *layer_inputs(self.cfg, inputs_embeds, attention_mask,
+                                                                           position_ids), state)
+        normed = self.norm(hidden)
         if select:
             positions = rest[0]
             positions = torch.where(positions < 0, positions + inputs_embeds.shape[1], positions)
-        picked = normed.index_select(1, positions) if select else normed
-        return (d.lm_head(picked).float(), normed, *new_state)
+            return (self.lm_head(normed.index_select(1, positions)).float(), normed, *new_state)
+        return (self.lm_head(normed).float(), normed, *new_state)

@@ -31,7 +31,7 @@ from graphs.mtp import MTPDraftStep, MTPHead
 from graphs.qwen3_5 import Qwen35Decoder
 from quant.onnx_weights import pack_blockwise, quantize_projections, quantized_embed_graph
 from quant.schemes import QuantOptions, Scheme
-from runtime_py.export_format import RECURRENT_FORMS, opset_imports
+from runtime_py.export_format import RECURRENT_FORMS, fingerprint_files, opset_imports, variant_files
 
 
 @dataclass(frozen=True)
@@ -184,6 +184,7 @@ def _variant_record(scheme: Scheme, quant: QuantOptions, root: Path) -> dict:
         record.update(weight_bits=scheme.weight_bits, block_size=quant.block_size, symmetric=quant.symmetric,
                       accuracy_level=quant.accuracy_level)
     record["bytes_on_disk"] = files_bytes(root, [f for name in graphs for f in (name, name + "_data")])
+    record["fingerprint"] = fingerprint_files(root, variant_files(root, record))  # what a saved state is tied to
     return record
 
 
