@@ -73,7 +73,7 @@ def main() -> None:
     """Export, verify and run Qwen3.5 hybrid models for phones."""
 
 
-ONNX_ONLY = ("recurrent_ops", "block_size", "asymmetric", "accuracy_level", "all_logits")
+ONNX_ONLY = ("recurrent_ops", "block_size", "asymmetric", "accuracy_level", "all_logits", "no_mtp")
 COREML_ONLY = ("chunk", "context", "recurrent_state")
 
 
@@ -93,6 +93,7 @@ COREML_ONLY = ("chunk", "context", "recurrent_state")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
               help="ONNX: MatMulNBits compute: 4 = int8 activations (fastest on CPU), 1 = fp32, 0 = runtime default.")
 @click.option("--all-logits", is_flag=True, help="ONNX: logits for every position (default: last position only).")
+@click.option("--no-mtp", is_flag=True, help="ONNX: leave out the checkpoint's MTP head (no speculative decoding).")
 @click.option("--chunk", type=click.IntRange(min=1), default=64, show_default=True, help="Core ML: tokens per prefill call.")
 @click.option("--context", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Core ML: KV-cache capacity (a multiple of --chunk).")
@@ -103,7 +104,7 @@ COREML_ONLY = ("chunk", "context", "recurrent_state")
 @click.pass_context
 def export(ctx: click.Context, checkpoint: str, out: Path, fmt: str, quant_names: str, recurrent_ops: str,
            block_size: str, asymmetric: bool, accuracy_level: int, all_logits: bool, chunk: int, context: int,
-           recurrent_state: str, force: bool, quiet: bool) -> None:
+           recurrent_state: str, force: bool, quiet: bool, no_mtp: bool) -> None:
     """Export CHECKPOINT (a Hugging Face folder, or 'default') to ONNX or Core ML in OUT.
 
     \b
@@ -127,7 +128,7 @@ def export(ctx: click.Context, checkpoint: str, out: Path, fmt: str, quant_names
         from exporter.onnx.backend import OnnxBackend, OnnxOptions
 
         backend = OnnxBackend(OnnxOptions(recurrent_ops, QuantOptions(int(block_size), not asymmetric, accuracy_level),
-                                          all_logits))
+                                          all_logits, not no_mtp))
     run_export(request, backend)
     label = "Core ML: " if fmt == "coreml" else ""
     click.echo(f"exported {checkpoint} -> {out} ({label}{', '.join(s.name for s in request.schemes)})")
@@ -189,13 +190,24 @@ def verify(paths: tuple[Path, ...], against: Path | None, variant: str, decode_s
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Sampling seed (reproducible output).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--variant", default=None, help="Which exported variant to run (default: the first one exported).")
+@click.option("--speculative", type=click.Choice(["mtp"]), default=None,
+              help="Speculative decoding: the export's MTP head drafts, the decoder verifies (same output).")
+@click.option("--draft-tokens", type=click.IntRange(1, 8), default=None,
+              help="Tokens the MTP head drafts per round (with --speculative) [default: 2].")
+@click.option("--save-state", type=click.Path(path_type=Path), default=None,
+              help="Write the sequence state after the prompt to this file (safetensors).")
+@click.option("--load-state", type=click.Path(path_type=Path), default=None,
+              help="Continue a state saved with --save-state: the prompt follows its tokens.")
 def generate(export_dir: Path, prompt: str, chat: bool, max_new_tokens: int, temperature: float, top_p: float,
-             seed: int | None, threads: int | None, variant: str | None) -> None:
+             seed: int | None, threads: int | None, variant: str | None, speculative: str | None,
+             draft_tokens: int | None, save_state: Path | None, load_state: Path | None) -> None:
     """Generate text from an export, streaming tokens to stdout."""
     from runtime_py.generate import GenerateRequest, Sampling, generate_text
 
+    if draft_tokens is not None and speculative is None:
+        raise QwenEdgeError("--draft-tokens applies to speculative decoding; add --speculative mtp")
     request = GenerateRequest(export_dir, prompt, chat, max_new_tokens, Sampling(temperature, top_p, seed), threads,
-                              variant)
+                              variant, (draft_tokens or 2) if speculative else None, save_state, load_state)
     generate_text(request, lambda text: click.echo(text, nl=False))
     click.echo()
 

@@ -29,18 +29,32 @@ class Sampling:
             raise ValueError("top_p must be in (0, 1]")
 
 
-def choose_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
-    """Pick the next token from one row of logits [V]."""
-    if sampling.temperature == 0:
-        return int(np.argmax(logits))
+def sampling_distribution(logits: np.ndarray, sampling: Sampling) -> np.ndarray:
+    """The distribution [V] a token is drawn from (sampling.temperature > 0): softmax(logits /
+    temperature) cut to the smallest set reaching top_p, renormalised; 0 outside that set."""
     z = logits.astype(np.float64) / sampling.temperature
     probs = np.exp(z - z.max())
     probs /= probs.sum()
     order = np.argsort(-probs, kind="stable")
     cumulative = np.cumsum(probs[order])
     keep = order[: int(np.searchsorted(cumulative, sampling.top_p) + 1)]  # smallest set reaching top_p
-    kept = probs[keep] / probs[keep].sum()
-    return int(keep[rng.choice(len(keep), p=kept)])
+    out = np.zeros_like(probs)
+    out[keep] = probs[keep] / probs[keep].sum()
+    return out
+
+
+def choose_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+    """Pick the next token from one row of logits [V]."""
+    if sampling.temperature == 0:
+        return int(np.argmax(logits))
+    return draw(sampling_distribution(logits, sampling), rng)
+
+
+def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """One token from a distribution [V], most likely tokens first (so a seed gives the same draws
+    whatever the vocabulary order of the unlikely ones)."""
+    keep = np.argsort(-probs, kind="stable")[: np.count_nonzero(probs)]
+    return int(keep[rng.choice(len(keep), p=probs[keep])])
 
 
 def generate(
@@ -94,6 +108,9 @@ class GenerateRequest:
     sampling: Sampling = field(default_factory=Sampling)
     threads: int | None = None
     variant: str | None = None  # None: the first variant exported
+    draft_tokens: int | None = None  # speculative decoding with the export's MTP head (--speculative mtp)
+    save_state: Path | None = None  # the sequence state after the prompt, to a file (runtime_py/state_file.py)
+    load_state: Path | None = None  # continue a saved state: the prompt follows its tokens
 
 
 def generate_text(request: GenerateRequest, on_text: Callable[[str], None]) -> list[int]:
@@ -104,6 +121,23 @@ def generate_text(request: GenerateRequest, on_text: Callable[[str], None]) -> l
     messages = [{"role": "user", "content": request.prompt}]
     text = tokenizer.apply_chat_template(messages) if request.chat else request.prompt
     stream = StreamDecoder(tokenizer)
+    on_token = lambda t: on_text(stream.push(t))  # noqa: E731
+    if request.draft_tokens is None and request.save_state is None and request.load_state is None:
+        on_text("" if request.chat else request.prompt)
+        return generate(model, tokenizer.encode(text), request.max_new_tokens, request.sampling,
+                        stop_ids=stop_ids(request.export_dir), on_token=on_token)
+    from runtime_py.sequence import PlainSession, prefill, run_session
+    from runtime_py.speculative import SpeculativeSession
+    from runtime_py.state_file import load_sequence, save_sequence
+
+    with_head = request.draft_tokens is not None or (request.save_state is not None and model.draftable)
+    after = load_sequence(request.load_state, model) if request.load_state is not None else None
+    if request.draft_tokens is not None:
+        model.mtp  # noqa: B018  (an export without a head is refused before any output)
     on_text("" if request.chat else request.prompt)
-    return generate(model, tokenizer.encode(text), request.max_new_tokens, request.sampling,
-                    stop_ids=stop_ids(request.export_dir), on_token=lambda t: on_text(stream.push(t)))
+    prefix = prefill(model, tokenizer.encode(text), after, with_head)
+    if request.save_state is not None:
+        save_sequence(request.save_state, model, prefix)
+    session = (SpeculativeSession(model, request.draft_tokens, request.sampling) if request.draft_tokens
+               else PlainSession(model, request.sampling))
+    return run_session(session, prefix, request.max_new_tokens, stop_ids(request.export_dir), on_token)[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,26 @@ def tiny_exports(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.Tem
     forms = {"kv_equal_tied": "standard", "kv_double_untied": "contrib"}
     return {name: export_onnx(ck, root / name, options=OnnxOptions(forms[name], all_logits=True), progress=False)
             for name, ck in tiny_checkpoints.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_mtp_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint with an MTP head (`mtp.*`, random like the rest), in the published layout, with
+    the default model's tokenizer (its vocabulary size) so that `generate` runs on it."""
+    config = tiny_config(tie=False, multimodal=True)  # tied random embeddings just repeat the last token
+    config["text_config"].update(mtp_num_hidden_layers=1, vocab_size=1024)
+    folder = write_random_checkpoint(config, tmp_path_factory.mktemp("mtp") / "checkpoint", seed=11,
+                                     dtype=torch.float32, multimodal_names=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(CHECKPOINT_DIR / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_mtp_export(tiny_mtp_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """That checkpoint exported with the default options (fp32): a draftable decoder and its `mtp` graph."""
+    return export_onnx(tiny_mtp_checkpoint, tmp_path_factory.mktemp("mtp_export") / "export", "fp32",
+                       progress=False)
 
 
 @pytest.fixture(scope="session")
