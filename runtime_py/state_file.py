@@ -2,9 +2,8 @@
 
 One safetensors file per saved sequence (batch 1):
 
-    state.<input name>     every decoder state tensor, named as the decoder's input that takes it
-                           (`state.past_conv.0`, `state.past_key_values.3.key`, ...; graphs/state.py)
-    head.<input name>      the MTP head's cache (`head.past_mtp.0.key`), for exports with a head
+    state.<input name>     every decoder state tensor, under the name of the decoder input that takes it
+    head.<input name>      the MTP head's cache, likewise, for exports with a head
     token_ids [L] int64    the tokens the state has consumed
     attention_mask [1, L], positions [1]   what the runtime carries beside the tensors
     last_logits [V] fp32   the decoder's logits after the last token (the next token's distribution)
