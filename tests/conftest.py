@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
 import shutil
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import pytest
 import torch
+from filelock import FileLock
 
 from default_model import CHECKPOINT_DIR
 from exporter.onnx.backend import OnnxOptions, export_onnx
@@ -50,6 +54,34 @@ def tiny_config(*, value_heads: int = 2, tie: bool = True, multimodal: bool = Fa
             "tie_word_embeddings": tie, "text_config": text}
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # `make test` runs two workers on two cores: one thread each, no oversubscription
+
+Built = TypeVar("Built", Path, dict)
+
+
+def built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Built]) -> Built:
+    """Build a session artifact in its own folder, once per test run.
+
+    Under pytest-xdist each worker is a process with its own session fixtures; the exports below take
+    minutes, so the first worker to ask builds under a lock in the run's shared temp folder and the others
+    read its result. Without xdist this is a plain mktemp."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build(factory.mktemp(name))
+    root = factory.getbasetemp().parent / "built_once" / name
+    root.parent.mkdir(exist_ok=True)
+    record = root.parent / f"{name}.json"
+    with FileLock(str(root.parent / f"{name}.lock")):
+        if not record.exists():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            result = build(root)
+            as_json = {k: str(v) for k, v in result.items()} if isinstance(result, dict) else str(result)
+            record.write_text(json.dumps(as_json))
+    stored = json.loads(record.read_text())
+    return {k: Path(v) for k, v in stored.items()} if isinstance(stored, dict) else Path(stored)
+
+
 LAYOUTS = {
     # name: (config kwargs, checkpoint writer kwargs)
     "kv_equal_tied": (dict(value_heads=2, tie=True), dict(multimodal_names=False)),
@@ -59,53 +91,54 @@ LAYOUTS = {
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("checkpoints")
-    out = {}
-    for name, (cfg_kwargs, writer_kwargs) in LAYOUTS.items():
-        out[name] = write_random_checkpoint(tiny_config(**cfg_kwargs), root / name, seed=7,
-                                            dtype=torch.float32, **writer_kwargs)
-    return out
+    def build(root: Path) -> dict[str, Path]:
+        return {name: write_random_checkpoint(tiny_config(**cfg_kwargs), root / name, seed=7, dtype=torch.float32,
+                                              **writer_kwargs)
+                for name, (cfg_kwargs, writer_kwargs) in LAYOUTS.items()}
+    return built_once(tmp_path_factory, "checkpoints", build)
 
 
 @pytest.fixture(scope="session")
 def tiny_exports(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Each tiny layout exported; the Hv = 2·Hk one with contrib ops, so both forms are exercised."""
-    root = tmp_path_factory.mktemp("exports")
     forms = {"kv_equal_tied": "standard", "kv_double_untied": "contrib"}
-    return {name: export_onnx(ck, root / name, options=OnnxOptions(forms[name], all_logits=True), progress=False)
-            for name, ck in tiny_checkpoints.items()}
+    return built_once(tmp_path_factory, "exports", lambda root: {
+        name: export_onnx(ck, root / name, options=OnnxOptions(forms[name], all_logits=True), progress=False)
+        for name, ck in tiny_checkpoints.items()})
 
 
 @pytest.fixture(scope="session")
 def tiny_mtp_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny checkpoint with an MTP head (`mtp.*`, random like the rest), in the published layout, with
     the default model's tokenizer (its vocabulary size) so that `generate` runs on it."""
-    config = tiny_config(tie=False, multimodal=True)  # tied random embeddings just repeat the last token
-    config["text_config"].update(mtp_num_hidden_layers=1, vocab_size=1024)
-    folder = write_random_checkpoint(config, tmp_path_factory.mktemp("mtp") / "checkpoint", seed=11,
-                                     dtype=torch.float32, multimodal_names=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(CHECKPOINT_DIR / name, folder / name)
-    return folder
+    def build(root: Path) -> Path:
+        config = tiny_config(tie=False, multimodal=True)  # tied random embeddings just repeat the last token
+        config["text_config"].update(mtp_num_hidden_layers=1, vocab_size=1024)
+        folder = write_random_checkpoint(config, root / "checkpoint", seed=11, dtype=torch.float32,
+                                         multimodal_names=True)
+        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            shutil.copy(CHECKPOINT_DIR / name, folder / name)
+        return folder
+    return built_once(tmp_path_factory, "mtp", build)
 
 
 @pytest.fixture(scope="session")
 def tiny_mtp_export(tiny_mtp_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """That checkpoint exported with the default options (fp32): a draftable decoder and its `mtp` graph."""
-    return export_onnx(tiny_mtp_checkpoint, tmp_path_factory.mktemp("mtp_export") / "export", "fp32",
-                       progress=False)
+    return built_once(tmp_path_factory, "mtp_export", lambda root: export_onnx(
+        tiny_mtp_checkpoint, root / "export", "fp32", progress=False))
 
 
 @pytest.fixture(scope="session")
 def default_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_onnx("default", tmp_path_factory.mktemp("default") / "export", progress=False)
+    return built_once(tmp_path_factory, "default", lambda root: export_onnx("default", root / "export", progress=False))
 
 
 @pytest.fixture(scope="session")
 def default_contrib_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model, fp32 and q4, with the com.microsoft recurrent ops that app runtimes load."""
-    return export_onnx("default", tmp_path_factory.mktemp("contrib") / "export", "fp32,q4", OnnxOptions("contrib"),
-                       progress=False)
+    return built_once(tmp_path_factory, "contrib", lambda root: export_onnx(
+        "default", root / "export", "fp32,q4", OnnxOptions("contrib"), progress=False))
 
 
 @pytest.fixture(scope="session")
@@ -119,13 +152,15 @@ ALL_SCHEMES = "fp32,fp16,q8,q4,q4f16"
 @pytest.fixture(scope="session")
 def default_all_variants(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model in every scheme, written by one export call."""
-    return export_onnx("default", tmp_path_factory.mktemp("variants") / "export", ALL_SCHEMES, progress=False)
+    return built_once(tmp_path_factory, "variants", lambda root: export_onnx(
+        "default", root / "export", ALL_SCHEMES, progress=False))
 
 
 @pytest.fixture(scope="session")
 def tiny_untied_quantized(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_onnx(tiny_checkpoints["kv_double_untied"], tmp_path_factory.mktemp("untied") / "export",
-                       ALL_SCHEMES, OnnxOptions("contrib", QuantOptions(64, False, 4), all_logits=True), progress=False)
+    return built_once(tmp_path_factory, "untied", lambda root: export_onnx(
+        tiny_checkpoints["kv_double_untied"], root / "export", ALL_SCHEMES,
+        OnnxOptions("contrib", QuantOptions(64, False, 4), all_logits=True), progress=False))
 
 
 COREML_CONTEXT = 256
@@ -136,5 +171,5 @@ def default_coreml(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model as Core ML packages (fp32 and int4), context 256; shared by the Core ML and ios tests."""
     from exporter.coreml.backend import CoreMLOptions, export_coreml
 
-    return export_coreml("default", tmp_path_factory.mktemp("coreml") / "default", "fp32,q4",
-                         CoreMLOptions(context=COREML_CONTEXT), progress=False)
+    return built_once(tmp_path_factory, "coreml", lambda root: export_coreml(
+        "default", root / "default", "fp32,q4", CoreMLOptions(context=COREML_CONTEXT), progress=False))
