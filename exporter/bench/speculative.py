@@ -113,9 +113,10 @@ def measure_acceptance(model: OnnxModel, text: str, prompts: int, prompt_chars: 
             total.rounds += session.stats.rounds
             total.offered = [a + b for a, b in zip(total.offered, session.stats.offered)]
             total.accepted = [a + b for a, b in zip(total.accepted, session.stats.accepted)]
+            total.decoder_calls += session.stats.decoder_calls
     return {"draft_tokens": k, "prompts": prompts, "generated": generated, "rounds": total.rounds,
             "offered": total.offered, "accepted": total.accepted, "acceptance": total.acceptance(),
-            "tokens_per_round": total.tokens_per_round(generated)}
+            "tokens_per_decoder_call": generated / total.decoder_calls}
 
 
 def markdown(report: dict) -> str:
@@ -131,7 +132,7 @@ def markdown(report: dict) -> str:
         lines += ["", f"Acceptance of the real head, k = {a['draft_tokens']}, {a['prompts']} held-out prompts, "
                   f"{a['generated']} tokens: " + ", ".join(f"position {j + 1}: {x:.1%} ({n} offered)" for j, (x, n) in
                                                            enumerate(zip(a["acceptance"], a["offered"])))
-                  + f"; {a['tokens_per_round']:.2f} tokens per round"]
+                  + f"; {a['tokens_per_decoder_call']:.2f} tokens per decoder call"]
     s = report.get("restore")
     if s is None:
         return "\n".join(lines)
