@@ -34,7 +34,7 @@ from graphs.checkpoint import MTP, open_checkpoint
 from graphs.config import text_config_from_dict
 from graphs.mtp import MTPHead
 from graphs.qwen3_5 import Qwen35Decoder, layer_inputs
-from graphs.random_checkpoint import random_tensor
+from graphs.random_checkpoint import random_block
 from graphs.recurrent_ops import REFERENCE
 
 HERE = Path(__file__).parent
@@ -143,7 +143,7 @@ def train_mtp(decoder: Qwen35Decoder, data: torch.Tensor, steps: int, batch: int
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in head.named_parameters():
-            p.copy_(random_tensor(name, tuple(p.shape), decoder.cfg, gen))
+            p.copy_(random_block(name, tuple(p.shape), decoder.cfg, gen))
     start = time.time()
     offsets = torch.randint(0, len(data) - seq - 2, (pool,), generator=gen)
     windows = torch.stack([data[o : o + seq + 2] for o in offsets])
@@ -209,7 +209,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(random_tensor(name, tuple(p.shape), cfg, gen))
+            p.copy_(random_block(name, tuple(p.shape), cfg, gen))
         model.embed_tokens.weight.mul_(0.25)  # start near uniform predictions
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))

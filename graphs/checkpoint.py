@@ -1,8 +1,10 @@
 """Load a Hugging Face Qwen3.5 checkpoint folder lazily and check it against its config.
 
-Tensors are memory-mapped with `safetensors.safe_open` and read one at a time, so a checkpoint is
-never held twice in memory. Every shape is checked against the config before any weight is read,
-so a wrong or damaged file fails in seconds with the name of the tensor at fault.
+Headers are read with `safetensors.safe_open`; tensor data is read with positioned reads
+(`read_rows`: a block of rows of one tensor), so memory holds at most the block asked for and a
+checkpoint larger than RAM streams through (pages of a long-lived memory map would count in the
+process's resident set). Every shape is checked against the config before any weight is read, so a
+wrong or damaged file fails in seconds with the name of the tensor at fault.
 
 The multi-token-prediction head (`mtp.*`, graphs/mtp.py) is optional: a checkpoint without it is a
 plain decoder; one with it must carry the whole head. The opened config says which:
@@ -12,12 +14,14 @@ plain decoder; one with it must carry the whole head. The opened config says whi
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import ExitStack
+import os
 import re
+import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -35,17 +39,33 @@ IGNORED_PREFIXES = ("model.visual.", "visual.")
 MTP_PREFIXES = ("mtp.", "model.mtp.", "model.language_model.mtp.")
 MTP = "mtp."
 FLOAT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+ITEM_BYTES = {"BF16": 2, "F16": 2, "F32": 4}
 INDEX_NAME = "model.safetensors.index.json"
+# Tensors at least this large (2-D, elements) are placeholders in a skeleton decoder or MTP head: see build_skeleton.
+PLACEHOLDER_MIN_ELEMENTS = 1025
 
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """Where one decoder tensor lives: its file and its name inside the file."""
+    """Where one decoder tensor lives: its file, its name inside the file and its bytes' position."""
 
     file: Path
     key: str
     shape: tuple[int, ...]
     dtype: str
+    offset: int = 0  # absolute position of the first byte in `file`
+
+    @property
+    def row_elements(self) -> int:
+        return int(np.prod(self.shape[1:], dtype=np.int64)) if len(self.shape) > 1 else 1
+
+
+def _data_offsets(file: Path) -> dict[str, int]:
+    """{key: absolute offset of its data} from a safetensors header (8-byte length, JSON, data)."""
+    with file.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    return {k: 8 + length + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
 
 
 def _shard_files(folder: Path) -> list[Path]:
@@ -87,13 +107,14 @@ def index_tensors(folder: Path) -> dict[str, TensorEntry]:
     entries: dict[str, TensorEntry] = {}
     for file in _shard_files(folder):
         try:
-            with safe_open(file, framework="pt") as handle:
+            with safe_open(file, framework="pt") as handle:  # validates the header and every range
+                offsets = _data_offsets(file)
                 for key in handle.keys():
                     name = _decoder_name(key)
                     if name is None:
                         continue
                     tslice = handle.get_slice(key)
-                    entries[name] = TensorEntry(file, key, tuple(tslice.get_shape()), tslice.get_dtype())
+                    entries[name] = TensorEntry(file, key, tuple(tslice.get_shape()), tslice.get_dtype(), offsets[key])
         except QwenEdgeError:
             raise
         except Exception as exc:  # safetensors raises several types for damaged files
@@ -189,30 +210,71 @@ class Checkpoint:
     def has_mtp(self) -> bool:
         return self.config.mtp_num_hidden_layers > 0
 
-    def iter_tensors(self, dtype: torch.dtype, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield tensors (by default the decoder's) one at a time, converted to `dtype`, read from the memory map."""
-        by_file: dict[Path, list[str]] = {}
-        for name in names if names is not None else expected_shapes(self.config):
-            by_file.setdefault(self.tensors[name].file, []).append(name)
-        with ExitStack() as stack:
-            for file, in_file in by_file.items():
-                handle = stack.enter_context(safe_open(file, framework="pt"))
-                for name in in_file:
-                    try:
-                        tensor = handle.get_tensor(self.tensors[name].key)
-                    except Exception as exc:
-                        raise QwenEdgeError(
-                            f"{file}: cannot read tensor '{self.tensors[name].key}' ({exc}); the file is corrupt, re-download it"
-                        ) from exc
-                    yield name, tensor.to(dtype)
+    def source_name(self, param: str) -> str:
+        """The checkpoint tensor a decoder parameter is read from (a tied LM head reads the embedding)."""
+        return "embed_tokens.weight" if param == "lm_head.weight" and self.config.tie_word_embeddings else param
+
+    def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows `start:stop` (along the first axis) of a decoder tensor as float32, read from disk."""
+        entry = self.tensors[self.source_name(name)]
+        stop = entry.shape[0] if stop is None else stop
+        item, row = ITEM_BYTES[entry.dtype], entry.row_elements
+        count = (stop - start) * row
+        fd = os.open(entry.file, os.O_RDONLY)
+        try:
+            raw = os.pread(fd, count * item, entry.offset + start * row * item)
+        finally:
+            os.close(fd)
+        if len(raw) != count * item:
+            raise QwenEdgeError(f"{entry.file}: ended while reading tensor '{entry.key}'; the file is truncated, "
+                                "re-download it")
+        if entry.dtype == "BF16":  # bf16 is the top half of an fp32: widening is exact
+            values = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            values = np.frombuffer(raw, np.float16 if entry.dtype == "F16" else np.float32).astype(np.float32)
+        return values.reshape(stop - start, *entry.shape[1:])
+
+    def iter_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield decoder tensors one at a time, converted to `dtype`, read from disk."""
+        for name in sorted(expected_shapes(self.config), key=self.read_order):
+            yield name, torch.from_numpy(self.read_rows(name)).to(dtype)
+
+    def read_order(self, name: str) -> tuple[str, int]:
+        """Sort key that reads tensors in file order (sequential disk access)."""
+        entry = self.tensors[self.source_name(name)]
+        return str(entry.file), entry.offset
+
+    def _params(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
+                placeholder: Callable[[str, tuple[int, ...]], bool]) -> dict[str, torch.Tensor]:
+        """Tensors in `dtype`, read in file order; placeholders are zero-stride views of one zero."""
+        params = {}
+        for name, shape in sorted(shapes.items(), key=lambda item: self.read_order(item[0])):
+            if placeholder(name, shape):
+                params[name] = torch.zeros((), dtype=dtype).expand(shape)
+            else:
+                params[name] = torch.from_numpy(self.read_rows(name)).to(dtype)
+        return params
 
     def build_decoder(self, dtype: torch.dtype = torch.float32, kernels: RecurrentKernels = CUSTOM_OPS,
                       logits: LogitsMode = "all") -> Qwen35Decoder:
         """The export-friendly decoder with this checkpoint's weights, in `dtype` (see Qwen35Decoder
         for `kernels` and `logits`)."""
+        return self._decoder(dtype, kernels, logits, lambda name, shape: False)
+
+    def build_skeleton(self, dtype: torch.dtype = torch.float32, kernels: RecurrentKernels = CUSTOM_OPS,
+                       logits: LogitsMode = "all") -> Qwen35Decoder:
+        """The decoder with its large matrices as placeholders: zero-stride views of one zero, so the
+        model has every shape but no weight memory. Small tensors (norms, conv, A_log, dt_bias and 2-D
+        tensors under PLACEHOLDER_MIN_ELEMENTS) hold their real values. The structure of a trace does not
+        depend on the values, so a skeleton traces like the real model; an exporter then reads each
+        placeholder's values from the checkpoint when it writes them (`is_placeholder` tells which)."""
+        return self._decoder(dtype, kernels, logits, is_placeholder)
+
+    def _decoder(self, dtype: torch.dtype, kernels: RecurrentKernels, logits: LogitsMode,
+                 placeholder: Callable[[str, tuple[int, ...]], bool]) -> Qwen35Decoder:
         with torch.device("meta"):
             model = Qwen35Decoder(self.config, kernels, logits)
-        params = dict(self.iter_tensors(dtype))
+        params = self._params(expected_shapes(self.config), dtype, placeholder)
         if self.config.tie_word_embeddings:
             params["lm_head.weight"] = params["embed_tokens.weight"]
         model.load_state_dict(params, strict=True, assign=True)
@@ -222,14 +284,26 @@ class Checkpoint:
 
     def build_mtp(self, dtype: torch.dtype = torch.float32) -> MTPHead:
         """The MTP head with this checkpoint's weights (it shares the decoder's LM head, not held here)."""
+        return self._mtp(dtype, lambda name, shape: False)
+
+    def build_mtp_skeleton(self, dtype: torch.dtype = torch.float32) -> MTPHead:
+        """The MTP head with its large matrices as placeholders, as `build_skeleton` builds the decoder."""
+        return self._mtp(dtype, is_placeholder)
+
+    def _mtp(self, dtype: torch.dtype, placeholder: Callable[[str, tuple[int, ...]], bool]) -> MTPHead:
         if not self.has_mtp:
             raise QwenEdgeError(f"{self.folder}: the checkpoint has no MTP head (`mtp.*` weights)"
                                 + (f": {self.mtp_note}" if self.mtp_note else ""))
         with torch.device("meta"):
             head = MTPHead(self.config)
-        params = {n[len(MTP):]: t for n, t in self.iter_tensors(dtype, list(expected_mtp_shapes(self.config)))}
-        head.load_state_dict(params, strict=True, assign=True)
+        params = self._params(expected_mtp_shapes(self.config), dtype, placeholder)
+        head.load_state_dict({n[len(MTP):]: t for n, t in params.items()}, strict=True, assign=True)
         return head.eval()
+
+
+def is_placeholder(name: str, shape: tuple[int, ...]) -> bool:
+    """Is this parameter a placeholder in a skeleton decoder: a 2-D matrix of PLACEHOLDER_MIN_ELEMENTS or more."""
+    return len(shape) == 2 and shape[0] * shape[1] >= PLACEHOLDER_MIN_ELEMENTS
 
 
 def open_checkpoint(folder: Path | str, mtp: bool = True) -> Checkpoint:

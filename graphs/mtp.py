@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from graphs.config import TextConfig
-from graphs.qwen3_5 import DecoderLayer, Qwen35Decoder, RMSNorm, layer_inputs
+from graphs.qwen3_5 import DecoderLayer, Qwen35Decoder, RMSNorm, layer_inputs, layer_step
 
 
 def mtp_layers_problem(layers: int) -> str | None:
@@ -56,7 +56,7 @@ class MTPHead(nn.Module):
         """inputs_embeds: embeddings of tokens t+1 [B,T,hidden]; hidden_states: h[t] [B,T,hidden].
         Returns h'[t] (normed) [B,T,hidden] and the head's new key and value caches."""
         x = torch.cat([self.pre_fc_norm_embedding(inputs_embeds), self.pre_fc_norm_hidden(hidden_states)], dim=-1)
-        x, key, value = self.layers[0](self.fc(x), token_mask, bias, cos, sin, key, value)
+        x, key, value = layer_step(self.layers[0], self.fc(x), token_mask, bias, cos, sin, key, value)
         return self.norm(x), key, value
 
 

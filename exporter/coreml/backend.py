@@ -73,6 +73,12 @@ class CoreMLBackend:
     def prepare_stages(self, activations: str) -> list[str]:
         return [f"convert {f} ({activations})" for f in FUNCTIONS]
 
+    def finish_stages(self) -> list[str]:
+        return []
+
+    def finish(self, folder: Path, stages: Stages) -> None:
+        """Every package is complete when written."""
+
     def load(self, checkpoint: Checkpoint) -> CoreMLStep:
         self.cfg = checkpoint.config
         model = checkpoint.build_decoder(kernels=MATMUL_ONLY, logits="last")

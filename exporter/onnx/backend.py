@@ -4,44 +4,57 @@
     OUT/onnx/decoder_model_merged{suffix}.onnx (+ .onnx_data)
     OUT/onnx/mtp{suffix}.onnx (+ .onnx_data)      when the checkpoint has an MTP head (graphs/mtp.py)
 
-Each activation dtype is traced once into a scratch folder; a float variant is that graph re-saved
-under its published name, a quantized variant a transform of it (quant/onnx_weights.py). The MTP
-graph is quantized by the same scheme and reads the LM head's bytes from the decoder's data file.
+Each activation dtype is traced once, from a skeleton of the decoder whose large matrices take no
+memory (exporter/onnx/streamed.py); a float variant is that graph saved under its published name, a
+quantized variant a transform of it (quant/onnx_weights.py). Saving lays out each data file and
+leaves the streamed weights as holes; `finish` then reads every checkpoint tensor once, in blocks of
+rows, and writes it into every variant. With `stream_weights=False` the decoder is built with its
+weights in memory and the same steps write them directly: the reference the streamed export is
+tested against (tests/test_streamed_export.py).
+
+The MTP graph is traced from a skeleton of the head the same way, quantized by the same scheme, and
+streamed in the same pass; once its bytes are written it reads the LM head's bytes from the decoder's
+data file (`share_identical_weights`). A variant's size and fingerprint are recorded after that.
 """
 
 from __future__ import annotations
 
-import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 import onnxruntime
+import torch
 
 from exporter.onnx.external_data import external_info, set_external, share_identical_weights
-from exporter.onnx.trace import (name_nodes_and_strip_trace_metadata, save_graph, trace_decoder, trace_embed,
+from exporter.onnx.streamed import Sink, save_graph, save_proto, stream_weights
+from exporter.onnx.trace import (StreamedWeights, name_nodes_and_strip_trace_metadata, trace_decoder, trace_embed,
                                  trace_mtp)
 from exporter.pipeline import files_bytes
 from exporter.progress import Stages
-from graphs.checkpoint import Checkpoint
+from graphs.checkpoint import Checkpoint, is_placeholder
 from graphs.config import TextConfig
 from graphs.errors import QwenEdgeError
-from graphs.mtp import MTPDraftStep, MTPHead
-from graphs.qwen3_5 import Qwen35Decoder
-from quant.onnx_weights import pack_blockwise, quantize_projections, quantized_embed_graph
+from graphs.mtp import MTPDraftStep
+from quant.onnx_weights import (EMBED_NAMES, QuantizedHead, packed_tensors, quantize_projections,
+                                quantized_embed_graph)
 from quant.schemes import QuantOptions, Scheme
 from runtime_py.export_format import RECURRENT_FORMS, fingerprint_files, opset_imports, variant_files
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
 class OnnxOptions:
     """ONNX-only export options."""
 
-    recurrent_ops: str = "standard"  # exporter/onnx/forms.py
+    recurrent_ops: str = "contrib"  # exporter/onnx/forms.py; README says why contrib is the default
     quant: QuantOptions = field(default_factory=QuantOptions)
     all_logits: bool = False  # logits of every position (default: the last one)
     mtp: bool = True  # export the checkpoint's MTP head when it has one (--no-mtp: leave it out)
+    stream_weights: bool = True  # False: trace and write with the weights in memory (the test reference)
 
     def __post_init__(self) -> None:
         if self.recurrent_ops not in RECURRENT_FORMS:
@@ -49,11 +62,12 @@ class OnnxOptions:
 
 
 @dataclass
-class OnnxModels:
-    """What one export traces: the decoder, and the MTP head when there is one."""
+class Traced:
+    """One activation dtype's graphs, shared by the variants of that dtype."""
 
-    decoder: Qwen35Decoder
-    mtp: MTPHead | None
+    embed: ir.Model
+    decoder: ir.Model
+    mtp: ir.Model | None = None  # the MTP head's graph, when the export has one
 
 
 class OnnxBackend:
@@ -62,8 +76,14 @@ class OnnxBackend:
     def __init__(self, options: OnnxOptions = OnnxOptions()) -> None:
         self.options = options
         self.wants_mtp = options.mtp
-        self.cfg: TextConfig | None = None
+        self.checkpoint: Checkpoint | None = None
+        self.sinks: list[Sink] = []
+        self.written: list[dict] = []  # the variant records `finish` completes
         self.mtp_note: str | None = None
+
+    @property
+    def cfg(self) -> TextConfig:
+        return self.checkpoint.config
 
     def check(self, schemes: tuple[Scheme, ...]) -> None:
         for scheme in schemes:
@@ -73,44 +93,106 @@ class OnnxBackend:
     def prepare_stages(self, activations: str) -> list[str]:
         return [f"trace {activations} graphs"]
 
-    def load(self, checkpoint: Checkpoint) -> OnnxModels:
-        self.cfg = checkpoint.config
+    def finish_stages(self) -> list[str]:
+        return ["write weights"] if self.options.stream_weights else []
+
+    def load(self, checkpoint: Checkpoint) -> Checkpoint:
+        self.checkpoint, self.sinks, self.written = checkpoint, [], []
         self.mtp_note = ("exported" if checkpoint.has_mtp else checkpoint.mtp_note or
                          ("left out (--no-mtp)" if not self.options.mtp else "the checkpoint has none"))
-        decoder = checkpoint.build_decoder(logits="all" if self.options.all_logits else "last")
-        return OnnxModels(decoder, checkpoint.build_mtp() if checkpoint.has_mtp else None)
+        return checkpoint
 
-    def prepare(self, models: OnnxModels, activations: str, folder: Path, stages: Stages) -> Path:
-        model = models.decoder
-        if activations == "float16":
-            model.half()
-            if models.mtp is not None:
-                models.mtp.half()
-        float_dir = folder / f".float-{activations}"
-        float_dir.mkdir()
-
-        def trace() -> None:
-            save_graph(trace_embed(model), float_dir / "embed.onnx")
-            draftable = models.mtp is not None
-            save_graph(trace_decoder(model, self.options.recurrent_ops, draftable), float_dir / "decoder.onnx")
-            if draftable:
-                save_graph(trace_mtp(MTPDraftStep(model.cfg, models.mtp, model.lm_head)), float_dir / "mtp.onnx")
-
-        stages.run(trace)
-        return float_dir
-
-    def write_variant(self, float_dir: Path, scheme: Scheme, folder: Path) -> dict:
-        (folder / "onnx").mkdir(exist_ok=True)
-        if scheme.weight_bits is None:
-            _copy_float_graphs(float_dir, folder, scheme)
+    def prepare(self, checkpoint: Checkpoint, activations: str, folder: Path, stages: Stages) -> Traced:
+        logits = "all" if self.options.all_logits else "last"
+        dtype = DTYPES[activations]
+        if self.options.stream_weights:
+            model = checkpoint.build_skeleton(dtype, logits=logits)
+            head = checkpoint.build_mtp_skeleton(dtype) if checkpoint.has_mtp else None
         else:
-            _write_quantized(scheme, float_dir, folder, self.options.quant, self.cfg.tie_word_embeddings)
-        if (float_dir / "mtp.onnx").is_file():
-            _write_mtp(float_dir, scheme, folder, self.options.quant)
+            model = checkpoint.build_decoder(dtype, logits=logits)
+            head = checkpoint.build_mtp(dtype) if checkpoint.has_mtp else None
+        step = None if head is None else MTPDraftStep(model.cfg, head, model.lm_head)
+        form, draftable = self.options.recurrent_ops, step is not None
+
+        weights = self._streamed(model)
+
+        def trace() -> Traced:
+            return Traced(trace_embed(model, weights), trace_decoder(model, form, draftable, weights),
+                          None if step is None else trace_mtp(step, self._streamed(step)))
+
+        return stages.run(trace)
+
+    def _streamed(self, module: torch.nn.Module) -> StreamedWeights | None:
+        """The placeholders of a skeleton module (None when the weights are in memory)."""
+        if not self.options.stream_weights:
+            return None
+        return StreamedWeights(self.checkpoint, {
+            name: (self.checkpoint.source_name(name), tuple(p.shape))
+            for name, p in module.named_parameters(remove_duplicate=False) if is_placeholder(name, tuple(p.shape))})
+
+    def write_variant(self, traced: Traced, scheme: Scheme, folder: Path) -> dict:
+        (folder / "onnx").mkdir(exist_ok=True)
+        embed_name, decoder_name = scheme.files
+        decoder = traced.decoder.clone()
+        head = quantize_projections(decoder, scheme, self.options.quant) if scheme.weight_bits else None
+        name_nodes_and_strip_trace_metadata(decoder)
+        decoder_path = save_graph(decoder, folder / decoder_name, self.sinks)
+        if scheme.weight_bits is None:
+            embed = traced.embed.clone()
+            name_nodes_and_strip_trace_metadata(embed)
+            save_graph(embed, folder / embed_name, self.sinks)
+        else:
+            self._write_quantized_embed(traced, scheme, head, decoder_path, folder / embed_name)
+        if traced.mtp is not None:
+            mtp = traced.mtp.clone()
+            if scheme.weight_bits is not None:
+                quantize_projections(mtp, scheme, self.options.quant)
+            name_nodes_and_strip_trace_metadata(mtp)
+            save_graph(mtp, folder / scheme.mtp_file, self.sinks)
+        record = _variant_record(scheme, self.options.quant, folder)
+        self.written.append(record)
+        return record
         return _variant_record(scheme, self.options.quant, folder)
 
-    def release(self, float_dir: Path) -> None:
-        shutil.rmtree(float_dir)
+    def _write_quantized_embed(self, traced: Traced, scheme: Scheme, head: QuantizedHead | None,
+                               decoder_path: Path, path: Path) -> None:
+        doc = f"Qwen3.5 token embedding, {scheme.name} (qwen-edge)"
+        if self.cfg.tie_word_embeddings:  # the gather reads the LM head's quantized bytes from the decoder's data file
+            parts = {part: value.const_value for part, value in head.parts.items()}
+            embed = quantized_embed_graph(parts, head.fmt, head.vocab, head.hidden, doc)
+            _share_lm_head_bytes(embed, decoder_path, head)
+            onnx.save(embed, str(path))
+            return
+        table = next(iter(traced.embed.graph.initializers.values())).const_value  # [vocab, hidden]
+        fmt = scheme.weight_format("embed_tokens.weight", self.options.quant)
+        parts = packed_tensors(table, fmt, channels_first=True)
+        embed = quantized_embed_graph(parts, fmt, table.shape[0], table.shape[1], doc)
+        save_proto(embed, path, {EMBED_NAMES[part]: tensor for part, tensor in parts.items()}, self.sinks)
+
+    def finish(self, folder: Path, stages: Stages) -> None:
+        """The one pass over the checkpoint that fills every variant's streamed weights; then each
+        variant is completed (`_complete`)."""
+        if self.options.stream_weights:
+            def write(report: Callable[[int, int], None]) -> None:
+                stream_weights(self.checkpoint, self.sinks, report)
+                self._complete(folder)
+
+            stages.run_with_progress(write, sum(s.tensor.nbytes for s in self.sinks), len(self.sinks))
+        else:
+            self._complete(folder)
+        self.sinks = []
+
+    def _complete(self, folder: Path) -> None:
+        """With every byte written: the MTP graph reads the LM head from the decoder's data file, and
+        each record gets its size and fingerprint."""
+        for record in self.written:
+            if "mtp" in record:
+                share_identical_weights(folder / record["mtp"], folder / record["decoder"])
+            _complete_record(record, folder)
+        self.written = []
+
+    def release(self, traced: Traced) -> None:
+        traced.embed = traced.decoder = traced.mtp = None
 
     def manifest_fields(self, cfg: TextConfig) -> dict:
         form = RECURRENT_FORMS[self.options.recurrent_ops]
@@ -124,68 +206,33 @@ class OnnxBackend:
         }
 
 
-def _copy_float_graphs(float_dir: Path, out_dir: Path, scheme: Scheme) -> None:
-    """The float variant is the traced graph itself, re-saved under its published name."""
-    for src, dst in zip(("embed.onnx", "decoder.onnx"), scheme.files):
-        graph = ir.load(float_dir / src)
-        name_nodes_and_strip_trace_metadata(graph)
-        save_graph(graph, out_dir / dst)
-
-
-def _write_quantized(scheme: Scheme, float_dir: Path, out_dir: Path, opts: QuantOptions, tied: bool) -> None:
-    """Quantize the saved float graphs of the scheme's activation dtype into the scheme's files."""
-    embed_name, decoder_name = scheme.files
-    decoder = ir.load(float_dir / "decoder.onnx")
-    lm_head = quantize_projections(decoder, scheme, opts)
-    name_nodes_and_strip_trace_metadata(decoder)
-    decoder_path = save_graph(decoder, out_dir / decoder_name)
-    doc = f"Qwen3.5 token embedding, {scheme.name} (qwen-edge)"
-    if tied:  # the gather reads the LM head's quantized bytes from the decoder's data file
-        embed = quantized_embed_graph(lm_head, lm_head.k, doc)
-        _share_lm_head_bytes(embed, decoder_path, lm_head.bits)
-        onnx.save(embed, str(out_dir / embed_name))
-    else:
-        table = onnx.numpy_helper.to_array(onnx.load(str(float_dir / "embed.onnx")).graph.initializer[0])
-        packed = pack_blockwise(table.T, scheme.bits_for("embed_tokens.weight"), opts)
-        embed = quantized_embed_graph(packed, packed.k, doc)
-        onnx.save(embed, str(out_dir / embed_name), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=Path(embed_name).name + "_data", size_threshold=1024)
-
-
-def _write_mtp(float_dir: Path, scheme: Scheme, out_dir: Path, opts: QuantOptions) -> None:
-    """The MTP graph of one variant: quantized like the decoder, its LM head read from the decoder's data."""
-    graph = ir.load(float_dir / "mtp.onnx")
-    if scheme.weight_bits is not None:
-        quantize_projections(graph, scheme, opts)
-    name_nodes_and_strip_trace_metadata(graph)
-    path = save_graph(graph, out_dir / scheme.mtp_file)
-    share_identical_weights(path, out_dir / scheme.files[1])
-
-
-def _share_lm_head_bytes(embed: onnx.ModelProto, decoder_path: Path, lm_head_bits: int) -> None:
+def _share_lm_head_bytes(embed: onnx.ModelProto, decoder_path: Path, head: QuantizedHead) -> None:
     """Point the embedding's initializers at the LM head's bytes in the saved decoder's data file."""
     decoder = onnx.load(str(decoder_path), load_external_data=False)
     by_name = {t.name: t for t in decoder.graph.initializer}
-    pairs = {"embed_tokens.weight_quantized": f"lm_head.weight_q{lm_head_bits}",
-             "embed_tokens.weight_scales": "lm_head.weight_scales",
-             "embed_tokens.weight_zero_points": "lm_head.weight_zero_points"}
+    names = {EMBED_NAMES[part]: value.name for part, value in head.parts.items()}
     for tensor in embed.graph.initializer:
-        info = external_info(by_name[pairs[tensor.name]])
+        info = external_info(by_name[names[tensor.name]])
         set_external(tensor, info["location"], int(info.get("offset", 0)), int(info["length"]))
 
 
 def _variant_record(scheme: Scheme, quant: QuantOptions, root: Path) -> dict:
     embed, decoder = scheme.files
-    graphs = [embed, decoder, *([scheme.mtp_file] if (root / scheme.mtp_file).is_file() else [])]
-    record = {"embed_tokens": embed, "decoder": decoder, **({"mtp": graphs[2]} if len(graphs) > 2 else {}),
+    mtp = {"mtp": scheme.mtp_file} if (root / scheme.mtp_file).is_file() else {}
+    record = {"embed_tokens": embed, "decoder": decoder, **mtp,
               "activations": scheme.activations,
               "opset_imports": opset_imports(onnx.load(str(root / decoder), load_external_data=False))}
     if scheme.weight_bits:
         record.update(weight_bits=scheme.weight_bits, block_size=quant.block_size, symmetric=quant.symmetric,
                       accuracy_level=quant.accuracy_level)
-    record["bytes_on_disk"] = files_bytes(root, [f for name in graphs for f in (name, name + "_data")])
-    record["fingerprint"] = fingerprint_files(root, variant_files(root, record))  # what a saved state is tied to
     return record
+
+
+def _complete_record(record: dict, root: Path) -> None:
+    """A written variant's size on disk and fingerprint (what a saved state is tied to)."""
+    files = variant_files(root, record)
+    record["bytes_on_disk"] = files_bytes(root, files)
+    record["fingerprint"] = fingerprint_files(root, files)
 
 
 def export_onnx(checkpoint: str | Path, out: Path, schemes: str = "fp32", options: OnnxOptions = OnnxOptions(), *,

@@ -1,23 +1,28 @@
-"""Export the embedding and the stateful decoder to ONNX (onnx-community Qwen3.5 layout).
+"""Export the embedding, the stateful decoder and the MTP head to ONNX (onnx-community Qwen3.5 layout).
 
 Recipe per graph: wrap, trace with `torch.onnx.export(dynamo=True)` with the recurrent custom ops
-translated to single nodes, name every input and output from the I/O spec, place the recurrent ops
-in the chosen domain, fuse each norm into one node, save with weights as external data beside the graph.
+translated to single nodes, optimize as the exporter does, name every input and output from the I/O
+spec, place the recurrent ops in the chosen domain, fuse each norm into one node. A model built by
+`Checkpoint.build_skeleton` (or an MTP head built by `build_mtp_skeleton`) traces with its large
+matrices as streamed weights (exporter/onnx/streamed.py): the graph is the same as with real values,
+and no weight is in memory.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 import torch
 from torch.export import Dim
+from torch.onnx._internal._lazy_import import onnxscript_apis
 
 from exporter.onnx.norms import fuse_norms
 from exporter.onnx.recurrent import place_recurrent_ops, translation_table
+from exporter.onnx.streamed import RowReader, adopt_folded, adopt_placeholders
 from graphs.io_spec import DEFAULT_LOGIT_POSITIONS, GraphSpec, decoder_spec, embed_spec, mtp_spec
 from graphs.mtp import DraftableDecoder, MTPDraftStep
 from graphs.qwen3_5 import EmbedTokens, Qwen35Decoder
@@ -95,7 +100,18 @@ def _describe(model: ir.Model, spec: GraphSpec, doc: str) -> None:
     model.producer_name = "qwen-edge"
 
 
-def _trace(module: torch.nn.Module, args: tuple, spec: GraphSpec, dynamic: list) -> ir.Model:
+@dataclass(frozen=True)
+class StreamedWeights:
+    """The placeholders of a skeleton model: {parameter name: (checkpoint tensor, shape)}, read from `reader`."""
+
+    reader: RowReader
+    sources: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+
+
+def _trace(module: torch.nn.Module, args: tuple, spec: GraphSpec, dynamic: list,
+           weights: StreamedWeights | None) -> ir.Model:
+    """torch.onnx.export, with its optimizer run here (the same call it makes) so that streamed
+    weights are in place before anything is folded."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -109,8 +125,14 @@ def _trace(module: torch.nn.Module, args: tuple, spec: GraphSpec, dynamic: list)
             custom_translation_table=translation_table(),
             opset_version=TRACE_OPSET,
             verbose=False,
+            optimize=False,
         )
     model = program.model
+    if weights is not None:
+        adopt_placeholders(model, weights.reader, weights.sources)
+    onnxscript_apis.optimize(model)
+    if weights is not None:
+        adopt_folded(model, weights.reader, dict(weights.sources.values()))
     got_inputs = [v.name for v in model.graph.inputs]
     if got_inputs != spec.input_names:
         raise RuntimeError(f"exported inputs {got_inputs} differ from the I/O spec {spec.input_names}")
@@ -132,25 +154,28 @@ def name_nodes_and_strip_trace_metadata(model: ir.Model) -> None:
         node.metadata_props.clear()
 
 
-def save_graph(model: ir.Model, path: Path) -> Path:
-    """Save with every weight in one external data file beside the graph (`<name>.onnx_data`)."""
-    ir.save(model, path, external_data=path.name + "_data")
-    return path
-
-
 def _dtype_name(model: Qwen35Decoder) -> str:
     return {torch.float32: "float32", torch.float16: "float16"}[activation_dtype(model)]
 
 
-def trace_embed(model: Qwen35Decoder) -> ir.Model:
+def trace_embed(model: Qwen35Decoder, weights: StreamedWeights | None = None) -> ir.Model:
     spec = embed_spec(model.cfg, _dtype_name(model))
     ids = torch.zeros(TRACE_BATCH, TRACE_SEQ, dtype=torch.int64)
-    graph = _trace(EmbedTokens(model.embed_tokens), (ids,), spec, _dims(spec))
+    graph = _trace(EmbedTokens(model.embed_tokens), (ids,), spec, _dims(spec), _prefixed(weights, "embed."))
     _describe(graph, spec, "Qwen3.5 token embedding (qwen-edge)")
     return graph
 
 
-def trace_decoder(model: Qwen35Decoder, recurrent_ops: str, draftable: bool = False) -> ir.Model:
+def _prefixed(weights: StreamedWeights | None, prefix: str) -> StreamedWeights | None:
+    """The embedding module traced alone names its table `embed.weight`."""
+    if weights is None:
+        return None
+    return StreamedWeights(weights.reader, {prefix + k.removeprefix("embed_tokens."): v
+                                            for k, v in weights.sources.items() if k.startswith("embed_tokens.")})
+
+
+def trace_decoder(model: Qwen35Decoder, recurrent_ops: str, draftable: bool = False,
+                  weights: StreamedWeights | None = None) -> ir.Model:
     """The stateful decoder graph; logits as the model was built to give them (all or last position).
 
     `draftable` (an export with an MTP head): graphs/mtp.py's DraftableDecoder, which also returns
@@ -159,7 +184,7 @@ def trace_decoder(model: Qwen35Decoder, recurrent_ops: str, draftable: bool = Fa
     dims = _dims(spec)
     dynamic = [*dims[:NAMED_INPUTS], tuple(dims[NAMED_INPUTS:])]  # the rest arrives as forward's varargs
     module = DraftableDecoder(model) if draftable else model
-    graph = _trace(module, _sample_inputs(model, draftable), spec, dynamic)
+    graph = _trace(module, _sample_inputs(model, draftable), spec, dynamic, weights)
     if "logit_positions" in spec.input_names:
         _give_default(graph, "logit_positions", np.array(DEFAULT_LOGIT_POSITIONS, np.int64))
     place_recurrent_ops(graph, recurrent_ops)
@@ -176,8 +201,9 @@ def _give_default(model: ir.Model, name: str, value: np.ndarray) -> None:
     model.graph.register_initializer(graph_input)
 
 
-def trace_mtp(step: MTPDraftStep) -> ir.Model:
-    """The MTP head graph (graphs/mtp.py) over its own KV cache."""
+def trace_mtp(step: MTPDraftStep, weights: StreamedWeights | None = None) -> ir.Model:
+    """The MTP head graph (graphs/mtp.py) over its own KV cache; `weights`: the placeholders of a
+    head built by `Checkpoint.build_mtp_skeleton` (and of the shared LM head)."""
     cfg = step.cfg
     dtype = step.mtp.fc.weight.dtype
     spec = mtp_spec(cfg, {torch.float32: "float32", torch.float16: "float16"}[dtype])
@@ -185,7 +211,7 @@ def trace_mtp(step: MTPDraftStep) -> ir.Model:
     args = (torch.zeros(b, t, cfg.hidden_size, dtype=dtype), torch.zeros(b, t, cfg.hidden_size, dtype=dtype),
             torch.ones(b, p + t, dtype=torch.int64), torch.arange(p, p + t).expand(3, b, t).contiguous(),
             *_sample_state(mtp_state_tensors(cfg), dtype))
-    graph = _trace(step, args, spec, _dims(spec))
+    graph = _trace(step, args, spec, _dims(spec), weights)
     fuse_norms(graph, "contrib")
     _describe(graph, spec, "Qwen3.5 multi-token-prediction head: drafts the token after next (qwen-edge)")
     return graph
