@@ -150,7 +150,7 @@ def main() -> None:
     """Export, verify and run Qwen3.5 hybrid models for phones."""
 
 
-ONNX_ONLY = ("recurrent_ops", "block_size", "asymmetric", "accuracy_level", "all_logits")
+ONNX_ONLY = ("recurrent_ops", "block_size", "asymmetric", "accuracy_level", "all_logits", "no_mtp")
 COREML_ONLY = ("chunk", "context", "recurrent_state")
 
 
@@ -171,6 +171,7 @@ COREML_ONLY = ("chunk", "context", "recurrent_state")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
               help="ONNX: MatMulNBits compute: 4 = int8 activations (fastest on CPU), 1 = fp32, 0 = runtime default.")
 @click.option("--all-logits", is_flag=True, help="ONNX: logits for every position (default: last position only).")
+@click.option("--no-mtp", is_flag=True, help="ONNX: leave out the checkpoint's MTP head (no speculative decoding).")
 @click.option("--chunk", type=click.IntRange(min=1), default=64, show_default=True, help="Core ML: tokens per prefill call.")
 @click.option("--context", type=ContextLength(), default=4096, show_default=True,
               help="Core ML: KV-cache capacity (a multiple of --chunk).")
@@ -181,7 +182,7 @@ COREML_ONLY = ("chunk", "context", "recurrent_state")
 @click.pass_context
 def export(ctx: click.Context, checkpoint: str, out: Path, fmt: str, quant_names: str, recurrent_ops: str,
            block_size: str, asymmetric: bool, accuracy_level: int, all_logits: bool, chunk: int, context: int,
-           recurrent_state: str, force: bool, quiet: bool) -> None:
+           recurrent_state: str, force: bool, quiet: bool, no_mtp: bool) -> None:
     """Export CHECKPOINT (a Hugging Face folder, or 'default') to ONNX or Core ML in OUT.
 
     \b
@@ -209,7 +210,7 @@ def export(ctx: click.Context, checkpoint: str, out: Path, fmt: str, quant_names
         from exporter.onnx.backend import OnnxBackend, OnnxOptions
 
         backend = OnnxBackend(OnnxOptions(recurrent_ops, QuantOptions(int(block_size), not asymmetric, accuracy_level),
-                                          all_logits))
+                                          all_logits, not no_mtp))
     run_export(request, backend)
     label = "Core ML: " if fmt == "coreml" else ""
     click.echo(f"exported {checkpoint} -> {out} ({label}{', '.join(s.name for s in request.schemes)}) in "
@@ -286,18 +287,30 @@ def verify(paths: tuple[Path, ...], against: Path | None, variant: str, decode_s
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Sampling seed (reproducible output).")
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--variant", default=None, help="Which exported variant to run (default: the first one exported).")
+@click.option("--speculative", type=click.Choice(["mtp"]), default=None,
+              help="Speculative decoding: the export's MTP head drafts, the decoder verifies (same output).")
+@click.option("--draft-tokens", type=click.IntRange(1, 8), default=None,
+              help="Tokens the MTP head drafts per round (with --speculative) [default: 2].")
+@click.option("--save-state", type=click.Path(path_type=Path), default=None,
+              help="Write the sequence state after the prompt to this file (safetensors).")
+@click.option("--load-state", type=click.Path(path_type=Path), default=None,
+              help="Continue a state saved with --save-state: the prompt follows its tokens.")
 def generate(export_dir: Path, prompt: str | None, chat: bool, messages_path: Path | None, tools_path: Path | None,
              system: str | None, no_thinking: bool, as_json: bool, max_new_tokens: int, temperature: float,
-             top_p: float, seed: int | None, threads: int | None, variant: str | None) -> None:
+             top_p: float, seed: int | None, threads: int | None, variant: str | None, speculative: str | None,
+             draft_tokens: int | None, save_state: Path | None, load_state: Path | None) -> None:
     """Generate text from an export, streaming tokens to stdout (or one JSON object with --json)."""
     import json
 
     from runtime_py.chat import load_messages, load_tools
     from runtime_py.generate import GenerateRequest, Sampling, generate_text
 
+    if draft_tokens is not None and speculative is None:
+        raise QwenEdgeError("--draft-tokens applies to speculative decoding; add --speculative mtp")
     request = GenerateRequest(export_dir, prompt, chat, load_messages(messages_path) if messages_path else None,
                               system, load_tools(tools_path) if tools_path else None, False if no_thinking else None,
-                              max_new_tokens, Sampling(temperature, top_p, seed), threads, variant)
+                              max_new_tokens, Sampling(temperature, top_p, seed), threads, variant,
+                              (draft_tokens or 2) if speculative else None, save_state, load_state)
     result = generate_text(request, None if as_json else lambda text: click.echo(text, nl=False))
     click.echo(json.dumps(result.to_json(), ensure_ascii=False) if as_json else "")
 

@@ -46,6 +46,7 @@ class ExportBackend(Protocol):
     """The format-specific steps of an export."""
 
     format: str
+    wants_mtp: bool  # read (and check) the checkpoint's MTP head, which this backend exports
 
     def check(self, schemes: tuple[Scheme, ...]) -> None:
         """Refuse, before any work, what this format cannot write."""
@@ -117,7 +118,7 @@ def run_export(request: ExportRequest, backend: ExportBackend) -> Path:
 
 def _open_checked(folder: Path, backend: ExportBackend) -> Checkpoint:
     """The checkpoint, its options and every file `generate` will read, checked before the work starts."""
-    checkpoint = open_checkpoint(folder)
+    checkpoint = open_checkpoint(folder, mtp=backend.wants_mtp)
     backend.check_config(checkpoint.config)
     check_support_files(folder)
     generation = folder / "generation_config.json"

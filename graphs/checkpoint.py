@@ -5,15 +5,20 @@ Headers are read with `safetensors.safe_open`; tensor data is read with position
 checkpoint larger than RAM streams through (pages of a long-lived memory map would count in the
 process's resident set). Every shape is checked against the config before any weight is read, so a
 wrong or damaged file fails in seconds with the name of the tensor at fault.
+
+The multi-token-prediction head (`mtp.*`, graphs/mtp.py) is optional: a checkpoint without it is a
+plain decoder; one with it must carry the whole head. The opened config says which:
+`mtp_num_hidden_layers` is the number of head layers that will be loaded (0 without a head).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +28,21 @@ from safetensors import safe_open
 from graphs.config import TextConfig, load_text_config
 from graphs.errors import QwenEdgeError
 from graphs.file_checks import member, read_json
+from graphs.mtp import MTPHead, mtp_layers_problem
 from graphs.qwen3_5 import LogitsMode, Qwen35Decoder
 from graphs.recurrent_ops import CUSTOM_OPS, RecurrentKernels
 
 # Checkpoint name prefixes of the text decoder: multimodal layout first, then text-only.
 TEXT_PREFIXES = ("model.language_model.", "model.")
 # Parts of a published checkpoint that the text decoder does not use.
-IGNORED_PREFIXES = ("mtp.", "model.visual.", "visual.", "model.mtp.")
+IGNORED_PREFIXES = ("model.visual.", "visual.")
+# Checkpoint name prefixes of the MTP head; its parameters are indexed as `mtp.<name>`.
+MTP_PREFIXES = ("mtp.", "model.mtp.", "model.language_model.mtp.")
+MTP = "mtp."
 FLOAT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 ITEM_BYTES = {"BF16": 2, "F16": 2, "F32": 4}
 INDEX_NAME = "model.safetensors.index.json"
-# Tensors at least this large (2-D, elements) are placeholders in a skeleton decoder: see build_skeleton.
+# Tensors at least this large (2-D, elements) are placeholders in a skeleton decoder or MTP head: see build_skeleton.
 PLACEHOLDER_MIN_ELEMENTS = 1025
 
 
@@ -100,9 +109,13 @@ def _indexed_shards(folder: Path, index: Path) -> list[Path]:
 
 
 def _decoder_name(key: str) -> str | None:
-    """Map a checkpoint key to the decoder's parameter name, or None if the decoder does not use it."""
+    """Map a checkpoint key to the decoder's parameter name (`mtp.*` for the MTP head), or None if
+    neither uses it."""
     if key.startswith(IGNORED_PREFIXES):
         return None
+    for prefix in MTP_PREFIXES:
+        if key.startswith(prefix):
+            return MTP + key[len(prefix) :]
     if key == "lm_head.weight":
         return key
     for prefix in TEXT_PREFIXES:
@@ -141,14 +154,19 @@ def expected_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
-def check_against_config(cfg: TextConfig, entries: dict[str, TensorEntry], folder: Path) -> None:
-    expected = expected_shapes(cfg)
+def expected_mtp_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
+    """Every `mtp.*` parameter of the head the config describes (cfg.mtp_num_hidden_layers == 1)."""
+    with torch.device("meta"):
+        head = MTPHead(cfg)
+    return {MTP + name: tuple(p.shape) for name, p in head.named_parameters()}
+
+
+def _check_shapes(expected: dict[str, tuple[int, ...]], entries: dict[str, TensorEntry], folder: Path,
+                  what: str) -> None:
     for name, shape in expected.items():
         entry = entries.get(name)
         if entry is None:
-            raise QwenEdgeError(
-                f"{folder}: tensor '{name}' is missing from the weights; the checkpoint does not match its config.json"
-            )
+            raise QwenEdgeError(f"{folder}: tensor '{name}' is missing from the weights; {what}")
         if entry.shape != shape:
             raise QwenEdgeError(
                 f"{entry.file.name}: tensor '{entry.key}' has shape {list(entry.shape)} but config.json implies "
@@ -158,7 +176,14 @@ def check_against_config(cfg: TextConfig, entries: dict[str, TensorEntry], folde
             raise QwenEdgeError(
                 f"{entry.file.name}: tensor '{entry.key}' is {entry.dtype}; expected bf16, fp16 or fp32 weights"
             )
-    unexpected = sorted(set(entries) - set(expected) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
+
+
+def check_against_config(cfg: TextConfig, entries: dict[str, TensorEntry], folder: Path) -> None:
+    """The decoder's tensors (the `mtp.*` ones are checked by `mtp_config`)."""
+    decoder = {n: e for n, e in entries.items() if not n.startswith(MTP)}
+    expected = expected_shapes(cfg)
+    _check_shapes(expected, decoder, folder, "the checkpoint does not match its config.json")
+    unexpected = sorted(set(decoder) - set(expected) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
     if unexpected:
         raise QwenEdgeError(
             f"{folder}: tensor '{unexpected[0]}' is not part of the decoder described by config.json "
@@ -166,13 +191,47 @@ def check_against_config(cfg: TextConfig, entries: dict[str, TensorEntry], folde
         )
 
 
+def mtp_config(cfg: TextConfig, entries: dict[str, TensorEntry], folder: Path, wanted: bool = True) -> tuple[TextConfig, str | None]:
+    """The config with `mtp_num_hidden_layers` set to the head layers that will be loaded, and why
+    none are when the checkpoint has a head that is left out.
+
+    No `mtp.*` tensors (or `wanted` False): no head. A head must be whole and of the config's shape;
+    its layer count is the config's, or (as vLLM reads it) counted from the weights when the config
+    does not say.
+    """
+    names = [n for n in entries if n.startswith(MTP)]
+    if not wanted or not names:
+        return replace(cfg, mtp_num_hidden_layers=0), None
+    layers = cfg.mtp_num_hidden_layers or len({m.group(1) for n in names if (m := re.match(r"mtp\.layers\.(\d+)\.", n))})
+    problem = mtp_layers_problem(layers)
+    if problem:
+        return replace(cfg, mtp_num_hidden_layers=0), problem
+    cfg = replace(cfg, mtp_num_hidden_layers=layers)
+    expected = expected_mtp_shapes(cfg)
+    _check_shapes(expected, entries, folder, "the MTP head is incomplete: re-download the checkpoint, "
+                                             "or export with --no-mtp to leave the head out")
+    unexpected = sorted(set(names) - set(expected))
+    if unexpected:
+        raise QwenEdgeError(f"{folder}: tensor '{unexpected[0]}' is not part of a Qwen3.5 MTP head "
+                            f"({len(unexpected)} such); export with --no-mtp to leave the head out")
+    return cfg, None
+
+
 @dataclass
 class Checkpoint:
-    """A validated checkpoint folder: its config and an index of its decoder tensors."""
+    """A validated checkpoint folder: its config and an index of its decoder (and MTP head) tensors.
+
+    `config.mtp_num_hidden_layers` is 1 when the MTP head will be loaded, 0 otherwise;
+    `mtp_note` says why a head the checkpoint carries is left out."""
 
     folder: Path
     config: TextConfig
     tensors: dict[str, TensorEntry]
+    mtp_note: str | None = None
+
+    @property
+    def has_mtp(self) -> bool:
+        return self.config.mtp_num_hidden_layers > 0
 
     def source_name(self, param: str) -> str:
         """The checkpoint tensor a decoder parameter is read from (a tied LM head reads the embedding)."""
@@ -208,6 +267,17 @@ class Checkpoint:
         entry = self.tensors[self.source_name(name)]
         return str(entry.file), entry.offset
 
+    def _params(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
+                placeholder: Callable[[str, tuple[int, ...]], bool]) -> dict[str, torch.Tensor]:
+        """Tensors in `dtype`, read in file order; placeholders are zero-stride views of one zero."""
+        params = {}
+        for name, shape in sorted(shapes.items(), key=lambda item: self.read_order(item[0])):
+            if placeholder(name, shape):
+                params[name] = torch.zeros((), dtype=dtype).expand(shape)
+            else:
+                params[name] = torch.from_numpy(self.read_rows(name)).to(dtype)
+        return params
+
     def build_decoder(self, dtype: torch.dtype = torch.float32, kernels: RecurrentKernels = CUSTOM_OPS,
                       logits: LogitsMode = "all") -> Qwen35Decoder:
         """The export-friendly decoder with this checkpoint's weights, in `dtype` (see Qwen35Decoder
@@ -227,12 +297,7 @@ class Checkpoint:
                  placeholder: Callable[[str, tuple[int, ...]], bool]) -> Qwen35Decoder:
         with torch.device("meta"):
             model = Qwen35Decoder(self.config, kernels, logits)
-        params = {}
-        for name, shape in sorted(expected_shapes(self.config).items(), key=lambda item: self.read_order(item[0])):
-            if placeholder(name, shape):
-                params[name] = torch.zeros((), dtype=dtype).expand(shape)
-            else:
-                params[name] = torch.from_numpy(self.read_rows(name)).to(dtype)
+        params = self._params(expected_shapes(self.config), dtype, placeholder)
         if self.config.tie_word_embeddings:
             params["lm_head.weight"] = params["embed_tokens.weight"]
         model.load_state_dict(params, strict=True, assign=True)
@@ -240,18 +305,38 @@ class Checkpoint:
             model.lm_head.weight = model.embed_tokens.weight
         return model.eval()
 
+    def build_mtp(self, dtype: torch.dtype = torch.float32) -> MTPHead:
+        """The MTP head with this checkpoint's weights (it shares the decoder's LM head, not held here)."""
+        return self._mtp(dtype, lambda name, shape: False)
+
+    def build_mtp_skeleton(self, dtype: torch.dtype = torch.float32) -> MTPHead:
+        """The MTP head with its large matrices as placeholders, as `build_skeleton` builds the decoder."""
+        return self._mtp(dtype, is_placeholder)
+
+    def _mtp(self, dtype: torch.dtype, placeholder: Callable[[str, tuple[int, ...]], bool]) -> MTPHead:
+        if not self.has_mtp:
+            raise QwenEdgeError(f"{self.folder}: the checkpoint has no MTP head (`mtp.*` weights)"
+                                + (f": {self.mtp_note}" if self.mtp_note else ""))
+        with torch.device("meta"):
+            head = MTPHead(self.config)
+        params = self._params(expected_mtp_shapes(self.config), dtype, placeholder)
+        head.load_state_dict({n[len(MTP):]: t for n, t in params.items()}, strict=True, assign=True)
+        return head.eval()
+
 
 def is_placeholder(name: str, shape: tuple[int, ...]) -> bool:
     """Is this parameter a placeholder in a skeleton decoder: a 2-D matrix of PLACEHOLDER_MIN_ELEMENTS or more."""
     return len(shape) == 2 and shape[0] * shape[1] >= PLACEHOLDER_MIN_ELEMENTS
 
 
-def open_checkpoint(folder: Path | str) -> Checkpoint:
-    """Open and validate a checkpoint folder (config.json + single or sharded *.safetensors)."""
+def open_checkpoint(folder: Path | str, mtp: bool = True) -> Checkpoint:
+    """Open and validate a checkpoint folder (config.json + single or sharded *.safetensors); with
+    `mtp` False any MTP head is left out unread."""
     folder = Path(folder)
     if not folder.is_dir():
         raise QwenEdgeError(f"{folder}: no such checkpoint folder; pass a folder with config.json and *.safetensors")
     cfg = load_text_config(folder)
     entries = index_tensors(folder)
     check_against_config(cfg, entries, folder)
-    return Checkpoint(folder, cfg, entries)
+    cfg, note = mtp_config(cfg, entries, folder, mtp)
+    return Checkpoint(folder, cfg, entries, note)

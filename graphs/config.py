@@ -48,6 +48,8 @@ class TextConfig:
     tie_word_embeddings: bool = True
     eos_token_id: tuple[int, ...] = field(default_factory=tuple)
     max_position_embeddings: int = DEFAULT_MAX_POSITIONS  # the context the model was built for
+    # multi-token prediction head (`mtp.*` weights; transformers ignores them): decoder layers it has
+    mtp_num_hidden_layers: int = 0
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -101,6 +103,7 @@ LIMITS = {
     "linear_conv_kernel_dim": 64,
     "full_attention_interval": 1024,
     "max_position_embeddings": 1 << 24,
+    "mtp_num_hidden_layers": 64,
 }
 MAX_TOKEN_ID = (1 << 31) - 1
 
@@ -223,6 +226,7 @@ def text_config_from_dict(raw: Any) -> TextConfig:
         tie_word_embeddings=tie,
         eos_token_id=eos,
         max_position_embeddings=_int(text, "max_position_embeddings", DEFAULT_MAX_POSITIONS, where=where),
+        mtp_num_hidden_layers=_int(text, "mtp_num_hidden_layers", 0, lo=0, where=where),
         **dims,
     )
     _validate(cfg)
@@ -247,6 +251,8 @@ def _validate(cfg: TextConfig) -> None:
         raise _bad(f"mrope_section {list(cfg.mrope_section)} must have 3 entries (time, height, width)")
     if cfg.linear_conv_kernel_dim < 2:
         raise _bad("linear_conv_kernel_dim must be at least 2")
+    if cfg.mtp_num_hidden_layers < 0:
+        raise _bad(f"mtp_num_hidden_layers is {cfg.mtp_num_hidden_layers}; it counts layers, so it is 0 or more")
 
 
 def check_within_context(cfg: TextConfig, tokens: int, what: str) -> None:

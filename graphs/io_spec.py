@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from graphs.config import TextConfig
-from graphs.state import BATCH, TOTAL_LENGTH, Dim, state_tensors
+from graphs.state import BATCH, TOTAL_LENGTH, Dim, StateTensor, mtp_state_tensors, state_tensors
 
 SEQUENCE = "sequence_length"  # new tokens in this call
+LOGIT_POSITIONS = "logit_positions"  # positions whose logits a draftable decoder returns
+DEFAULT_LOGIT_POSITIONS = (-1,)  # a draftable decoder's default: the last position, like the plain one
 
 
 @dataclass(frozen=True)
@@ -37,17 +39,24 @@ class GraphSpec:
         return [t.name for t in self.outputs]
 
 
-def state_specs(cfg: TextConfig, past: bool, dtype: str = "float32") -> list[TensorSpec]:
-    """Per-layer state in graph order; past=True gives the graph inputs, past=False the outputs."""
+def state_specs(cfg: TextConfig, past: bool, dtype: str = "float32",
+                tensors: list[StateTensor] | None = None) -> list[TensorSpec]:
+    """Per-layer state in graph order (the decoder's unless `tensors` is given); past=True gives the
+    graph inputs, past=False the outputs."""
     return [TensorSpec(t.past_name if past else t.present_name, t.dims(past), t.dtype(dtype), t.doc)
-            for t in state_tensors(cfg)]
+            for t in (state_tensors(cfg) if tensors is None else tensors)]
 
 
-def decoder_spec(cfg: TextConfig, dtype: str = "float32", all_logits: bool = False) -> GraphSpec:
+def decoder_spec(cfg: TextConfig, dtype: str = "float32", all_logits: bool = False,
+                 draftable: bool = False) -> GraphSpec:
     """`decoder_model_merged`: one graph for prefill (T > 1) and decode (T = 1).
 
-    Logits cover every position only when `all_logits`; by default just the last one.
+    Logits cover every position only when `all_logits`; by default just the last one. A
+    `draftable` decoder (an export with an MTP head, graphs/mtp.py) also returns the final-normed
+    hidden state of every position, and without `all_logits` takes `logit_positions`, which has a
+    default (the last position), so clients that do not feed it see the plain decoder.
     """
+    select = draftable and not all_logits
     inputs = [
         TensorSpec("inputs_embeds", (BATCH, SEQUENCE, cfg.hidden_size), dtype,
                    "token embeddings from embed_tokens (or image features)"),
@@ -55,12 +64,45 @@ def decoder_spec(cfg: TextConfig, dtype: str = "float32", all_logits: bool = Fal
                    "1 for real tokens, 0 for padding, over past + current tokens"),
         TensorSpec("position_ids", (3, BATCH, SEQUENCE), "int64",
                    "multimodal RoPE positions (time, height, width); equal rows for text"),
+        *([TensorSpec("logit_positions", (LOGIT_POSITIONS,), "int64",
+                      "positions to return logits for (negative: from the end); default [-1], the last")]
+          if select else []),
         *state_specs(cfg, past=True, dtype=dtype),
     ]
+    logit_rows = SEQUENCE if all_logits else (LOGIT_POSITIONS if select else 1)
     outputs = [
-        TensorSpec("logits", (BATCH, SEQUENCE if all_logits else 1, cfg.vocab_size), "float32",
-                   "next-token logits" + ("" if all_logits else " (last position only)")),
+        TensorSpec("logits", (BATCH, logit_rows, cfg.vocab_size), "float32",
+                   "next-token logits" + ("" if all_logits else " (at logit_positions)" if select
+                                          else " (last position only)")),
+        *([TensorSpec("hidden_states", (BATCH, SEQUENCE, cfg.hidden_size), dtype,
+                      "final-normed hidden state of every position (the MTP head's input)")] if draftable else []),
         *state_specs(cfg, past=False, dtype=dtype),
+    ]
+    return GraphSpec(tuple(inputs), tuple(outputs))
+
+
+def mtp_spec(cfg: TextConfig, dtype: str = "float32") -> GraphSpec:
+    """`mtp`: the multi-token-prediction head (graphs/mtp.py) over its own KV cache.
+
+    Row t pairs the decoder's hidden state at t with the embedding of token t+1; the logits
+    (last row) draft token t+2, and the head's own hidden state of the last row drafts the next one.
+    """
+    tensors = mtp_state_tensors(cfg)
+    inputs = [
+        TensorSpec("inputs_embeds", (BATCH, SEQUENCE, cfg.hidden_size), dtype,
+                   "embeddings of the tokens that follow each hidden state"),
+        TensorSpec("hidden_states", (BATCH, SEQUENCE, cfg.hidden_size), dtype,
+                   "the decoder's hidden_states (or the head's own, to draft further)"),
+        TensorSpec("attention_mask", (BATCH, TOTAL_LENGTH), "int64",
+                   "1 for real entries, over the head's past + current entries"),
+        TensorSpec("position_ids", (3, BATCH, SEQUENCE), "int64", "positions of the hidden states"),
+        *state_specs(cfg, past=True, dtype=dtype, tensors=tensors),
+    ]
+    outputs = [
+        TensorSpec("logits", (BATCH, 1, cfg.vocab_size), "float32", "draft logits (last row only)"),
+        TensorSpec("mtp_hidden_states", (BATCH, 1, cfg.hidden_size), dtype,
+                   "the head's hidden state of the last row (the hidden_states input to draft one more)"),
+        *state_specs(cfg, past=False, dtype=dtype, tensors=tensors),
     ]
     return GraphSpec(tuple(inputs), tuple(outputs))
 

@@ -245,11 +245,8 @@ class Qwen35Decoder(nn.Module):
         *state: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         """inputs_embeds [B,T,hidden]; attention_mask [B,past+T] (1 = real token); position_ids [3,B,T]."""
-        t = inputs_embeds.shape[1]
-        token_mask = attention_mask[:, -t:]
-        bias = attention_bias(attention_mask, t)
-        cos, sin = rope_cos_sin(self.cfg, position_ids, inputs_embeds.dtype)
-        hidden, new_state = self.run_layers(inputs_embeds, token_mask, bias, cos, sin, state)
+        hidden, new_state = self.run_layers(inputs_embeds, *layer_inputs(self.cfg, inputs_embeds, attention_mask,
+                                                                           position_ids), state)
         return (self.logits(hidden), *new_state)
 
     def run_layers(self, x: torch.Tensor, token_mask: torch.Tensor, bias: torch.Tensor, cos: torch.Tensor,
@@ -272,6 +269,14 @@ class Qwen35Decoder(nn.Module):
         """Zero state for a fresh sequence: empty KV cache, zero conv and recurrent states."""
         return [torch.zeros(t.shape(batch), dtype=torch.float32 if t.role.always_fp32 else dtype)
                 for t in state_tensors(self.cfg)]
+
+
+def layer_inputs(cfg: TextConfig, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What every layer of a call takes besides x: token mask [B,T], attention bias, RoPE cos and sin."""
+    t = inputs_embeds.shape[1]
+    cos, sin = rope_cos_sin(cfg, position_ids, inputs_embeds.dtype)
+    return attention_mask[:, -t:], attention_bias(attention_mask, t), cos, sin
 
 
 def attention_bias(attention_mask: torch.Tensor, t: int) -> torch.Tensor:

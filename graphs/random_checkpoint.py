@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from graphs.checkpoint import INDEX_NAME, expected_shapes
+from graphs.checkpoint import INDEX_NAME, MTP, expected_mtp_shapes, expected_shapes
 from graphs.config import TextConfig, text_config_from_dict
 
 SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
@@ -86,11 +87,14 @@ def write_random_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     multimodal_names: bool = True,
     max_shard_bytes: int | None = None,
+    mtp: bool | None = None,
 ) -> Path:
     """Write `config.json` and random `*.safetensors` for `config` into `folder`.
 
     multimodal_names picks the published layout (`model.language_model.*`) over the text-only one
     (`model.*`). max_shard_bytes splits the weights into shards with a `model.safetensors.index.json`.
+    mtp: write the MTP head (`mtp.*`, as published checkpoints do); by default when the config's
+    `mtp_num_hidden_layers` is 1.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -100,9 +104,13 @@ def write_random_checkpoint(
     item = torch.empty((), dtype=dtype).element_size()
     shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
     size = 0
-    names = {}
-    for name, shape in expected_shapes(cfg).items():
-        key = name if name == "lm_head.weight" else prefix + name
+    names = {}  # checkpoint key -> the parameter name random_block picks values by
+    layout = [(name if name == "lm_head.weight" else prefix + name, name, shape)
+              for name, shape in expected_shapes(cfg).items()]
+    if (cfg.mtp_num_hidden_layers == 1) if mtp is None else mtp:
+        layout += [(name, name[len(MTP):], shape)
+                   for name, shape in expected_mtp_shapes(replace(cfg, mtp_num_hidden_layers=1)).items()]
+    for key, name, shape in layout:
         names[key] = name
         nbytes = math.prod(shape) * item
         if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:

@@ -7,7 +7,11 @@ bundle manifest's state layout are all derived from `state_tensors(cfg)`. Torch-
     Gated DeltaNet layer i   conv        [batch, conv_dim, K-1]              activation dtype
                              recurrent   [batch, Hv, dk, dv]                 float32 always
     attention layer i        key, value  [batch, kv_heads, length, head_dim] activation dtype
+    MTP head layer j         key, value  [batch, kv_heads, length, head_dim] activation dtype
 
+The multi-token-prediction head (graphs/mtp.py) is one more full-attention layer with its own KV
+cache, carried by its own graph; its tensors are `mtp_state_tensors(cfg)`, named apart from the
+decoder's so that the two caches can never be confused.
 Only the attention caches grow with the sequence (their `length` axis); the recurrent state has a
 fixed size, which is what makes the hybrid cheap on a phone.
 """
@@ -31,7 +35,7 @@ class StateRole:
     """One kind of state tensor: its names (`%d` is the layer index) and what it holds."""
 
     role: str  # "conv" | "recurrent" | "key" | "value"
-    layer_type: str  # the `layer_types` entry of the layers that carry it
+    layer_type: str  # the `layer_types` entry of the layers that carry it ("mtp": the MTP head's layers)
     past_pattern: str  # ONNX graph input
     present_pattern: str  # ONNX graph output
     coreml_pattern: str  # Core ML state (registered buffer) name
@@ -48,6 +52,12 @@ ROLES: tuple[StateRole, ...] = (
               "attention key cache"),
     StateRole("value", "full_attention", "past_key_values.%d.value", "present.%d.value", "value_%d", False,
               "attention value cache"),
+)
+MTP_ROLES: tuple[StateRole, ...] = (
+    StateRole("key", "mtp", "past_mtp.%d.key", "present_mtp.%d.key", "mtp_key_%d", False,
+              "MTP head attention key cache"),
+    StateRole("value", "mtp", "past_mtp.%d.value", "present_mtp.%d.value", "mtp_value_%d", False,
+              "MTP head attention value cache"),
 )
 
 
@@ -107,6 +117,12 @@ def state_tensors(cfg: TextConfig) -> list[StateTensor]:
             for i, layer_type in enumerate(cfg.layer_types) for role in ROLES if role.layer_type == layer_type]
 
 
+def mtp_state_tensors(cfg: TextConfig) -> list[StateTensor]:
+    """The MTP head's state in graph order: per MTP layer, key and value (empty without a head)."""
+    fixed = (cfg.num_key_value_heads, cfg.head_dim)
+    return [StateTensor(j, role, fixed, True) for j in range(cfg.mtp_num_hidden_layers) for role in MTP_ROLES]
+
+
 def layer_state_layout(cfg: TextConfig) -> list[dict]:
     """Per layer, which tensors flow from an output back to an input (the bundle manifest's record)."""
     layout: list[dict] = []
@@ -122,7 +138,8 @@ def _pattern_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("^" + re.escape(pattern).replace("%d", r"(\d+)") + "$")
 
 
-_PRESENT = [(_pattern_regex(r.present_pattern), r) for r in ROLES]
+_PRESENT = [(_pattern_regex(r.present_pattern), r) for r in (*ROLES, *MTP_ROLES)]
+_PAST = [_pattern_regex(r.past_pattern) for r in (*ROLES, *MTP_ROLES)]
 
 
 def past_name_for(present: str) -> str:
@@ -135,7 +152,11 @@ def past_name_for(present: str) -> str:
 
 
 def is_state_input(name: str) -> bool:
-    return any(_pattern_regex(r.past_pattern).match(name) for r in ROLES)
+    return any(regex.match(name) for regex in _PAST)
+
+
+def is_state_output(name: str) -> bool:
+    return any(regex.match(name) for regex, _ in _PRESENT)
 
 
 def name_patterns(direction: str) -> dict[str, str]:

@@ -27,6 +27,7 @@ LARGE_PROJECTIONS = frozenset({
     "in_proj_qkv", "in_proj_z", "out_proj",  # Gated DeltaNet
     "q_proj", "k_proj", "v_proj", "o_proj",  # gated attention
     "gate_proj", "up_proj", "down_proj",  # MLP
+    "fc",  # the MTP head's input projection (mtp.fc, [hidden, 2·hidden])
 })
 EMBEDDING_AND_HEAD = frozenset({"embed_tokens.weight", "lm_head.weight"})
 
@@ -82,6 +83,11 @@ class Scheme:
     def files(self) -> tuple[str, str]:
         """(embed_tokens, decoder) ONNX graph paths inside an export folder."""
         return f"onnx/embed_tokens{self.suffix}.onnx", f"onnx/decoder_model_merged{self.suffix}.onnx"
+
+    @property
+    def mtp_file(self) -> str:
+        """The MTP head's ONNX graph inside an export folder (exports of checkpoints with a head)."""
+        return f"onnx/mtp{self.suffix}.onnx"
 
     @property
     def coreml_package(self) -> str:

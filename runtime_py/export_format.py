@@ -12,6 +12,7 @@ packaging job runs without PyTorch installed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -169,3 +170,40 @@ def onnx_variant_files(export_dir: Path, variant: str) -> tuple[Path, Path]:
         raise QwenEdgeError(f"{export_dir}: variant '{variant}' is not an ONNX export; "
                             "pass a folder written by 'qwen-edge export --format onnx'")
     return Path(export_dir) / record["embed_tokens"], Path(export_dir) / record["decoder"]
+
+
+def mtp_variant_file(export_dir: Path, variant: str) -> Path | None:
+    """The MTP head graph of one ONNX variant, or None when the export has no head."""
+    record = variant_record(export_dir, variant)
+    return Path(export_dir) / record["mtp"] if "mtp" in record else None
+
+
+ONNX_GRAPH_KEYS = ("embed_tokens", "decoder", "mtp")  # the graph entries of an ONNX variant record
+
+
+def variant_files(export_dir: Path, record: dict) -> list[str]:
+    """Every file an ONNX variant reads: its graphs and their weight data (shared files once)."""
+    names = set()
+    for key in ONNX_GRAPH_KEYS:
+        if key in record:
+            names.add(record[key])
+            if (Path(export_dir) / (record[key] + "_data")).is_file():
+                names.add(record[key] + "_data")
+    return sorted(names)
+
+
+def fingerprint_files(export_dir: Path, names: list[str]) -> str:
+    """SHA-256 over the names and bytes of `names` (what identifies a variant's model)."""
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode() + b"\0")
+        with (Path(export_dir) / name).open("rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def variant_fingerprint(export_dir: Path, variant: str) -> str:
+    """The variant's fingerprint: recorded at export (`fingerprint`), else computed from its files."""
+    record = variant_record(export_dir, variant)
+    return record.get("fingerprint") or fingerprint_files(export_dir, variant_files(export_dir, record))

@@ -31,18 +31,32 @@ class Sampling:
             raise ValueError("top_p must be in (0, 1]")
 
 
-def choose_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
-    """Pick the next token from one row of logits [V]."""
-    if sampling.temperature == 0:
-        return int(np.argmax(logits))
+def sampling_distribution(logits: np.ndarray, sampling: Sampling) -> np.ndarray:
+    """The distribution [V] a token is drawn from (sampling.temperature > 0): softmax(logits /
+    temperature) cut to the smallest set reaching top_p, renormalised; 0 outside that set."""
     z = logits.astype(np.float64) / sampling.temperature
     probs = np.exp(z - z.max())
     probs /= probs.sum()
     order = np.argsort(-probs, kind="stable")
     cumulative = np.cumsum(probs[order])
     keep = order[: int(np.searchsorted(cumulative, sampling.top_p) + 1)]  # smallest set reaching top_p
-    kept = probs[keep] / probs[keep].sum()
-    return int(keep[rng.choice(len(keep), p=kept)])
+    out = np.zeros_like(probs)
+    out[keep] = probs[keep] / probs[keep].sum()
+    return out
+
+
+def choose_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+    """Pick the next token from one row of logits [V]."""
+    if sampling.temperature == 0:
+        return int(np.argmax(logits))
+    return draw(sampling_distribution(logits, sampling), rng)
+
+
+def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """One token from a distribution [V], most likely tokens first (so a seed gives the same draws
+    whatever the vocabulary order of the unlikely ones)."""
+    keep = np.argsort(-probs, kind="stable")[: np.count_nonzero(probs)]
+    return int(keep[rng.choice(len(keep), p=probs[keep])])
 
 
 def generate(
@@ -97,14 +111,16 @@ class GenerateResult:
 def generate_chat(model: OnnxModel, tokenizer: TextTokenizer, messages: list[dict], max_new_tokens: int,
                   sampling: Sampling = Sampling(), *, tools: list[dict] | None = None,
                   enable_thinking: bool | None = None, stop_ids: Iterable[int] = (),
-                  on_token: Callable[[int], None] | None = None, context: int | None = None) -> GenerateResult:
+                  on_token: Callable[[int], None] | None = None, context: int | None = None,
+                  decode: Callable[..., list[int]] | None = None) -> GenerateResult:
     """Render `messages` with the model's chat template (as transformers does), generate, parse the reply.
-    `context` (the model's positions) refuses a longer prompt and ends generation there."""
+    `context` (the model's positions) refuses a longer prompt and ends generation there. decode: what
+    generates (default `generate`; generate_text passes speculative or state-aware decoding)."""
     prompt = tokenizer.apply_chat_template(messages, tools=tools, enable_thinking=enable_thinking)
     prompt_ids = tokenizer.encode(prompt)
     if context is not None:
         max_new_tokens = room_for(prompt_ids, max_new_tokens, context)
-    ids = generate(model, prompt_ids, max_new_tokens, sampling, stop_ids, on_token)
+    ids = (decode or generate)(model, prompt_ids, max_new_tokens, sampling, stop_ids, on_token)
     raw = tokenizer.decode(ids, skip_special_tokens=False)
     reply = parse_assistant(raw, thinking=prompt.rstrip().endswith("<think>"), tools=tools)
     return GenerateResult(prompt_ids, ids, tokenizer.decode(ids), reply)
@@ -125,6 +141,9 @@ class GenerateRequest:
     sampling: Sampling = field(default_factory=Sampling)
     threads: int | None = None
     variant: str | None = None  # None: the first variant exported
+    draft_tokens: int | None = None  # speculative decoding with the export's MTP head (--speculative mtp)
+    save_state: Path | None = None  # the sequence state after the prompt, to a file (runtime_py/state_file.py)
+    load_state: Path | None = None  # continue a saved state: the prompt follows its tokens
 
     def conversation(self) -> list[dict] | None:
         """The messages to render, or None for a plain prompt; refuses options that cannot apply."""
@@ -171,12 +190,40 @@ def generate_text(request: GenerateRequest, on_text: Callable[[str], None] | Non
     on_token = None if on_text is None else (lambda t: on_text(stream.push(t)))
     stops = stop_ids(request.export_dir)
     context = load_text_config(request.export_dir).max_position_embeddings
+    decode = _decoder(request, model)
     if messages is not None:
         return generate_chat(model, tokenizer, messages, request.max_new_tokens, request.sampling, tools=request.tools,
-                             enable_thinking=request.thinking, stop_ids=stops, on_token=on_token, context=context)
+                             enable_thinking=request.thinking, stop_ids=stops, on_token=on_token, context=context,
+                             decode=decode)
     prompt_ids = tokenizer.encode(request.prompt)
     max_new_tokens = room_for(prompt_ids, request.max_new_tokens, context)
     if on_text is not None:
         on_text(request.prompt)
-    ids = generate(model, prompt_ids, max_new_tokens, request.sampling, stops, on_token)
+    ids = decode(model, prompt_ids, max_new_tokens, request.sampling, stops, on_token)
     return GenerateResult(prompt_ids, ids, tokenizer.decode(ids))
+
+
+def _decoder(request: GenerateRequest, model: OnnxModel) -> Callable[..., list[int]]:
+    """`generate`, or for speculative decoding or saved state a function with its signature. A state
+    file is read (and checked) here, and a head looked for, so bad input fails before any output."""
+    if request.draft_tokens is None and request.save_state is None and request.load_state is None:
+        return generate
+    from runtime_py.sequence import PlainSession, prefill, run_session
+    from runtime_py.speculative import SpeculativeSession
+    from runtime_py.state_file import load_sequence, save_sequence
+
+    with_head = request.draft_tokens is not None or (request.save_state is not None and model.draftable)
+    after = load_sequence(request.load_state, model) if request.load_state is not None else None
+    if request.draft_tokens is not None:
+        model.mtp  # noqa: B018  (an export without a head is refused here)
+
+    def decode(model: OnnxModel, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling,
+               stops: Iterable[int], on_token: Callable[[int], None] | None) -> list[int]:
+        prefix = prefill(model, prompt_ids, after, with_head)
+        if request.save_state is not None:
+            save_sequence(request.save_state, model, prefix)
+        session = (SpeculativeSession(model, request.draft_tokens, sampling) if request.draft_tokens
+                   else PlainSession(model, sampling))
+        return run_session(session, prefix, max_new_tokens, stops, on_token)[0]
+
+    return decode

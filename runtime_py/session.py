@@ -1,21 +1,25 @@
 """ONNX Runtime sessions for an export, with the sequence state owned here between calls.
 
-State tensors stay ORT-owned `OrtValue`s: each step's state outputs are bound as the next step's
-state inputs through IO binding (names from graphs/state.py), so no state is copied through NumPy.
+State tensors stay ORT-owned `OrtValue`s: each step's state outputs are passed as the next step's
+state inputs (`run_with_ort_values`, names from graphs/state.py), so no state is copied through NumPy.
 Input names, shapes and dtypes are read from the graphs themselves (they carry the I/O spec).
+
+An export with an MTP head (graphs/mtp.py) has a draftable decoder, which also returns the hidden
+states and takes `logit_positions`, and an `mtp` graph with its own KV cache: `MtpHead` here runs
+it for the speculative loop (runtime_py/speculative.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from graphs.errors import QwenEdgeError
-from graphs.state import is_state_input, past_name_for
-from runtime_py.export_format import onnx_variant_files
+from graphs.state import is_state_input, is_state_output, past_name_for
+from runtime_py.export_format import mtp_variant_file, onnx_variant_files
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
@@ -32,6 +36,62 @@ class SequenceState:
     def past_length(self) -> int:
         return self.attention_mask.shape[1]
 
+    def fork(self) -> "SequenceState":
+        """A copy to run ahead with: later calls on it leave this state as it is (no tensor is copied,
+        since every call's outputs are new values)."""
+        return replace(self, values=dict(self.values))
+
+
+def _session(path: Path, threads: int | None) -> ort.InferenceSession:
+    if not path.is_file():
+        raise QwenEdgeError(f"{path}: not found; pass a folder written by 'qwen-edge export'")
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    # A draftable decoder's `logit_positions` has a default (an initializer of the same name), which
+    # ONNX Runtime reports with a warning at every load; only errors are worth showing here.
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types for unloadable models
+        raise QwenEdgeError(f"{path}: ONNX Runtime {ort.__version__} cannot load it ({str(exc).splitlines()[0]})") from exc
+
+
+def _zero_state(session: ort.InferenceSession, batch: int) -> SequenceState:
+    values = {}
+    for spec in session.get_inputs():
+        if is_state_input(spec.name):
+            shape = [batch if d == "batch_size" else (0 if isinstance(d, str) else d) for d in spec.shape]
+            values[spec.name] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, _NP_TYPES[spec.type]))
+    return SequenceState(values, np.zeros((batch, 0), np.int64), np.zeros((batch,), np.int64))
+
+
+def _run_stateful(session: ort.InferenceSession, feeds: dict[str, np.ndarray], state: SequenceState,
+                  new_mask: np.ndarray, wanted: list[str]) -> list[np.ndarray]:
+    """One call: `feeds` plus the mask, positions and state of `state`, which it then advances by
+    the `new_mask` tokens. Returns the `wanted` outputs."""
+    b, t = new_mask.shape
+    # Positions count real tokens only, so a left-padded row starts at 0 like an unpadded one.
+    positions = state.positions[:, None] + np.cumsum(new_mask, axis=1) - 1
+    positions = np.where(new_mask > 0, positions, 0).astype(np.int64)
+    mask = np.concatenate([state.attention_mask, new_mask], axis=1)
+    inputs = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in feeds.items()}
+    inputs["attention_mask"] = ort.OrtValue.ortvalue_from_numpy(mask)
+    inputs["position_ids"] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(np.broadcast_to(positions, (3, b, t))))
+    inputs.update(state.values)
+    # run_with_ort_values, not IO binding: only it accepts an input that has a default (logit_positions)
+    names = [o.name for o in session.get_outputs() if o.name in wanted or is_state_output(o.name)]
+    results = {}
+    for name, value in zip(names, session.run_with_ort_values(names, inputs)):
+        if is_state_output(name):
+            state.values[past_name_for(name)] = value
+        else:
+            results[name] = value.numpy()
+    state.attention_mask = mask
+    state.positions = state.positions + new_mask.sum(axis=1)
+    return [results[n] for n in wanted]
+
 
 class OnnxModel:
     """embed_tokens + decoder_model_merged of one export folder."""
@@ -41,33 +101,35 @@ class OnnxModel:
         """prefill_chunk: long prompts run in chunks of this many tokens. On the 0.8B shape (int4, 2 threads)
         a 512-token prompt took 3.4 s in chunks of 64 against 4.8 s in one call, with peak RSS 903 MiB
         against 1,331 MiB: smaller activations, and no extra cost since the state carries over exactly."""
+        self.export_dir, self.variant, self.threads = Path(export_dir), variant, threads
         self.prefill_chunk = prefill_chunk
-        embed, decoder = onnx_variant_files(Path(export_dir), variant)
-        for path in (embed, decoder):
-            if not path.is_file():
-                raise QwenEdgeError(f"{path}: not found; pass a folder written by 'qwen-edge export'")
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        try:
-            self.embed = ort.InferenceSession(str(embed), opts, providers=["CPUExecutionProvider"])
-            self.decoder = ort.InferenceSession(str(decoder), opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own exception types for unloadable models
-            raise QwenEdgeError(f"{decoder}: ONNX Runtime {ort.__version__} cannot load it ({str(exc).splitlines()[0]})") from exc
+        embed, decoder = onnx_variant_files(self.export_dir, variant)
+        self.embed = _session(embed, threads)
+        self.decoder = _session(decoder, threads)
         self.state_inputs = [i for i in self.decoder.get_inputs() if is_state_input(i.name)]
         self.output_names = [o.name for o in self.decoder.get_outputs()]
         self.embeds_dtype = _NP_TYPES[self.decoder.get_inputs()[0].type]
         # Exports give logits for the last position only unless exported with --all-logits.
         self.all_logits = not isinstance(self.decoder.get_outputs()[0].shape[1], int)
+        # An export with an MTP head: the decoder also returns hidden states, logits where asked.
+        self.draftable = "hidden_states" in self.output_names
+        self.selects_logits = any(i.name == "logit_positions" for i in self.decoder.get_overridable_initializers())
+        self._mtp: MtpHead | None = None
+
+    @property
+    def mtp(self) -> "MtpHead":
+        """The export's MTP head (loaded on first use)."""
+        if self._mtp is None:
+            path = mtp_variant_file(self.export_dir, self.variant)
+            if path is None or not self.draftable:
+                raise QwenEdgeError(f"{self.export_dir}: variant '{self.variant}' has no MTP head, so it cannot "
+                                    "draft; export a checkpoint that carries one (`mtp.*` weights), without --no-mtp")
+            self._mtp = MtpHead(path, self.threads, self.prefill_chunk)
+        return self._mtp
 
     def new_state(self, batch: int) -> SequenceState:
         """Zero state: empty KV cache, zero conv and recurrent state."""
-        values = {}
-        for spec in self.state_inputs:
-            shape = [batch if d == "batch_size" else (0 if isinstance(d, str) else d) for d in spec.shape]
-            values[spec.name] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, _NP_TYPES[spec.type]))
-        return SequenceState(values, np.zeros((batch, 0), np.int64), np.zeros((batch,), np.int64))
+        return _zero_state(self.decoder, batch)
 
     def embed_ids(self, input_ids: np.ndarray) -> np.ndarray:
         return self.embed.run(None, {"input_ids": input_ids.astype(np.int64)})[0]
@@ -84,31 +146,65 @@ class OnnxModel:
     def forward_embeds(self, embeds: np.ndarray, state: SequenceState, token_mask: np.ndarray | None = None) -> np.ndarray:
         t = embeds.shape[1]
         if t <= self.prefill_chunk:
-            return self._run(embeds, state, token_mask)
+            return self._run(embeds, state, token_mask)[0]
         pieces = [self._run(embeds[:, i : i + self.prefill_chunk], state,
-                            None if token_mask is None else token_mask[:, i : i + self.prefill_chunk])
+                            None if token_mask is None else token_mask[:, i : i + self.prefill_chunk])[0]
                   for i in range(0, t, self.prefill_chunk)]
         return np.concatenate(pieces, axis=1) if self.all_logits else pieces[-1]
 
-    def _run(self, embeds: np.ndarray, state: SequenceState, token_mask: np.ndarray | None) -> np.ndarray:
+    def forward_hidden(self, input_ids: np.ndarray, state: SequenceState,
+                       logits_last: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Like `forward` (one row, no padding), on a draftable decoder: the logits of the last
+        `logits_last` tokens [1, n, V] and the hidden states of every token [1, T, hidden]."""
+        if not self.draftable:
+            raise QwenEdgeError(f"{self.export_dir}: this export has no MTP head; its decoder gives no hidden states")
+        embeds = self.embed_ids(input_ids)
+        hidden, logits = [], None
+        for i in range(0, embeds.shape[1], self.prefill_chunk):
+            piece = embeds[:, i : i + self.prefill_chunk]
+            last = i + self.prefill_chunk >= embeds.shape[1]
+            keep = min(logits_last, piece.shape[1]) if last else 1
+            logits, h = self._run(piece, state, None, keep)
+            hidden.append(h)
+        if self.all_logits:
+            logits = logits[:, -logits_last:]
+        return logits, np.concatenate(hidden, axis=1)
+
+    def _run(self, embeds: np.ndarray, state: SequenceState, token_mask: np.ndarray | None,
+             logits_last: int | None = None) -> list[np.ndarray]:
+        """One decoder call. With `logits_last` (draftable decoders): logits of the last n positions,
+        and the hidden states too."""
         b, t = embeds.shape[:2]
         new_mask = np.ones((b, t), np.int64) if token_mask is None else token_mask.astype(np.int64)
-        # Positions count real tokens only, so a left-padded row starts at 0 like an unpadded one.
-        positions = state.positions[:, None] + np.cumsum(new_mask, axis=1) - 1
-        positions = np.where(new_mask > 0, positions, 0).astype(np.int64)
-        mask = np.concatenate([state.attention_mask, new_mask], axis=1)
-        binding = self.decoder.io_binding()
-        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=self.embeds_dtype))
-        binding.bind_cpu_input("attention_mask", mask)
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(np.broadcast_to(positions, (3, b, t))))
-        for name, value in state.values.items():
-            binding.bind_ortvalue_input(name, value)
-        for name in self.output_names:
-            binding.bind_output(name, "cpu")
-        self.decoder.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        for name, value in zip(self.output_names[1:], outputs[1:]):
-            state.values[past_name_for(name)] = value
-        state.attention_mask = mask
-        state.positions = state.positions + new_mask.sum(axis=1)
-        return outputs[0].numpy()
+        feeds = {"inputs_embeds": np.ascontiguousarray(embeds, dtype=self.embeds_dtype)}
+        if logits_last is None:
+            return _run_stateful(self.decoder, feeds, state, new_mask, ["logits"])
+        if self.selects_logits:
+            feeds["logit_positions"] = np.arange(-logits_last, 0, dtype=np.int64)
+        return _run_stateful(self.decoder, feeds, state, new_mask, ["logits", "hidden_states"])
+
+
+class MtpHead:
+    """The `mtp` graph of an export: drafts the token after next from a hidden state and the next token."""
+
+    def __init__(self, path: Path, threads: int | None, chunk: int = 64) -> None:
+        self.session = _session(path, threads)
+        self.chunk = chunk
+        self.embeds_dtype = _NP_TYPES[self.session.get_inputs()[0].type]
+
+    def new_state(self, batch: int) -> SequenceState:
+        """An empty cache for the head."""
+        return _zero_state(self.session, batch)
+
+    def forward(self, next_embeds: np.ndarray, hidden: np.ndarray, state: SequenceState) -> tuple[np.ndarray, np.ndarray]:
+        """Add T entries (hidden state at t, embedding of token t+1; [1, T, hidden] each) to the
+        head's cache in `state`. Returns the draft logits [V] and the head's hidden state [1, 1, hidden]
+        of the last entry."""
+        logits = head_hidden = None
+        for i in range(0, next_embeds.shape[1], self.chunk):
+            e, h = next_embeds[:, i : i + self.chunk], hidden[:, i : i + self.chunk]
+            feeds = {"inputs_embeds": np.ascontiguousarray(e, dtype=self.embeds_dtype),
+                     "hidden_states": np.ascontiguousarray(h, dtype=self.embeds_dtype)}
+            logits, head_hidden = _run_stateful(self.session, feeds, state, np.ones(e.shape[:2], np.int64),
+                                                ["logits", "mtp_hidden_states"])
+        return logits[0, -1], head_hidden

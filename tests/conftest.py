@@ -126,6 +126,28 @@ def tiny_bundle(tiny_exports: dict[str, Path], tmp_path_factory: pytest.TempPath
 
 
 @pytest.fixture(scope="session")
+def tiny_mtp_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint with an MTP head (`mtp.*`, random like the rest), in the published layout, with
+    the default model's tokenizer (its vocabulary size) so that `generate` runs on it."""
+    def build(root: Path) -> Path:
+        config = tiny_config(tie=False, multimodal=True)  # tied random embeddings just repeat the last token
+        config["text_config"].update(mtp_num_hidden_layers=1, vocab_size=1024)
+        folder = write_random_checkpoint(config, root / "checkpoint", seed=11, dtype=torch.float32,
+                                         multimodal_names=True)
+        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            shutil.copy(CHECKPOINT_DIR / name, folder / name)
+        return folder
+    return built_once(tmp_path_factory, "mtp", build)
+
+
+@pytest.fixture(scope="session")
+def tiny_mtp_export(tiny_mtp_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """That checkpoint exported with the default options (fp32): a draftable decoder and its `mtp` graph."""
+    return built_once(tmp_path_factory, "mtp_export", lambda root: export_onnx(
+        tiny_mtp_checkpoint, root / "export", "fp32", progress=False))
+
+
+@pytest.fixture(scope="session")
 def default_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model, fp32, with the opset-27 recurrent ops (`--recurrent-ops standard`; the packagers
     convert it); default_contrib_export is the default form."""

@@ -4,13 +4,16 @@ the in-memory export, and its weight pass holds one block of rows, not the model
 from __future__ import annotations
 
 import copy
+import json
 import tracemalloc
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 import torch
 
 from exporter.onnx.backend import OnnxOptions, export_onnx
+from exporter.onnx.external_data import external_info
 from exporter.onnx.streamed import CheckpointWeight, Sink, stream_weights
 from graphs.checkpoint import expected_shapes, is_placeholder, open_checkpoint
 from graphs.random_checkpoint import write_random_checkpoint
@@ -86,3 +89,21 @@ def test_weight_pass_memory_is_one_block(tmp_path: Path) -> None:
     written = data.read_bytes()
     for sink in sinks[:: max(1, len(sinks) // 7)]:
         assert written[sink.offset : sink.offset + sink.tensor.nbytes] == sink.tensor.tobytes(), sink.tensor
+
+
+def test_streamed_equals_in_memory_with_mtp_head(tiny_mtp_checkpoint: Path, tmp_path: Path) -> None:
+    """A checkpoint with an MTP head: the draftable decoder and the `mtp` graph, float and q4, are
+    streamed in the same pass and come out as the in-memory export writes them, the head reading the
+    LM head's bytes from the decoder's data file in both; the manifests (sizes, fingerprints) agree."""
+    streamed = export_onnx(tiny_mtp_checkpoint, tmp_path / "streamed", "fp32,q4", progress=False)
+    reference = export_onnx(tiny_mtp_checkpoint, tmp_path / "ref", "fp32,q4", OnnxOptions(stream_weights=False),
+                            progress=False)
+    assert_same_files(streamed, reference)
+    assert {"mtp.onnx", "mtp_q4.onnx"} <= set(_files(streamed))
+    variants = json.loads((streamed / "qwen_edge.json").read_text())["variants"]
+    assert variants == json.loads((reference / "qwen_edge.json").read_text())["variants"]
+    for variant in variants.values():
+        mtp = onnx.load(str(streamed / variant["mtp"]), load_external_data=False)
+        locations = {external_info(t)["location"] for t in mtp.graph.initializer
+                     if t.data_location == onnx.TensorProto.EXTERNAL}
+        assert Path(variant["decoder"]).name + "_data" in locations  # the shared LM head

@@ -62,6 +62,7 @@ class CoreMLOptions:
 
 class CoreMLBackend:
     format = "coreml"
+    wants_mtp = False  # the MTP head is not converted to Core ML (yet)
 
     def __init__(self, options: CoreMLOptions = CoreMLOptions()) -> None:
         self.options = options

@@ -2,6 +2,7 @@
 
     OUT/onnx/embed_tokens{suffix}.onnx (+ .onnx_data)
     OUT/onnx/decoder_model_merged{suffix}.onnx (+ .onnx_data)
+    OUT/onnx/mtp{suffix}.onnx (+ .onnx_data)      when the checkpoint has an MTP head (graphs/mtp.py)
 
 Each activation dtype is traced once, from a skeleton of the decoder whose large matrices take no
 memory (exporter/onnx/streamed.py); a float variant is that graph saved under its published name, a
@@ -10,10 +11,15 @@ leaves the streamed weights as holes; `finish` then reads every checkpoint tenso
 rows, and writes it into every variant. With `stream_weights=False` the decoder is built with its
 weights in memory and the same steps write them directly: the reference the streamed export is
 tested against (tests/test_streamed_export.py).
+
+The MTP graph is traced from a skeleton of the head the same way, quantized by the same scheme, and
+streamed in the same pass; once its bytes are written it reads the LM head's bytes from the decoder's
+data file (`share_identical_weights`). A variant's size and fingerprint are recorded after that.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,18 +28,20 @@ import onnx_ir as ir
 import onnxruntime
 import torch
 
-from exporter.onnx.external_data import external_info, set_external
+from exporter.onnx.external_data import external_info, set_external, share_identical_weights
 from exporter.onnx.streamed import Sink, save_graph, save_proto, stream_weights
-from exporter.onnx.trace import StreamedWeights, name_nodes_and_strip_trace_metadata, trace_decoder, trace_embed
+from exporter.onnx.trace import (StreamedWeights, name_nodes_and_strip_trace_metadata, trace_decoder, trace_embed,
+                                 trace_mtp)
 from exporter.pipeline import files_bytes
 from exporter.progress import Stages
 from graphs.checkpoint import Checkpoint, is_placeholder
 from graphs.config import TextConfig
 from graphs.errors import QwenEdgeError
+from graphs.mtp import MTPDraftStep
 from quant.onnx_weights import (EMBED_NAMES, QuantizedHead, packed_tensors, quantize_projections,
                                 quantized_embed_graph)
 from quant.schemes import QuantOptions, Scheme
-from runtime_py.export_format import RECURRENT_FORMS, opset_imports
+from runtime_py.export_format import RECURRENT_FORMS, fingerprint_files, opset_imports, variant_files
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -45,6 +53,7 @@ class OnnxOptions:
     recurrent_ops: str = "contrib"  # exporter/onnx/forms.py; README says why contrib is the default
     quant: QuantOptions = field(default_factory=QuantOptions)
     all_logits: bool = False  # logits of every position (default: the last one)
+    mtp: bool = True  # export the checkpoint's MTP head when it has one (--no-mtp: leave it out)
     stream_weights: bool = True  # False: trace and write with the weights in memory (the test reference)
 
     def __post_init__(self) -> None:
@@ -58,6 +67,7 @@ class Traced:
 
     embed: ir.Model
     decoder: ir.Model
+    mtp: ir.Model | None = None  # the MTP head's graph, when the export has one
 
 
 class OnnxBackend:
@@ -65,8 +75,11 @@ class OnnxBackend:
 
     def __init__(self, options: OnnxOptions = OnnxOptions()) -> None:
         self.options = options
+        self.wants_mtp = options.mtp
         self.checkpoint: Checkpoint | None = None
         self.sinks: list[Sink] = []
+        self.written: list[dict] = []  # the variant records `finish` completes
+        self.mtp_note: str | None = None
 
     @property
     def cfg(self) -> TextConfig:
@@ -87,22 +100,38 @@ class OnnxBackend:
         return ["write weights"] if self.options.stream_weights else []
 
     def load(self, checkpoint: Checkpoint) -> Checkpoint:
-        self.checkpoint, self.sinks = checkpoint, []
+        self.checkpoint, self.sinks, self.written = checkpoint, [], []
+        self.mtp_note = ("exported" if checkpoint.has_mtp else checkpoint.mtp_note or
+                         ("left out (--no-mtp)" if not self.options.mtp else "the checkpoint has none"))
         return checkpoint
 
     def prepare(self, checkpoint: Checkpoint, activations: str, folder: Path, stages: Stages) -> Traced:
         logits = "all" if self.options.all_logits else "last"
         dtype = DTYPES[activations]
-        weights = None
         if self.options.stream_weights:
             model = checkpoint.build_skeleton(dtype, logits=logits)
-            weights = StreamedWeights(checkpoint, {
-                name: (checkpoint.source_name(name), tuple(p.shape))
-                for name, p in model.named_parameters(remove_duplicate=False) if is_placeholder(name, tuple(p.shape))})
+            head = checkpoint.build_mtp_skeleton(dtype) if checkpoint.has_mtp else None
         else:
             model = checkpoint.build_decoder(dtype, logits=logits)
-        form = self.options.recurrent_ops
-        return stages.run(lambda: Traced(trace_embed(model, weights), trace_decoder(model, form, weights)))
+            head = checkpoint.build_mtp(dtype) if checkpoint.has_mtp else None
+        step = None if head is None else MTPDraftStep(model.cfg, head, model.lm_head)
+        form, draftable = self.options.recurrent_ops, step is not None
+
+        weights = self._streamed(model)
+
+        def trace() -> Traced:
+            return Traced(trace_embed(model, weights), trace_decoder(model, form, draftable, weights),
+                          None if step is None else trace_mtp(step, self._streamed(step)))
+
+        return stages.run(trace)
+
+    def _streamed(self, module: torch.nn.Module) -> StreamedWeights | None:
+        """The placeholders of a skeleton module (None when the weights are in memory)."""
+        if not self.options.stream_weights:
+            return None
+        return StreamedWeights(self.checkpoint, {
+            name: (self.checkpoint.source_name(name), tuple(p.shape))
+            for name, p in module.named_parameters(remove_duplicate=False) if is_placeholder(name, tuple(p.shape))})
 
     def write_variant(self, traced: Traced, scheme: Scheme, folder: Path) -> dict:
         (folder / "onnx").mkdir(exist_ok=True)
@@ -117,6 +146,15 @@ class OnnxBackend:
             save_graph(embed, folder / embed_name, self.sinks)
         else:
             self._write_quantized_embed(traced, scheme, head, decoder_path, folder / embed_name)
+        if traced.mtp is not None:
+            mtp = traced.mtp.clone()
+            if scheme.weight_bits is not None:
+                quantize_projections(mtp, scheme, self.options.quant)
+            name_nodes_and_strip_trace_metadata(mtp)
+            save_graph(mtp, folder / scheme.mtp_file, self.sinks)
+        record = _variant_record(scheme, self.options.quant, folder)
+        self.written.append(record)
+        return record
         return _variant_record(scheme, self.options.quant, folder)
 
     def _write_quantized_embed(self, traced: Traced, scheme: Scheme, head: QuantizedHead | None,
@@ -135,16 +173,29 @@ class OnnxBackend:
         save_proto(embed, path, {EMBED_NAMES[part]: tensor for part, tensor in parts.items()}, self.sinks)
 
     def finish(self, folder: Path, stages: Stages) -> None:
-        """The one pass over the checkpoint that fills every variant's streamed weights."""
-        if not self.options.stream_weights:
-            return
-        total = sum(s.tensor.nbytes for s in self.sinks)
-        stages.run_with_progress(lambda report: stream_weights(self.checkpoint, self.sinks, report),
-                                 total, len(self.sinks))
+        """The one pass over the checkpoint that fills every variant's streamed weights; then each
+        variant is completed (`_complete`)."""
+        if self.options.stream_weights:
+            def write(report: Callable[[int, int], None]) -> None:
+                stream_weights(self.checkpoint, self.sinks, report)
+                self._complete(folder)
+
+            stages.run_with_progress(write, sum(s.tensor.nbytes for s in self.sinks), len(self.sinks))
+        else:
+            self._complete(folder)
         self.sinks = []
 
+    def _complete(self, folder: Path) -> None:
+        """With every byte written: the MTP graph reads the LM head from the decoder's data file, and
+        each record gets its size and fingerprint."""
+        for record in self.written:
+            if "mtp" in record:
+                share_identical_weights(folder / record["mtp"], folder / record["decoder"])
+            _complete_record(record, folder)
+        self.written = []
+
     def release(self, traced: Traced) -> None:
-        traced.embed = traced.decoder = None
+        traced.embed = traced.decoder = traced.mtp = None
 
     def manifest_fields(self, cfg: TextConfig) -> dict:
         form = RECURRENT_FORMS[self.options.recurrent_ops]
@@ -153,6 +204,7 @@ class OnnxBackend:
             "recurrent_ops_domain": form.domain or "ai.onnx",
             "min_onnxruntime": form.min_onnxruntime,
             "logits": "all positions" if self.options.all_logits else "last position",
+            "mtp_head": self.mtp_note,
             "exported_with_onnxruntime": onnxruntime.__version__,
         }
 
@@ -169,13 +221,21 @@ def _share_lm_head_bytes(embed: onnx.ModelProto, decoder_path: Path, head: Quant
 
 def _variant_record(scheme: Scheme, quant: QuantOptions, root: Path) -> dict:
     embed, decoder = scheme.files
-    record = {"embed_tokens": embed, "decoder": decoder, "activations": scheme.activations,
+    mtp = {"mtp": scheme.mtp_file} if (root / scheme.mtp_file).is_file() else {}
+    record = {"embed_tokens": embed, "decoder": decoder, **mtp,
+              "activations": scheme.activations,
               "opset_imports": opset_imports(onnx.load(str(root / decoder), load_external_data=False))}
     if scheme.weight_bits:
         record.update(weight_bits=scheme.weight_bits, block_size=quant.block_size, symmetric=quant.symmetric,
                       accuracy_level=quant.accuracy_level)
-    record["bytes_on_disk"] = files_bytes(root, [f for name in (embed, decoder) for f in (name, name + "_data")])
     return record
+
+
+def _complete_record(record: dict, root: Path) -> None:
+    """A written variant's size on disk and fingerprint (what a saved state is tied to)."""
+    files = variant_files(root, record)
+    record["bytes_on_disk"] = files_bytes(root, files)
+    record["fingerprint"] = fingerprint_files(root, files)
 
 
 def export_onnx(checkpoint: str | Path, out: Path, schemes: str = "fp32", options: OnnxOptions = OnnxOptions(), *,

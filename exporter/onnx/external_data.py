@@ -8,6 +8,7 @@ inside the graph's folder. Torch-free; works on protobufs, never loads weights i
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,3 +113,61 @@ def _copy_range(path: Path, offset: int, length: int, out) -> None:  # noqa: ANN
                 raise QwenEdgeError(f"{path}: ended while copying weights (the file changed or is truncated)")
             out.write(block)
             left -= len(block)
+
+
+def share_identical_weights(graph_path: Path, donor_path: Path) -> int:
+    """Point every weight of the graph at `graph_path` whose bytes equal a weight of the graph at
+    `donor_path` (same folder) at the donor's bytes, and rewrite its own data file without them.
+
+    The MTP head shares the decoder's LM head this way: stored once on disk, whatever its name in
+    each graph. Returns the number of bytes no longer stored twice.
+    """
+    folder = graph_path.parent
+    graph = onnx.load(str(graph_path), load_external_data=False)
+    donor = onnx.load(str(donor_path), load_external_data=False)
+    candidates: dict[tuple, list[onnx.TensorProto]] = {}
+    for tensor in donor.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            length = source_range(tensor, donor_path.parent)[2]
+            candidates.setdefault((tuple(tensor.dims), tensor.data_type, length), []).append(tensor)
+    digests: dict[tuple[Path, int, int], str] = {}
+
+    def digest(tensor: onnx.TensorProto, graph_dir: Path) -> str:
+        key = source_range(tensor, graph_dir)
+        if key not in digests:
+            h = hashlib.sha256()
+            with key[0].open("rb") as f:
+                f.seek(key[1])
+                left = key[2]
+                while left:
+                    block = f.read(min(left, COPY_BLOCK))
+                    h.update(block)
+                    left -= len(block)
+            digests[key] = h.hexdigest()
+        return digests[key]
+
+    shared = 0
+    own = []
+    for tensor in graph.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        length = source_range(tensor, folder)[2]
+        match = next((d for d in candidates.get((tuple(tensor.dims), tensor.data_type, length), [])
+                      if digest(d, donor_path.parent) == digest(tensor, folder)), None)
+        if match is None:
+            own.append(tensor)
+            continue
+        info = external_info(match)
+        set_external(tensor, info["location"], int(info.get("offset", 0)), length)
+        shared += length
+    if shared:
+        data_name = graph_path.name + "_data"
+        if relocate([(t, folder) for t in own], folder, data_name + ".partial"):
+            for tensor in own:
+                info = external_info(tensor)
+                set_external(tensor, data_name, int(info.get("offset", 0)), int(info["length"]))
+            (folder / (data_name + ".partial")).replace(folder / data_name)
+        else:
+            (folder / data_name).unlink()
+        onnx.save(graph, str(graph_path))
+    return shared

@@ -122,7 +122,7 @@ def fuse_norms(model: ir.Model, form: str) -> int:
         norm.metadata_props.update(last.metadata_props)  # keeps the module path for node naming
         norm.outputs[0].shape, norm.outputs[0].type = last.outputs[0].shape, last.outputs[0].type
         model.graph.insert_before(last, norm)
-        ir.convenience.replace_all_uses_with(last.outputs[0], norm.outputs[0])
+        ir.convenience.replace_all_uses_with(last.outputs[0], norm.outputs[0], replace_graph_outputs=True)
         name = last.outputs[0].name
         model.graph.remove(chain.nodes, safe=True)
         norm.outputs[0].name = name

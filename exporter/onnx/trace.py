@@ -1,10 +1,11 @@
-"""Export the embedding and the stateful decoder to ONNX (onnx-community Qwen3.5 layout).
+"""Export the embedding, the stateful decoder and the MTP head to ONNX (onnx-community Qwen3.5 layout).
 
 Recipe per graph: wrap, trace with `torch.onnx.export(dynamo=True)` with the recurrent custom ops
 translated to single nodes, optimize as the exporter does, name every input and output from the I/O
 spec, place the recurrent ops in the chosen domain, fuse each norm into one node. A model built by
-`Checkpoint.build_skeleton` traces with its large matrices as streamed weights (exporter/onnx/streamed.py):
-the graph is the same as with real values, and no weight is in memory.
+`Checkpoint.build_skeleton` (or an MTP head built by `build_mtp_skeleton`) traces with its large
+matrices as streamed weights (exporter/onnx/streamed.py): the graph is the same as with real values,
+and no weight is in memory.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_ir as ir
 import torch
 from torch.export import Dim
@@ -21,14 +23,16 @@ from torch.onnx._internal._lazy_import import onnxscript_apis
 from exporter.onnx.norms import fuse_norms
 from exporter.onnx.recurrent import place_recurrent_ops, translation_table
 from exporter.onnx.streamed import RowReader, adopt_folded, adopt_placeholders
-from graphs.io_spec import GraphSpec, decoder_spec, embed_spec
+from graphs.io_spec import DEFAULT_LOGIT_POSITIONS, GraphSpec, decoder_spec, embed_spec, mtp_spec
+from graphs.mtp import DraftableDecoder, MTPDraftStep
 from graphs.qwen3_5 import EmbedTokens, Qwen35Decoder
-from graphs.state import TOTAL_LENGTH, state_tensors
+from graphs.state import TOTAL_LENGTH, StateTensor, mtp_state_tensors, state_tensors
 from quant.onnx_weights import module_path
 from runtime_py.export_format import TRACE_OPSET
 
 # Trace-time sizes: all different and > 1, so no dynamic axis is specialised to a constant.
-TRACE_BATCH, TRACE_SEQ, TRACE_PAST = 2, 7, 5
+TRACE_BATCH, TRACE_SEQ, TRACE_PAST, TRACE_LOGITS = 2, 7, 5, 3
+NAMED_INPUTS = 3  # forward(inputs_embeds, attention_mask, position_ids, *rest) of the decoder modules
 
 
 def _dims(spec: GraphSpec) -> list[dict[int, object]]:
@@ -49,16 +53,22 @@ def activation_dtype(model: Qwen35Decoder) -> torch.dtype:
     return model.embed_tokens.weight.dtype
 
 
-def _sample_inputs(model: Qwen35Decoder) -> tuple[torch.Tensor, ...]:
+def _sample_state(tensors: list[StateTensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Zero state at trace sizes; attention caches get a non-empty past."""
+    return [torch.zeros(s.shape(TRACE_BATCH, TRACE_PAST), dtype=torch.float32 if s.role.always_fp32 else dtype)
+            for s in tensors]
+
+
+def _sample_inputs(model: Qwen35Decoder, draftable: bool = False) -> tuple[torch.Tensor, ...]:
     cfg, dtype = model.cfg, activation_dtype(model)
     b, t, p = TRACE_BATCH, TRACE_SEQ, TRACE_PAST
-    state = [torch.zeros(s.shape(b, p), dtype=torch.float32 if s.role.always_fp32 else dtype)
-             for s in state_tensors(cfg)]  # attention caches get a non-empty past
+    select = [-torch.arange(TRACE_LOGITS, 0, -1)] if draftable and model.logits_mode == "last" else []
     return (
         torch.zeros(b, t, cfg.hidden_size, dtype=dtype),
         torch.ones(b, p + t, dtype=torch.int64),
         torch.arange(p, p + t).expand(3, b, t).contiguous(),
-        *state,
+        *select,
+        *_sample_state(state_tensors(cfg), dtype),
     )
 
 
@@ -164,14 +174,44 @@ def _prefixed(weights: StreamedWeights | None, prefix: str) -> StreamedWeights |
                                             for k, v in weights.sources.items() if k.startswith("embed_tokens.")})
 
 
-def trace_decoder(model: Qwen35Decoder, recurrent_ops: str, weights: StreamedWeights | None = None) -> ir.Model:
-    """The stateful decoder graph; logits as the model was built to give them (all or last position)."""
-    spec = decoder_spec(model.cfg, _dtype_name(model), model.logits_mode == "all")
+def trace_decoder(model: Qwen35Decoder, recurrent_ops: str, draftable: bool = False,
+                  weights: StreamedWeights | None = None) -> ir.Model:
+    """The stateful decoder graph; logits as the model was built to give them (all or last position).
+
+    `draftable` (an export with an MTP head): graphs/mtp.py's DraftableDecoder, which also returns
+    the hidden states and takes `logit_positions`, an input with a default."""
+    spec = decoder_spec(model.cfg, _dtype_name(model), model.logits_mode == "all", draftable)
     dims = _dims(spec)
-    fixed = len(spec.inputs) - len(state_tensors(model.cfg))
-    dynamic = [*dims[:fixed], tuple(dims[fixed:])]  # the state arrives as forward's *state varargs
-    graph = _trace(model, _sample_inputs(model), spec, dynamic, weights)
+    dynamic = [*dims[:NAMED_INPUTS], tuple(dims[NAMED_INPUTS:])]  # the rest arrives as forward's varargs
+    module = DraftableDecoder(model) if draftable else model
+    graph = _trace(module, _sample_inputs(model, draftable), spec, dynamic, weights)
+    if "logit_positions" in spec.input_names:
+        _give_default(graph, "logit_positions", np.array(DEFAULT_LOGIT_POSITIONS, np.int64))
     place_recurrent_ops(graph, recurrent_ops)
     fuse_norms(graph, recurrent_ops)
     _describe(graph, spec, f"Qwen3.5 hybrid decoder, prefill and decode, recurrent ops: {recurrent_ops} (qwen-edge)")
+    return graph
+
+
+def _give_default(model: ir.Model, name: str, value: np.ndarray) -> None:
+    """Make graph input `name` optional: an initializer of the same name is its default, which ONNX
+    Runtime uses when the input is not fed (and does not list it among the required inputs)."""
+    graph_input = next(v for v in model.graph.inputs if v.name == name)
+    graph_input.const_value = ir.Tensor(value, name=name)
+    model.graph.register_initializer(graph_input)
+
+
+def trace_mtp(step: MTPDraftStep, weights: StreamedWeights | None = None) -> ir.Model:
+    """The MTP head graph (graphs/mtp.py) over its own KV cache; `weights`: the placeholders of a
+    head built by `Checkpoint.build_mtp_skeleton` (and of the shared LM head)."""
+    cfg = step.cfg
+    dtype = step.mtp.fc.weight.dtype
+    spec = mtp_spec(cfg, {torch.float32: "float32", torch.float16: "float16"}[dtype])
+    b, t, p = TRACE_BATCH, TRACE_SEQ, TRACE_PAST
+    args = (torch.zeros(b, t, cfg.hidden_size, dtype=dtype), torch.zeros(b, t, cfg.hidden_size, dtype=dtype),
+            torch.ones(b, p + t, dtype=torch.int64), torch.arange(p, p + t).expand(3, b, t).contiguous(),
+            *_sample_state(mtp_state_tensors(cfg), dtype))
+    graph = _trace(step, args, spec, _dims(spec), weights)
+    fuse_norms(graph, "contrib")
+    _describe(graph, spec, "Qwen3.5 multi-token-prediction head: drafts the token after next (qwen-edge)")
     return graph
