@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from graphs.config import TextConfig, text_config_from_dict
+from graphs.config import TextConfig, text_config_from_dict, vision_config_from_dict
 from graphs.checkpoint import INDEX_NAME, expected_shapes
+from graphs.vision import vision_parameter_shapes
 
 
 def random_tensor(name: str, shape: tuple[int, ...], cfg: TextConfig, gen: torch.Generator) -> torch.Tensor:
@@ -39,6 +40,18 @@ def random_tensor(name: str, shape: tuple[int, ...], cfg: TextConfig, gen: torch
     return torch.randn(shape, generator=gen) * std
 
 
+def random_vision_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """A plausible random value for one vision tower parameter (features of order 1 out of the merger)."""
+    if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name.endswith("norm.weight"):
+        return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    if name.endswith(".bias"):
+        return 0.02 * torch.randn(shape, generator=gen)
+    if name == "pos_embed.weight":
+        return 0.5 * torch.randn(shape, generator=gen)
+    fan_in = math.prod(shape[1:])
+    return torch.randn(shape, generator=gen) / math.sqrt(fan_in)
+
+
 def write_random_checkpoint(
     config: dict[str, Any],
     folder: Path | str,
@@ -52,6 +65,7 @@ def write_random_checkpoint(
 
     multimodal_names picks the published layout (`model.language_model.*`) over the text-only one
     (`model.*`). max_shard_bytes splits the weights into shards with a `model.safetensors.index.json`.
+    A config with a `vision_config` also gets the vision tower (`model.visual.*`).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -62,6 +76,10 @@ def write_random_checkpoint(
     for name, shape in expected_shapes(cfg).items():
         key = name if name == "lm_head.weight" else prefix + name
         tensors[key] = random_tensor(name, shape, cfg, gen).to(dtype).contiguous()
+    vision = vision_config_from_dict(config) if "vision_config" in config else None
+    if vision is not None:
+        for name, shape in vision_parameter_shapes(vision).items():
+            tensors["model.visual." + name] = random_vision_tensor(name, shape, gen).to(dtype).contiguous()
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if max_shard_bytes is None:
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})

@@ -11,6 +11,7 @@ quantized bytes (same layout: [vocab, hidden] blocked along hidden), so the embe
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,9 +71,12 @@ def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def quantize_projections(model: ir.Model, scheme: Scheme, opts: QuantOptions) -> PackedWeight | None:
+def quantize_projections(model: ir.Model, scheme: Scheme, opts: QuantOptions,
+                         bits_for: Callable[[str], int | None] | None = None) -> PackedWeight | None:
     """Replace every MatMul whose weight the scheme compresses by MatMulNBits, in place. Returns the
-    packed LM head (None when the scheme leaves it float)."""
+    packed LM head (None when the scheme leaves it float). `bits_for` is the predicate of another
+    graph's parameters (the vision tower's), by default the decoder's."""
+    bits_for = bits_for or scheme.bits_for
     graph = model.graph
     lm_head = None
     for node in list(graph):
@@ -81,7 +85,7 @@ def quantize_projections(model: ir.Model, scheme: Scheme, opts: QuantOptions) ->
         weight_value = node.inputs[1]
         weight = weight_value.const_value
         path = module_path(node)
-        bits = None if path is None else scheme.bits_for(path + ".weight")
+        bits = None if path is None else bits_for(path + ".weight")
         if weight is None or bits is None:
             continue
         array = weight.numpy()

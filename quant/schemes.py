@@ -39,6 +39,17 @@ def is_compressed(param: str) -> bool:
     return leaf == "weight" and module.rsplit(".", 1)[-1] in LARGE_PROJECTIONS
 
 
+# The vision tower's large matmuls (graphs/vision.py): attention qkv and output, the block MLPs and
+# the merger's MLP. The patch embedding, the learned position table and the norms stay float.
+VISION_PROJECTIONS = frozenset({"qkv", "proj", "linear_fc1", "linear_fc2"})
+
+
+def is_compressed_vision(param: str) -> bool:
+    """Does a compressing scheme compress this vision tower parameter (e.g. `blocks.0.attn.qkv.weight`)?"""
+    module, _, leaf = param.rpartition(".")
+    return leaf == "weight" and module.rsplit(".", 1)[-1] in VISION_PROJECTIONS and not module.startswith("patch_embed")
+
+
 @dataclass(frozen=True)
 class QualityGate:
     """Minimum quality of a variant against the float reference on held-out text."""
@@ -67,6 +78,15 @@ class Scheme:
     def files(self) -> tuple[str, str]:
         """(embed_tokens, decoder) ONNX graph paths inside an export folder."""
         return f"onnx/embed_tokens{self.suffix}.onnx", f"onnx/decoder_model_merged{self.suffix}.onnx"
+
+    @property
+    def vision_file(self) -> str:
+        """The vision encoder's ONNX graph path inside an export folder."""
+        return f"onnx/vision_encoder{self.suffix}.onnx"
+
+    def vision_bits_for(self, param: str) -> int | None:
+        """Stored bits of one vision tower parameter's compressed weight, or None when it stays float."""
+        return self.weight_bits if self.weight_bits and is_compressed_vision(param) else None
 
     @property
     def coreml_package(self) -> str:
