@@ -189,15 +189,31 @@ def verify(paths: tuple[Path, ...], against: Path | None, variant: str, decode_s
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Sampling seed (reproducible output).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--variant", default=None, help="Which exported variant to run (default: the first one exported).")
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
+              help="An image for the prompt (repeat for several); needs an export with a vision encoder.")
+@click.option("--video", type=click.Path(path_type=Path), default=None,
+              help="A folder of video frames (sorted by name) for the prompt; give their rate with --fps.")
+@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Frames per second the --video frames were taken at.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: prompt ids, generated ids, text.")
 def generate(export_dir: Path, prompt: str, chat: bool, max_new_tokens: int, temperature: float, top_p: float,
-             seed: int | None, threads: int | None, variant: str | None) -> None:
+             seed: int | None, threads: int | None, variant: str | None, images: tuple[Path, ...],
+             video: Path | None, fps: float | None, as_json: bool) -> None:
     """Generate text from an export, streaming tokens to stdout."""
+    import json
+
     from runtime_py.generate import GenerateRequest, Sampling, generate_text
+    from runtime_py.vision import VisualRequest
 
     request = GenerateRequest(export_dir, prompt, chat, max_new_tokens, Sampling(temperature, top_p, seed), threads,
-                              variant)
-    generate_text(request, lambda text: click.echo(text, nl=False))
-    click.echo()
+                              variant, VisualRequest(images, video, fps))
+    pieces: list[str] = []
+    result = generate_text(request, pieces.append if as_json else lambda text: click.echo(text, nl=False))
+    if as_json:
+        click.echo(json.dumps({"prompt_ids": result.prompt_ids, "generated_ids": result.generated_ids,
+                               "text": "".join(pieces[1:])}))
+    else:
+        click.echo()
 
 
 @main.command()

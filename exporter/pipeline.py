@@ -24,6 +24,7 @@ from graphs.config import TextConfig
 from graphs.errors import QwenEdgeError
 from quant.schemes import SCHEMES, Scheme
 from runtime_py.export_format import EXPORT_FORMAT, SUPPORT_FILES, qwen_edge_version, write_manifest
+from runtime_py.vision_preprocess import write_flat_processor_files
 
 ACTIVATIONS = ("float32", "float16")  # groups are prepared in this order
 
@@ -90,6 +91,8 @@ def run_export(request: ExportRequest, backend: ExportBackend) -> Path:
                 records[scheme.name] = stages.run(lambda s=scheme: backend.write_variant(prepared, s, tmp))
             backend.release(prepared)
         copied = stages.run(lambda: copy_support_files(folder, tmp))
+        if checkpoint.vision is not None:  # clients read the flat processor files (transformers.js only those)
+            copied = sorted({*copied, *write_flat_processor_files(folder, tmp)})
         write_manifest(tmp, {
             "export_format": EXPORT_FORMAT,
             "qwen_edge_version": qwen_edge_version(),

@@ -93,7 +93,7 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        p = x.shape[0]
+        p = x.shape[1]
         q, k, v = self.qkv(x).reshape(p, 3, self.heads, self.head_dim).unbind(1)  # [P, H, d] each
         q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)  # rotary in fp32, as transformers
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
@@ -102,7 +102,7 @@ class VisionAttention(nn.Module):
         if mask is not None:
             scores = scores + mask
         out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)  # [H, P, d]
-        return self.proj(out.transpose(0, 1).reshape(p, -1))
+        return self.proj(out.transpose(0, 1).reshape(1, p, -1))
 
 
 class VisionMLP(nn.Module):
@@ -139,7 +139,7 @@ class PatchMerger(nn.Module):
         self.linear_fc2 = nn.Linear(self.width, cfg.out_hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_fc2(F.gelu(self.linear_fc1(self.norm(x).reshape(-1, self.width))))
+        return self.linear_fc2(F.gelu(self.linear_fc1(self.norm(x).reshape(1, -1, self.width))))
 
 
 class PatchEmbed(nn.Module):
@@ -172,9 +172,11 @@ class VisionEncoder(nn.Module):
 
     def encode(self, pixel_values: torch.Tensor, layout: PatchLayout, one_segment: bool = False) -> torch.Tensor:
         """The tower on a known layout; `one_segment` drops the attention mask (a single image)."""
-        x = self.patch_embed(pixel_values)
+        # Rows carry a leading batch axis of 1 inside the tower: linear layers then trace as MatMul + Add
+        # (which the int variants turn into MatMulNBits), not Gemm.
+        x = self.patch_embed(pixel_values[None])
         pos = (self.pos_embed(layout.taps).float() * layout.tap_weights[:, :, None]).sum(1)
-        x = x + pos.to(x.dtype)
+        x = x + pos.to(x.dtype)[None]
         inv_freq = rotary_inv_freq(self.cfg)  # fp32 whatever the tower's dtype (rotary runs in fp32)
         angles = torch.cat([layout.row[:, None].float() * inv_freq, layout.col[:, None].float() * inv_freq], -1)
         angles = torch.cat([angles, angles], -1)[:, None, :]  # [P, 1, head_dim], shared by the heads
@@ -185,7 +187,7 @@ class VisionEncoder(nn.Module):
             mask = torch.where(same, 0.0, float("-inf"))[None]
         for block in self.blocks:
             x = block(x, cos, sin, mask)
-        return self.merger(x)
+        return self.merger(x)[0]
 
 
 def vision_parameter_shapes(cfg: VisionConfig) -> dict[str, tuple[int, ...]]:

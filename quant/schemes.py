@@ -50,6 +50,13 @@ def is_compressed_vision(param: str) -> bool:
     return leaf == "weight" and module.rsplit(".", 1)[-1] in VISION_PROJECTIONS and not module.startswith("patch_embed")
 
 
+# The vision tower's gate for 4-bit weights: relative RMS error of the image features against the
+# float tower on a fixed synthetic input. A 4-bit scheme whose tower misses it stores the tower's
+# matmuls in 8 bits instead (recorded per variant as `vision_weight_bits`).
+VISION_INT4_MAX_ERROR = 0.1
+VISION_FALLBACK_BITS = 8
+
+
 @dataclass(frozen=True)
 class QualityGate:
     """Minimum quality of a variant against the float reference on held-out text."""

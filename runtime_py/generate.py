@@ -11,6 +11,7 @@ import numpy as np
 
 from runtime_py.export_format import export_variants
 from runtime_py.session import OnnxModel
+from runtime_py.vision import MultimodalPrompt, VisualRequest, visual_prompt
 from runtime_py.tokenizer import StreamDecoder, TextTokenizer
 
 
@@ -50,14 +51,21 @@ def generate(
     sampling: Sampling = Sampling(),
     stop_ids: Iterable[int] = (),
     on_token: Callable[[int], None] | None = None,
+    visual: MultimodalPrompt | None = None,
 ) -> list[int]:
-    """Prefill the prompt in one call, then decode one token per call. Returns the new token ids."""
+    """Prefill the prompt in one call, then decode one token per call. Returns the new token ids.
+
+    `visual` (runtime_py/vision.py) is a prompt with images or video: its embeddings (features
+    scattered in) and mRoPE positions are prefilled instead of `prompt_ids`' plain embeddings."""
     if not prompt_ids:
         raise ValueError("the prompt is empty; give at least one token")
     stop = set(stop_ids)
     rng = np.random.default_rng(sampling.seed)
     state = model.new_state(1)
-    logits = model.forward(np.array([prompt_ids], np.int64), state)[0, -1]
+    if visual is None:
+        logits = model.forward(np.array([prompt_ids], np.int64), state)[0, -1]
+    else:
+        logits = model.forward_embeds(visual.embeds, state, position_ids=visual.positions)[0, -1]
     generated: list[int] = []
     for _ in range(max_new_tokens):
         token = choose_token(logits, sampling, rng)
@@ -94,16 +102,34 @@ class GenerateRequest:
     sampling: Sampling = field(default_factory=Sampling)
     threads: int | None = None
     variant: str | None = None  # None: the first variant exported
+    visual: VisualRequest = field(default_factory=VisualRequest)  # images / video in the prompt
 
 
-def generate_text(request: GenerateRequest, on_text: Callable[[str], None]) -> list[int]:
+@dataclass
+class Generation:
+    """What one `generate` call saw and produced (the --json record)."""
+
+    prompt_ids: list[int]
+    generated_ids: list[int]
+
+
+def generate_text(request: GenerateRequest, on_text: Callable[[str], None]) -> Generation:
     """Stream the prompt (plain prompts are echoed) and then the generated text through `on_text`."""
     tokenizer = TextTokenizer(request.export_dir)
-    model = OnnxModel(request.export_dir, request.variant or export_variants(request.export_dir)[0],
-                      threads=request.threads)
-    messages = [{"role": "user", "content": request.prompt}]
-    text = tokenizer.apply_chat_template(messages) if request.chat else request.prompt
+    variant = request.variant or export_variants(request.export_dir)[0]
+    model = OnnxModel(request.export_dir, variant, threads=request.threads)
+    visual = None
+    if request.visual:
+        visual = visual_prompt(request.export_dir, variant, request.prompt, request.chat, request.visual, tokenizer,
+                               model, request.max_new_tokens, request.threads)
+        prompt_ids = visual.ids
+    else:
+        messages = [{"role": "user", "content": request.prompt}]
+        text = tokenizer.apply_chat_template(messages) if request.chat else request.prompt
+        prompt_ids = tokenizer.encode(text)
     stream = StreamDecoder(tokenizer)
     on_text("" if request.chat else request.prompt)
-    return generate(model, tokenizer.encode(text), request.max_new_tokens, request.sampling,
-                    stop_ids=stop_ids(request.export_dir), on_token=lambda t: on_text(stream.push(t)))
+    generated = generate(model, prompt_ids, request.max_new_tokens, request.sampling,
+                         stop_ids=stop_ids(request.export_dir), on_token=lambda t: on_text(stream.push(t)),
+                         visual=visual)
+    return Generation(prompt_ids, generated)

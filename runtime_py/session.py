@@ -81,26 +81,36 @@ class OnnxModel:
         """
         return self.forward_embeds(self.embed_ids(input_ids), state, token_mask)
 
-    def forward_embeds(self, embeds: np.ndarray, state: SequenceState, token_mask: np.ndarray | None = None) -> np.ndarray:
+    def forward_embeds(self, embeds: np.ndarray, state: SequenceState, token_mask: np.ndarray | None = None,
+                       position_ids: np.ndarray | None = None) -> np.ndarray:
+        """`position_ids` [3, B, T]: explicit mRoPE positions (an image prompt, runtime_py/vision.py);
+        the next call then continues from their maximum + 1. Default: text positions."""
         t = embeds.shape[1]
         if t <= self.prefill_chunk:
-            return self._run(embeds, state, token_mask)
+            return self._run(embeds, state, token_mask, position_ids)
         pieces = [self._run(embeds[:, i : i + self.prefill_chunk], state,
-                            None if token_mask is None else token_mask[:, i : i + self.prefill_chunk])
+                            None if token_mask is None else token_mask[:, i : i + self.prefill_chunk],
+                            None if position_ids is None else position_ids[:, :, i : i + self.prefill_chunk])
                   for i in range(0, t, self.prefill_chunk)]
         return np.concatenate(pieces, axis=1) if self.all_logits else pieces[-1]
 
-    def _run(self, embeds: np.ndarray, state: SequenceState, token_mask: np.ndarray | None) -> np.ndarray:
+    def _run(self, embeds: np.ndarray, state: SequenceState, token_mask: np.ndarray | None,
+             position_ids: np.ndarray | None = None) -> np.ndarray:
         b, t = embeds.shape[:2]
         new_mask = np.ones((b, t), np.int64) if token_mask is None else token_mask.astype(np.int64)
-        # Positions count real tokens only, so a left-padded row starts at 0 like an unpadded one.
-        positions = state.positions[:, None] + np.cumsum(new_mask, axis=1) - 1
-        positions = np.where(new_mask > 0, positions, 0).astype(np.int64)
+        if position_ids is None:
+            # Positions count real tokens only, so a left-padded row starts at 0 like an unpadded one.
+            positions = state.positions[:, None] + np.cumsum(new_mask, axis=1) - 1
+            positions = np.where(new_mask > 0, positions, 0).astype(np.int64)
+            position_ids = np.broadcast_to(positions, (3, b, t))
+            next_positions = state.positions + new_mask.sum(axis=1)
+        else:
+            next_positions = position_ids.max(axis=(0, 2)) + 1
         mask = np.concatenate([state.attention_mask, new_mask], axis=1)
         binding = self.decoder.io_binding()
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=self.embeds_dtype))
         binding.bind_cpu_input("attention_mask", mask)
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(np.broadcast_to(positions, (3, b, t))))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
         for name, value in state.values.items():
             binding.bind_ortvalue_input(name, value)
         for name in self.output_names:
@@ -110,5 +120,5 @@ class OnnxModel:
         for name, value in zip(self.output_names[1:], outputs[1:]):
             state.values[past_name_for(name)] = value
         state.attention_mask = mask
-        state.positions = state.positions + new_mask.sum(axis=1)
+        state.positions = next_positions
         return outputs[0].numpy()

@@ -163,11 +163,9 @@ class MultimodalPrompt:
     delta: int
 
 
-def build_prompt(text: str, visuals: list[VisualInput], encoder: VisionEncoder, encode_text: "callable",  # noqa: F821
-                 token_text: "callable", embed_ids: "callable") -> MultimodalPrompt:  # noqa: F821
-    """Expand `text`'s placeholders for `visuals`, tokenize, encode the pixels and scatter them in."""
-    tokens = VisionTokens.of(encoder.config, token_text)
-    ids = encode_text(expand_placeholders(text, visuals, tokens))
+def embed_prompt(ids: list[int], visuals: list[VisualInput], encoder: VisionEncoder, tokens: VisionTokens,
+                 embed_ids: "callable") -> MultimodalPrompt:  # noqa: F821
+    """Token ids of an expanded prompt -> embeddings with the encoded pixels scattered in, and positions."""
     types = token_types(ids, tokens)
     positions, delta = rope_index(types, visuals, encoder.config.spatial_merge_size)
     embeds = embed_ids(np.array([ids], np.int64))[0]
@@ -178,3 +176,63 @@ def build_prompt(text: str, visuals: list[VisualInput], encoder: VisionEncoder, 
             features[kind] = np.concatenate(rows)
     embeds = scatter_features(embeds, types, features)
     return MultimodalPrompt(ids, embeds[None], positions[:, None, :], delta)
+
+
+@dataclass(frozen=True)
+class VisualRequest:
+    """Images and a video for one prompt (`generate --image FILE ... --video DIR --fps N`)."""
+
+    images: tuple[Path, ...] = ()
+    video: Path | None = None
+    fps: float | None = None  # the rate the video's frames were taken at
+
+    def __bool__(self) -> bool:
+        return bool(self.images) or self.video is not None
+
+
+def context_length(export_dir: Path) -> int:
+    config = json.loads((Path(export_dir) / "config.json").read_text())
+    text = config.get("text_config", config)
+    return int(text.get("max_position_embeddings", config.get("max_position_embeddings", 4096)))
+
+
+def prompt_text(prompt: str, chat: bool, visuals: list[VisualInput], tokens: VisionTokens,
+                apply_chat_template: "callable") -> str:  # noqa: F821
+    """The prompt before expansion. Chat: one user message whose parts are the images, the video,
+    then the text, rendered by the model's template. Plain: the prompt as written when it already
+    has one placeholder per image/video, else the placeholders in front of it."""
+    if chat:
+        parts = [{"type": v.kind} for v in visuals] + [{"type": "text", "text": prompt}]
+        text = apply_chat_template([{"role": "user", "content": parts}])
+        for kind, pad in (("image", tokens.image_pad), ("video", tokens.video_pad)):
+            if text.count(pad) != sum(v.kind == kind for v in visuals):
+                raise QwenEdgeError(f"this model's chat template does not render {kind} parts as {pad}; "
+                                    "run without --chat (placeholders are then put before the prompt)")
+        return text
+    if tokens.image_pad in prompt or tokens.video_pad in prompt:
+        return prompt
+    return "".join(tokens.placeholder(v.kind) for v in visuals) + prompt
+
+
+def visual_prompt(export_dir: Path, variant: str, prompt: str, chat: bool, request: VisualRequest,
+                  tokenizer: "object", model: "object", max_new_tokens: int,
+                  threads: int | None = None) -> MultimodalPrompt:
+    """Everything between the command line and prefill for an image or video prompt: preprocess,
+    build and expand the prompt, encode, scatter, positions; refuses a prompt the context cannot hold."""
+    if request.video is not None and not request.fps:
+        raise QwenEdgeError("--video needs --fps: the frame rate the frames in the folder were taken at")
+    encoder = VisionEncoder(export_dir, variant, threads)
+    visuals = [encoder.image(Path(p)) for p in request.images]
+    if request.video is not None:
+        visuals.append(encoder.video(Path(request.video), float(request.fps)))
+    tokens = VisionTokens.of(encoder.config, tokenizer.tokenizer.id_to_token)
+    text = prompt_text(prompt, chat, visuals, tokens, tokenizer.apply_chat_template)
+    ids = tokenizer.encode(expand_placeholders(text, visuals, tokens))
+    limit = context_length(export_dir)
+    if len(ids) + max_new_tokens > limit:
+        patch = encoder.config.patch_size
+        sizes = ", ".join(f"{v.kind} resized to {v.grid[2] * patch}×{v.grid[1] * patch} = {v.tokens} tokens"
+                          for v in visuals)
+        raise QwenEdgeError(f"the prompt is {len(ids)} tokens ({sizes}) plus {max_new_tokens} new ones, more than the "
+                            f"model's context of {limit}; use a smaller image, fewer frames or fewer new tokens")
+    return embed_prompt(ids, visuals, encoder, tokens, model.embed_ids)

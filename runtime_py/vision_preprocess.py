@@ -30,6 +30,8 @@ VIDEO_PROCESSOR_FILE = "video_preprocessor_config.json"
 COMBINED_PROCESSOR_FILE = "processor_config.json"  # transformers 5's save_pretrained layout
 MAX_ASPECT_RATIO = 200
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# First bytes of image formats Pillow reads: a file that starts like one but does not open is damaged.
+IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 
 # The values the published Qwen3.5 processor files carry, used when an export has none.
 PUBLISHED_IMAGE = {"size": {"shortest_edge": 65536, "longest_edge": 16777216}, "patch_size": 16,
@@ -135,7 +137,11 @@ def load_rgb(path: Path) -> Image.Image:
             image.load()
             return image.convert("RGB")
     except UnidentifiedImageError:
-        raise QwenEdgeError(f"{path}: not an image format Pillow reads; convert it to PNG or JPEG") from None
+        head = path.read_bytes()[:12]
+        if head.startswith(IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+            raise QwenEdgeError(f"{path}: the image is corrupt (its header does not decode); re-save or re-download it") from None
+        raise QwenEdgeError(f"{path}: not an image format Pillow reads (PNG, JPEG, WebP, GIF, BMP, TIFF); "
+                            "convert it to PNG or JPEG") from None
     except (OSError, SyntaxError, ValueError) as exc:  # Pillow's errors for damaged data
         raise QwenEdgeError(f"{path}: the image is truncated or corrupt ({exc}); re-save or re-download it") from None
 
@@ -208,3 +214,16 @@ def preprocess_video(folder: Path, video_fps: float, settings: PixelSettings) ->
     padded = indices + [indices[-1]] * (-len(indices) % tp)
     stamps = tuple((padded[i] / video_fps + padded[i + tp - 1] / video_fps) / 2 for i in range(0, len(padded), tp))
     return VisualInput("video", pixels, grid, stamps)
+
+
+def write_flat_processor_files(src: Path, dst: Path) -> list[str]:
+    """Write `preprocessor_config.json` and `video_preprocessor_config.json` into `dst` where missing,
+    from `src`'s processor files (transformers 5's combined file included) or the published values:
+    transformers.js reads only the flat files. Returns the names written."""
+    image, video = processor_dicts(src)
+    written = []
+    for name, values in ((IMAGE_PROCESSOR_FILE, image), (VIDEO_PROCESSOR_FILE, video)):
+        if not (Path(dst) / name).is_file():
+            (Path(dst) / name).write_text(json.dumps(values, indent=2) + "\n")
+            written.append(name)
+    return written

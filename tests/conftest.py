@@ -117,3 +117,30 @@ def default_coreml(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     return export_coreml("default", tmp_path_factory.mktemp("coreml") / "default", "fp32,q4",
                          CoreMLOptions(context=COREML_CONTEXT), progress=False)
+
+
+# A multimodal checkpoint: untied embeddings (a tied random model just repeats its last input token,
+# which would make greedy agreement meaningless) and a seed under which the image changes the tokens.
+VL_SEED = 5
+VL_SCHEMES = "fp32,fp16,q8,q4"
+
+
+@pytest.fixture(scope="session")
+def tiny_vl_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vision_checkpoint import write_tiny_vl_checkpoint
+
+    return write_tiny_vl_checkpoint(tiny_config(tie=False), tmp_path_factory.mktemp("vl") / "checkpoint", VL_SEED)
+
+
+@pytest.fixture(scope="session")
+def tiny_vl_export(tiny_vl_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The multimodal checkpoint exported with contrib ops (what every bundle carries), four variants."""
+    return export_onnx(tiny_vl_checkpoint, tmp_path_factory.mktemp("vl_export") / "export", VL_SCHEMES,
+                       OnnxOptions("contrib"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def test_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from vision_checkpoint import write_test_images
+
+    return write_test_images(tmp_path_factory.mktemp("images"))

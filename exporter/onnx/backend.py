@@ -2,6 +2,7 @@
 
     OUT/onnx/embed_tokens{suffix}.onnx (+ .onnx_data)
     OUT/onnx/decoder_model_merged{suffix}.onnx (+ .onnx_data)
+    OUT/onnx/vision_encoder{suffix}.onnx (+ .onnx_data)   when the checkpoint has a vision tower
 
 Each activation dtype is traced once into a scratch folder; a float variant is that graph re-saved
 under its published name, a quantized variant a transform of it (quant/onnx_weights.py).
@@ -19,12 +20,14 @@ import onnxruntime
 
 from exporter.onnx.external_data import external_info, set_external
 from exporter.onnx.trace import name_nodes_and_strip_trace_metadata, save_graph, trace_decoder, trace_embed
+from exporter.onnx.vision import FLOAT_NAME as VISION_FLOAT, trace_vision, write_vision_variant
 from exporter.pipeline import files_bytes
 from exporter.progress import Stages
 from graphs.checkpoint import Checkpoint
 from graphs.config import TextConfig
 from graphs.errors import QwenEdgeError
 from graphs.qwen3_5 import Qwen35Decoder
+from graphs.vision import VisionEncoder
 from quant.onnx_weights import pack_blockwise, quantize_projections, quantized_embed_graph
 from quant.schemes import QuantOptions, Scheme
 from runtime_py.export_format import RECURRENT_FORMS, opset_imports
@@ -43,12 +46,21 @@ class OnnxOptions:
             raise QwenEdgeError(f"--recurrent-ops {self.recurrent_ops!r}: use one of {', '.join(RECURRENT_FORMS)}")
 
 
+@dataclass
+class OnnxModels:
+    """What one export traces: the decoder (and its embedding), and the vision tower when there is one."""
+
+    decoder: Qwen35Decoder
+    vision: VisionEncoder | None
+
+
 class OnnxBackend:
     format = "onnx"
 
     def __init__(self, options: OnnxOptions = OnnxOptions()) -> None:
         self.options = options
         self.cfg: TextConfig | None = None
+        self.vision_patch_dim = 0  # the tower's input width; 0 without a vision tower
 
     def check(self, schemes: tuple[Scheme, ...]) -> None:
         for scheme in schemes:
@@ -58,19 +70,26 @@ class OnnxBackend:
     def prepare_stages(self, activations: str) -> list[str]:
         return [f"trace {activations} graphs"]
 
-    def load(self, checkpoint: Checkpoint) -> Qwen35Decoder:
+    def load(self, checkpoint: Checkpoint) -> OnnxModels:
         self.cfg = checkpoint.config
-        return checkpoint.build_decoder(logits="all" if self.options.all_logits else "last")
+        self.vision_patch_dim = checkpoint.vision.patch_dim if checkpoint.vision else 0
+        decoder = checkpoint.build_decoder(logits="all" if self.options.all_logits else "last")
+        return OnnxModels(decoder, checkpoint.build_vision_encoder() if checkpoint.vision else None)
 
-    def prepare(self, model: Qwen35Decoder, activations: str, folder: Path, stages: Stages) -> Path:
+    def prepare(self, models: OnnxModels, activations: str, folder: Path, stages: Stages) -> Path:
+        model = models.decoder
         if activations == "float16":
             model.half()
+            if models.vision is not None:
+                models.vision.half()
         float_dir = folder / f".float-{activations}"
         float_dir.mkdir()
 
         def trace() -> None:
             save_graph(trace_embed(model), float_dir / "embed.onnx")
             save_graph(trace_decoder(model, self.options.recurrent_ops), float_dir / "decoder.onnx")
+            if models.vision is not None:
+                save_graph(trace_vision(models.vision), float_dir / VISION_FLOAT)
 
         stages.run(trace)
         return float_dir
@@ -81,7 +100,11 @@ class OnnxBackend:
             _copy_float_graphs(float_dir, folder, scheme)
         else:
             _write_quantized(scheme, float_dir, folder, self.options.quant, self.cfg.tie_word_embeddings)
-        return _variant_record(scheme, self.options.quant, folder)
+        record = _variant_record(scheme, self.options.quant, folder)
+        if self.vision_patch_dim:
+            record.update(write_vision_variant(float_dir, scheme, folder, self.options.quant, self.vision_patch_dim))
+            record["vision_bytes_on_disk"] = files_bytes(folder, [scheme.vision_file, scheme.vision_file + "_data"])
+        return record
 
     def release(self, float_dir: Path) -> None:
         shutil.rmtree(float_dir)

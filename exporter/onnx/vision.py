@@ -8,9 +8,12 @@ vision predicate (quant/schemes.py `vision_bits_for`).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 import torch
 from torch.export import Dim
 
@@ -18,7 +21,7 @@ from exporter.onnx.trace import _describe, _trace, name_nodes_and_strip_trace_me
 from graphs.io_spec import IMAGES, PATCHES, vision_spec
 from graphs.vision import VisionEncoder
 from quant.onnx_weights import quantize_projections
-from quant.schemes import QuantOptions, Scheme
+from quant.schemes import VISION_FALLBACK_BITS, VISION_INT4_MAX_ERROR, QuantOptions, Scheme
 
 # Trace-time grids: two images of different sizes (40 patches), so no axis is specialised.
 TRACE_GRID = ((1, 4, 6), (1, 2, 8))
@@ -37,11 +40,44 @@ def trace_vision(encoder: VisionEncoder) -> ir.Model:
     return graph
 
 
-def write_vision_variant(float_dir: Path, scheme: Scheme, out_dir: Path, opts: QuantOptions) -> str:
-    """Write the scheme's vision encoder from the traced float graph; returns its path in the export."""
-    graph = ir.load(float_dir / FLOAT_NAME)
-    if scheme.weight_bits is not None:
-        quantize_projections(graph, scheme, opts, bits_for=scheme.vision_bits_for)
-    name_nodes_and_strip_trace_metadata(graph)
-    save_graph(graph, out_dir / scheme.vision_file)
-    return scheme.vision_file
+GATE_GRID = (1, 8, 8)  # the synthetic input the 4-bit gate is measured on
+
+
+def _features(path: Path, pixels: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    grid = np.array([GATE_GRID], np.int64)
+    return session.run(None, {"pixel_values": pixels, "image_grid_thw": grid})[0].astype(np.float32)
+
+
+def feature_error(reference: Path, candidate: Path, patch_dim: int) -> float:
+    """Relative RMS difference of two vision encoders' features on a fixed synthetic input."""
+    pixels = np.random.default_rng(0).uniform(-1, 1, (int(np.prod(GATE_GRID)), patch_dim)).astype(np.float32)
+    ref, got = _features(reference, pixels), _features(candidate, pixels)
+    return float(np.sqrt(np.mean((got - ref) ** 2) / max(np.mean(ref ** 2), 1e-30)))
+
+
+def write_vision_variant(float_dir: Path, scheme: Scheme, out_dir: Path, opts: QuantOptions, patch_dim: int) -> dict:
+    """Write the scheme's vision encoder from the traced float graph; returns its manifest fields.
+
+    A 4-bit scheme keeps 4-bit tower weights only where the features stay within
+    VISION_INT4_MAX_ERROR of the float tower; otherwise the tower is stored in 8 bits."""
+    target = out_dir / scheme.vision_file
+    record: dict = {"vision_encoder": scheme.vision_file}
+    bits = scheme.weight_bits
+    while True:
+        graph = ir.load(float_dir / FLOAT_NAME)
+        if bits is not None:
+            quantize_projections(graph, replace(scheme, weight_bits=bits), opts,
+                                 bits_for=replace(scheme, weight_bits=bits).vision_bits_for)
+        name_nodes_and_strip_trace_metadata(graph)
+        save_graph(graph, target)
+        if bits != 4:
+            break
+        error = feature_error(float_dir / FLOAT_NAME, target, patch_dim)
+        record["vision_int4_feature_error"] = round(error, 5)
+        if error <= VISION_INT4_MAX_ERROR:
+            break
+        bits = VISION_FALLBACK_BITS
+    if bits is not None:
+        record["vision_weight_bits"] = bits
+    return record

@@ -137,7 +137,8 @@ def _write_web(export_dir: Path, out: Path, export: dict, names: list[str]) -> d
 
     with contrib_view(export_dir, export) as source:
         write_web_layout(source, out, names)
-    graphs = {n: {"embed_tokens": export["variants"][n]["embed_tokens"], "decoder": export["variants"][n]["decoder"],
+    graphs = {n: {**{k: export["variants"][n][k] for k in ("embed_tokens", "decoder", "vision_encoder")
+                     if k in export["variants"][n]},
                   "converted_to_contrib": export.get("recurrent_ops") != "contrib"} for n in names}
     support = sorted(p.name for p in out.iterdir() if p.is_file())
     return {"format": "onnx", "graphs": graphs, "support_files": support}
