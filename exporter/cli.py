@@ -74,7 +74,7 @@ def main() -> None:
 
 
 ONNX_ONLY = ("recurrent_ops", "block_size", "asymmetric", "accuracy_level", "all_logits")
-COREML_ONLY = ("chunk", "context", "recurrent_state")
+COREML_ONLY = ("chunk", "context", "recurrent_state", "image_sizes")
 
 
 @main.command()
@@ -98,12 +98,14 @@ COREML_ONLY = ("chunk", "context", "recurrent_state")
               help="Core ML: KV-cache capacity (a multiple of --chunk).")
 @click.option("--recurrent-state", default="state", show_default=True,
               help="Core ML: 'state' (fp16 Core ML state) or 'io' (fp32 input/output the app carries).")
+@click.option("--image-sizes", default=None,
+              help="Core ML: vision functions for these image sizes, e.g. 448x448,640x480 (multiples of 32).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only a folder qwen-edge wrote).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def export(ctx: click.Context, checkpoint: str, out: Path, fmt: str, quant_names: str, recurrent_ops: str,
            block_size: str, asymmetric: bool, accuracy_level: int, all_logits: bool, chunk: int, context: int,
-           recurrent_state: str, force: bool, quiet: bool) -> None:
+           recurrent_state: str, image_sizes: str | None, force: bool, quiet: bool) -> None:
     """Export CHECKPOINT (a Hugging Face folder, or 'default') to ONNX or Core ML in OUT.
 
     \b
@@ -121,8 +123,9 @@ def export(ctx: click.Context, checkpoint: str, out: Path, fmt: str, quant_names
     request = ExportRequest(checkpoint, out, tuple(parse_schemes(quant_names, fmt)), force, not quiet)
     if fmt == "coreml":
         from exporter.coreml.backend import CoreMLBackend, CoreMLOptions
+        from exporter.coreml.vision import parse_image_sizes
 
-        backend = CoreMLBackend(CoreMLOptions(chunk, context, recurrent_state))
+        backend = CoreMLBackend(CoreMLOptions(chunk, context, recurrent_state, parse_image_sizes(image_sizes)))
     else:
         from exporter.onnx.backend import OnnxBackend, OnnxOptions
 

@@ -195,3 +195,22 @@ def vision_parameter_shapes(cfg: VisionConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = VisionEncoder(cfg)
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+class FixedSizeVisionEncoder(nn.Module):
+    """The tower for one image size (Core ML functions have fixed shapes): the layout is computed
+    once here, so the converted program holds it as constants. pixel_values [P, patch_dim] fp32 ->
+    image_features [P / merge², out_hidden]."""
+
+    def __init__(self, encoder: VisionEncoder, height: int, width: int) -> None:
+        super().__init__()
+        cfg = encoder.cfg
+        self.encoder = encoder
+        self.grid = (1, height // cfg.patch_size, width // cfg.patch_size)
+        layout = patch_layout(torch.tensor([self.grid]), self.grid[1] * self.grid[2], cfg)
+        for name in ("row", "col", "taps", "tap_weights"):
+            self.register_buffer(name, getattr(layout, name), persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        layout = PatchLayout(self.row, self.col, self.row, self.taps, self.tap_weights)
+        return self.encoder.encode(pixel_values, layout, one_segment=True)

@@ -3,6 +3,8 @@
 Output layout:
     OUT/coreml/model{suffix}.mlpackage   functions `prefill` (chunk tokens) and `decode` (1 token),
                                          one copy of the weights, states per layer (fp16)
+    OUT/coreml/vision_encoder{suffix}.mlpackage   with --image-sizes: one function per image size
+                                         (exporter/coreml/vision.py)
     OUT/qwen_edge.json                   format "coreml": chunk, capacity, state mode, I/O, variants
 
 Each function is the eager `graphs.coreml_step.CoreMLStep` exported with `torch.export` (static
@@ -23,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from exporter.coreml.vision import check_image_sizes, convert_size, function_name, write_vision_package
+from exporter.coreml.vision import io_record as vision_io_record
 from exporter.pipeline import files_bytes
 from exporter.progress import Stages
 from graphs.checkpoint import Checkpoint
@@ -31,6 +35,7 @@ from graphs.coreml_step import CoreMLStep
 from graphs.errors import QwenEdgeError
 from graphs.recurrent_ops import MATMUL_ONLY
 from graphs.state import state_tensors
+from graphs.vision import VisionEncoder
 from quant.coreml_weights import compress_weights
 from quant.schemes import Scheme
 from runtime_py.export_format import COREML_MIN_DEPLOYMENT
@@ -47,6 +52,7 @@ class CoreMLOptions:
     chunk: int = 64  # tokens per prefill call
     context: int = 4096  # KV-cache capacity, a multiple of the chunk
     recurrent_state: str = "state"  # "state": fp16 Core ML state; "io": fp32 input/output the app carries
+    image_sizes: tuple[tuple[int, int], ...] = ()  # (width, height) of each vision function; () = no vision
 
     def __post_init__(self) -> None:
         if self.chunk < 1 or self.context < 1:
@@ -65,34 +71,51 @@ class CoreMLBackend:
     def __init__(self, options: CoreMLOptions = CoreMLOptions()) -> None:
         self.options = options
         self.cfg: TextConfig | None = None
+        self.vision: VisionEncoder | None = None
 
     def check(self, schemes: tuple[Scheme, ...]) -> None:
         """Every scheme has a Core ML form."""
 
     def prepare_stages(self, activations: str) -> list[str]:
-        return [f"convert {f} ({activations})" for f in FUNCTIONS]
+        sizes = [f"convert vision {w}x{h} ({activations})" for w, h in self.options.image_sizes]
+        return [f"convert {f} ({activations})" for f in FUNCTIONS] + sizes
 
     def load(self, checkpoint: Checkpoint) -> CoreMLStep:
         self.cfg = checkpoint.config
+        if self.options.image_sizes:
+            if checkpoint.vision is None:
+                raise QwenEdgeError(f"{checkpoint.folder}: --image-sizes needs a checkpoint with a vision tower "
+                                    "(model.visual.* weights); this one is text-only")
+            check_image_sizes(self.options.image_sizes, checkpoint.vision)
+            self.vision = checkpoint.build_vision_encoder()
         model = checkpoint.build_decoder(kernels=MATMUL_ONLY, logits="last")
         return CoreMLStep(model, self.options.context, recurrent_io=self.options.recurrent_state == "io").eval()
 
     def prepare(self, step: CoreMLStep, activations: str, folder: Path, stages: Stages) -> dict:
         (folder / "coreml").mkdir(exist_ok=True)
         tokens = {"prefill": self.options.chunk, "decode": 1}
-        return {f: stages.run(lambda f=f: convert_function(step, tokens[f], activations)) for f in FUNCTIONS}
+        converted = {f: stages.run(lambda f=f: convert_function(step, tokens[f], activations)) for f in FUNCTIONS}
+        converted["vision"] = {function_name(w, h): stages.run(lambda w=w, h=h: convert_size(self.vision, w, h, activations))
+                               for w, h in self.options.image_sizes}
+        return converted
 
     def write_variant(self, converted: dict, scheme: Scheme, folder: Path) -> dict:
         parts_dir = folder / f".parts{scheme.suffix}"
         parts_dir.mkdir()
         parts = {}
+        vision = converted.pop("vision", {})
         for function, mlmodel in converted.items():
             parts[function] = parts_dir / f"{function}.mlpackage"
             compress_weights(mlmodel, scheme, self.cfg).save(str(parts[function]))
         merge_functions(parts, folder / scheme.coreml_package)
         shutil.rmtree(parts_dir)
-        return {"package": scheme.coreml_package, "compute_precision": scheme.activations, "weights": scheme.coreml,
-                "weight_bits": scheme.stored_bits, "bytes_on_disk": files_bytes(folder, [scheme.coreml_package])}
+        converted["vision"] = vision
+        record = {"package": scheme.coreml_package, "compute_precision": scheme.activations, "weights": scheme.coreml,
+                  "weight_bits": scheme.stored_bits, "bytes_on_disk": files_bytes(folder, [scheme.coreml_package])}
+        if vision:
+            package = write_vision_package(vision, scheme, self.vision.cfg, folder)
+            record.update(vision_package=package, vision_bytes_on_disk=files_bytes(folder, [package]))
+        return record
 
     def release(self, converted: dict) -> None:
         converted.clear()
@@ -108,6 +131,7 @@ class CoreMLBackend:
             "padding": "start of the first prefill chunk: token 0, position_id -1",
             "default_function": DEFAULT_FUNCTION,
             **io_record(cfg, o),
+            **({"vision": vision_io_record(o.image_sizes, self.vision.cfg)} if self.vision is not None else {}),
         }
 
 
