@@ -189,6 +189,60 @@ class VisualRequest:
     def __bool__(self) -> bool:
         return bool(self.images) or self.video is not None
 
+    def parts(self) -> list[dict]:
+        """The images and the video as chat message parts (images first, as given)."""
+        parts = [{"type": "image", "image": str(p)} for p in self.images]
+        if self.video is not None:
+            parts.append({"type": "video", "video": str(self.video), **({"fps": self.fps} if self.fps else {})})
+        return parts
+
+
+VISUAL_PART_TYPES = ("image", "image_url", "video")
+
+
+def visual_parts(messages: list[dict]) -> list[dict]:
+    """Every image and video part of a conversation, in order."""
+    return [part for message in messages if isinstance(message.get("content"), list)
+            for part in message["content"] if isinstance(part, dict) and part.get("type") in VISUAL_PART_TYPES]
+
+
+def with_visuals(messages: list[dict], request: VisualRequest) -> list[dict]:
+    """`messages` with the command line's images and video put in front of the last user turn's text."""
+    if not request:
+        return messages
+    out = [dict(m) for m in messages]
+    users = [i for i, m in enumerate(out) if m.get("role") == "user"]
+    if not users:
+        raise QwenEdgeError("--image / --video go into a user turn, and the conversation has none")
+    last = out[users[-1]]
+    content = last.get("content")
+    text = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+    last["content"] = request.parts() + text
+    return out
+
+
+def _part_source(part: dict, where: str) -> tuple[str, Path, float | None]:
+    """(kind, file or folder, fps) of one image / video message part."""
+    if part["type"] == "video":
+        source = part.get("video") or part.get("path")
+        fps = part.get("fps")
+        kind = "video"
+    else:
+        source = part.get("image") or part.get("path") or part.get("url")
+        if part["type"] == "image_url":
+            url = part.get("image_url")
+            source = url.get("url") if isinstance(url, dict) else url
+        fps, kind = None, "image"
+    if not isinstance(source, str) or not source:
+        raise QwenEdgeError(f"{where}: a {kind} part names no file; give "
+                            + ('{"type": "video", "video": "FRAMES_DIR", "fps": N}' if kind == "video"
+                               else '{"type": "image", "image": "PATH"}'))
+    if source.startswith("file://"):
+        source = source[len("file://"):]
+    elif "://" in source or source.startswith("data:"):
+        raise QwenEdgeError(f"{where}: {source[:40]!r} is not a local file; qwen-edge reads images from disk")
+    return kind, Path(source), fps
+
 
 def context_length(export_dir: Path) -> int:
     config = json.loads((Path(export_dir) / "config.json").read_text())
@@ -196,37 +250,35 @@ def context_length(export_dir: Path) -> int:
     return int(text.get("max_position_embeddings", config.get("max_position_embeddings", 4096)))
 
 
-def prompt_text(prompt: str, chat: bool, visuals: list[VisualInput], tokens: VisionTokens,
-                apply_chat_template: "callable") -> str:  # noqa: F821
-    """The prompt before expansion. Chat: one user message whose parts are the images, the video,
-    then the text, rendered by the model's template. Plain: the prompt as written when it already
-    has one placeholder per image/video, else the placeholders in front of it."""
-    if chat:
-        parts = [{"type": v.kind} for v in visuals] + [{"type": "text", "text": prompt}]
-        text = apply_chat_template([{"role": "user", "content": parts}])
-        for kind, pad in (("image", tokens.image_pad), ("video", tokens.video_pad)):
-            if text.count(pad) != sum(v.kind == kind for v in visuals):
-                raise QwenEdgeError(f"this model's chat template does not render {kind} parts as {pad}; "
-                                    "run without --chat (placeholders are then put before the prompt)")
-        return text
+def plain_prompt_text(prompt: str, visuals: list[VisualInput], tokens: VisionTokens) -> str:
+    """A plain prompt as written when it already has one placeholder per image/video, else with the
+    placeholders in front of it."""
     if tokens.image_pad in prompt or tokens.video_pad in prompt:
         return prompt
     return "".join(tokens.placeholder(v.kind) for v in visuals) + prompt
 
 
-def visual_prompt(export_dir: Path, variant: str, prompt: str, chat: bool, request: VisualRequest,
-                  tokenizer: "object", model: "object", max_new_tokens: int,
-                  threads: int | None = None) -> MultimodalPrompt:
-    """Everything between the command line and prefill for an image or video prompt: preprocess,
-    build and expand the prompt, encode, scatter, positions; refuses a prompt the context cannot hold."""
-    if request.video is not None and not request.fps:
-        raise QwenEdgeError("--video needs --fps: the frame rate the frames in the folder were taken at")
+def visual_prompt(export_dir: Path, variant: str, text: str, parts: list[dict], tokenizer: "object",
+                  model: "object", max_new_tokens: int, threads: int | None = None, *,
+                  plain: bool = False, default_fps: float | None = None) -> MultimodalPrompt:
+    """Everything between a prompt with images or video and prefill: preprocess the parts' files,
+    expand the placeholders of `text` (a rendered chat prompt, or with `plain` a prompt that gets the
+    placeholders in front unless it has them), encode, scatter, positions. Refuses a prompt the
+    context cannot hold."""
     encoder = VisionEncoder(export_dir, variant, threads)
-    visuals = [encoder.image(Path(p)) for p in request.images]
-    if request.video is not None:
-        visuals.append(encoder.video(Path(request.video), float(request.fps)))
+    visuals = []
+    for i, part in enumerate(parts):
+        kind, source, fps = _part_source(part, f"image/video part {i + 1}")
+        if kind == "video":
+            fps = fps or default_fps
+            if not fps:
+                raise QwenEdgeError("--video needs --fps: the frame rate the frames in the folder were taken at")
+            visuals.append(encoder.video(source, float(fps)))
+        else:
+            visuals.append(encoder.image(source))
     tokens = VisionTokens.of(encoder.config, tokenizer.tokenizer.id_to_token)
-    text = prompt_text(prompt, chat, visuals, tokens, tokenizer.apply_chat_template)
+    if plain:
+        text = plain_prompt_text(text, visuals, tokens)
     ids = tokenizer.encode(expand_placeholders(text, visuals, tokens))
     limit = context_length(export_dir)
     if len(ids) + max_new_tokens > limit:

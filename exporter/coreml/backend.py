@@ -15,6 +15,7 @@ once.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -74,7 +75,8 @@ class CoreMLBackend:
         self.vision: VisionEncoder | None = None
 
     def check(self, schemes: tuple[Scheme, ...]) -> None:
-        """Every scheme has a Core ML form."""
+        """Every scheme has a Core ML form; coremltools must be installed."""
+        require_coremltools("--format coreml")
 
     def prepare_stages(self, activations: str) -> list[str]:
         sizes = [f"convert vision {w}x{h} ({activations})" for w, h in self.options.image_sizes]
@@ -133,6 +135,13 @@ class CoreMLBackend:
             **io_record(cfg, o),
             **({"vision": vision_io_record(o.image_sizes, self.vision.cfg)} if self.vision is not None else {}),
         }
+
+
+def require_coremltools(what: str) -> None:
+    """A clear error where coremltools is missing (it has no wheel for Linux on ARM or Windows)."""
+    if importlib.util.find_spec("coremltools") is None:
+        raise QwenEdgeError(f"{what} needs coremltools, which is not installed (it ships for macOS and Linux x86_64 "
+                            "only); export ONNX here, or run this on such a machine with 'pip install coremltools==9.0'")
 
 
 def _example_inputs(tokens: int, step: CoreMLStep) -> tuple[torch.Tensor, ...]:

@@ -76,9 +76,11 @@ def _onnx_parity(request: VerifyRequest) -> VerifyOutcome:
 
 
 def _coreml_parity(request: VerifyRequest) -> VerifyOutcome:
+    from exporter.coreml.backend import require_coremltools
     from exporter.coreml.check import format_package_spec, verify_coreml
     from exporter.verify.parity import format_report
 
+    require_coremltools("verify --format coreml")
     report, spec = verify_coreml(str(request.paths[0]), request.paths[1], request.variant,
                                  request.prompt_lengths or COREML_PROMPT_LENGTHS, request.decode_steps, request.rtol,
                                  request.runner)
