@@ -234,7 +234,7 @@ def _part_source(part: dict, where: str) -> tuple[str, Path, float | None]:
             source = url.get("url") if isinstance(url, dict) else url
         fps, kind = None, "image"
     if not isinstance(source, str) or not source:
-        raise QwenEdgeError(f"{where}: a {kind} part names no file; give "
+        raise QwenEdgeError(f"{where}: {'a video' if kind == 'video' else 'an image'} part names no file; give "
                             + ('{"type": "video", "video": "FRAMES_DIR", "fps": N}' if kind == "video"
                                else '{"type": "image", "image": "PATH"}'))
     if source.startswith("file://"):
@@ -272,7 +272,8 @@ def visual_prompt(export_dir: Path, variant: str, text: str, parts: list[dict], 
         if kind == "video":
             fps = fps or default_fps
             if not fps:
-                raise QwenEdgeError("--video needs --fps: the frame rate the frames in the folder were taken at")
+                raise QwenEdgeError("--video needs --fps (or the video part an \"fps\"): the frame rate the frames "
+                                    "in the folder were taken at")
             visuals.append(encoder.video(source, float(fps)))
         else:
             visuals.append(encoder.image(source))

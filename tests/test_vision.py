@@ -19,8 +19,8 @@ from runtime_py.export_format import onnx_vision_file
 from runtime_py.generate import Sampling, generate
 from runtime_py.session import OnnxModel
 from runtime_py.tokenizer import TextTokenizer
-from runtime_py.vision import (VisionEncoder, VisionTokens, VisualRequest, expand_placeholders, prompt_text,
-                               rope_index, token_types, visual_prompt)
+from runtime_py.vision import (VisionEncoder, VisionTokens, VisualRequest, expand_placeholders, plain_prompt_text,
+                               rope_index, token_types, visual_parts, visual_prompt, with_visuals)
 
 RTOL = 1e-4  # of the features' / logits' scale, as the decoder's parity
 CASES = {
@@ -52,6 +52,14 @@ def _oracle_inputs(checkpoint: Path, export: Path, request: VisualRequest):  # n
     return hf_inputs(checkpoint, _chat_text(export, request), list(request.images), request.video, request.fps)
 
 
+def runtime_prompt(export: Path, variant: str, request: VisualRequest, model: OnnxModel):  # noqa: ANN201
+    """What `qwen-edge generate --chat --prompt PROMPT --image ... --video ... --fps ...` prefills."""
+    tokenizer = TextTokenizer(export)
+    messages = with_visuals([{"role": "user", "content": PROMPT}], request)
+    return visual_prompt(export, variant, tokenizer.apply_chat_template(messages), visual_parts(messages), tokenizer,
+                         model, 16, default_fps=request.fps)
+
+
 def test_preprocessing_equals_transformers(tiny_vl_checkpoint: Path, tiny_vl_export: Path,
                                            test_images: dict[str, Path]) -> None:
     """Pillow + NumPy pixels and grids equal transformers' processor output, including an image whose
@@ -74,9 +82,8 @@ def test_features_positions_and_tokens_match_transformers(case: str, hf_model, t
                                                           tiny_vl_export: Path, test_images: dict[str, Path]) -> None:
     request = _request(CASES[case], test_images)
     inputs = _oracle_inputs(tiny_vl_checkpoint, tiny_vl_export, request)
-    tokenizer = TextTokenizer(tiny_vl_export)
     model = OnnxModel(tiny_vl_export, "fp32")
-    prompt = visual_prompt(tiny_vl_export, "fp32", PROMPT, True, request, tokenizer, model, 16)
+    prompt = runtime_prompt(tiny_vl_export, "fp32", request, model)
     assert prompt.ids == inputs["input_ids"][0].tolist()
 
     # image features from the ONNX vision encoder on transformers' own pixel values
@@ -132,7 +139,8 @@ def test_rope_index_of_mixed_prompt_matches_transformers(hf_model, tiny_vl_check
     tokens = VisionTokens.of(encoder.config, tokenizer.tokenizer.id_to_token)
     text = (f"first {tokens.placeholder('image')} then {tokens.placeholder('image')} and a clip "
             f"{tokens.placeholder('video')} done")
-    assert prompt_text(text, False, visuals, tokens, tokenizer.apply_chat_template) == text
+    assert plain_prompt_text(text, visuals, tokens) == text
+    assert plain_prompt_text("done", visuals[:1], tokens) == tokens.placeholder("image") + "done"
     ids = tokenizer.encode(expand_placeholders(text, visuals, tokens))
     inputs = hf_inputs(tiny_vl_checkpoint, text, [test_images["wide"], test_images["square"]],
                        test_images["video"], 2.0)
@@ -155,6 +163,22 @@ def test_generate_cli_json_with_images(tiny_vl_checkpoint: Path, tiny_vl_export:
     assert result["prompt_ids"] == inputs["input_ids"][0].tolist()
     assert result["generated_ids"] == hf_greedy(hf_model, inputs)
     assert result["text"] == TextTokenizer(tiny_vl_export).decode(result["generated_ids"])
+
+
+def test_generate_cli_messages_with_image_parts(tiny_vl_checkpoint: Path, tiny_vl_export: Path, hf_model,  # noqa: ANN001
+                                                test_images: dict[str, Path], tmp_path: Path) -> None:
+    """`--messages` with image parts (a path, and OpenAI's image_url with a file:// URL) takes the same path."""
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(test_images["square"])},
+                                             {"type": "image_url", "image_url": {"url": "file://" + str(test_images["wide"])}},
+                                             {"type": "text", "text": PROMPT}]}]
+    (tmp_path / "m.json").write_text(json.dumps(messages))
+    run = subprocess.run([sys.executable, "-m", "exporter.cli", "generate", str(tiny_vl_export), "--messages",
+                          str(tmp_path / "m.json"), "--max-new-tokens", "16", "--json"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    inputs = _oracle_inputs(tiny_vl_checkpoint, tiny_vl_export, VisualRequest((test_images["square"], test_images["wide"])))
+    result = json.loads(run.stdout)
+    assert result["prompt_ids"] == inputs["input_ids"][0].tolist()
+    assert result["generated_ids"] == hf_greedy(hf_model, inputs)
 
 
 @pytest.mark.parametrize("variant,limit", [("fp16", 2e-3), ("q8", 2e-2), ("q4", 0.1)])

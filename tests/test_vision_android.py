@@ -15,7 +15,7 @@ from exporter.package.build import package_export
 from runtime_py.generate import generate, stop_ids
 from runtime_py.session import OnnxModel
 from runtime_py.tokenizer import TextTokenizer
-from runtime_py.vision import VisualRequest, visual_prompt
+from runtime_py.vision import VisualRequest, visual_parts, visual_prompt, with_visuals
 
 og = pytest.importorskip("onnxruntime_genai")
 PROMPT = "What is in it?"
@@ -80,8 +80,9 @@ def test_genai_image_prompt_matches_runtime(vl_android_bundle: Path, tiny_vl_exp
                                             test_images: dict[str, Path], variant: str) -> None:
     tokenizer = TextTokenizer(tiny_vl_export)
     model = OnnxModel(tiny_vl_export, variant)
-    prompt = visual_prompt(tiny_vl_export, variant, PROMPT, True, VisualRequest((test_images["square"],)), tokenizer,
-                           model, NEW_TOKENS)
+    messages = with_visuals([{"role": "user", "content": PROMPT}], VisualRequest((test_images["square"],)))
+    prompt = visual_prompt(tiny_vl_export, variant, tokenizer.apply_chat_template(messages), visual_parts(messages),
+                           tokenizer, model, NEW_TOKENS)
     expected = generate(model, prompt.ids, NEW_TOKENS, stop_ids=stop_ids(tiny_vl_export), visual=prompt)
     text = tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "image"},
                                                                        {"type": "text", "text": PROMPT}]}])

@@ -21,7 +21,7 @@ from exporter.package.build import package_export
 from runtime_py.generate import generate, stop_ids
 from runtime_py.session import OnnxModel
 from runtime_py.tokenizer import TextTokenizer
-from runtime_py.vision import VisualRequest, visual_prompt
+from runtime_py.vision import VisualRequest, visual_parts, visual_prompt, with_visuals
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 PROMPT = "What is in it?"
@@ -47,9 +47,10 @@ def node() -> str:
 
 def runtime_image_tokens(export: Path, variant: str, image: Path) -> tuple[list[int], list[int]]:
     """Prompt ids and greedy tokens of `qwen-edge generate --chat --image IMAGE` (runtime_py)."""
-    model = OnnxModel(export, variant)
-    prompt = visual_prompt(export, variant, PROMPT, True, VisualRequest((image,)), TextTokenizer(export), model,
-                           NEW_TOKENS)
+    model, tokenizer = OnnxModel(export, variant), TextTokenizer(export)
+    messages = with_visuals([{"role": "user", "content": PROMPT}], VisualRequest((image,)))
+    prompt = visual_prompt(export, variant, tokenizer.apply_chat_template(messages), visual_parts(messages), tokenizer,
+                           model, NEW_TOKENS)
     return prompt.ids, generate(model, prompt.ids, NEW_TOKENS, stop_ids=stop_ids(export), visual=prompt)
 
 
