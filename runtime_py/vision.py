@@ -16,6 +16,7 @@ token k sits at max(position) + 1 + k in all three rows (= prompt length + k + d
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,8 @@ import onnxruntime as ort
 from graphs.config import VisionConfig, vision_config_from_dict
 from graphs.errors import QwenEdgeError
 from runtime_py.export_format import onnx_vision_file
+from runtime_py.session import OnnxModel
+from runtime_py.tokenizer import TextTokenizer
 from runtime_py.vision_preprocess import (PixelSettings, VisualInput, preprocess_image, preprocess_video,
                                           processor_dicts)
 
@@ -43,7 +46,7 @@ class VisionTokens:
     video_id: int
 
     @classmethod
-    def of(cls, cfg: VisionConfig, token_text: "callable") -> "VisionTokens":  # noqa: F821
+    def of(cls, cfg: VisionConfig, token_text: Callable[[int], str | None]) -> "VisionTokens":
         names = [token_text(i) for i in (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
                                          cfg.vision_end_token_id)]
         if None in names:
@@ -164,7 +167,7 @@ class MultimodalPrompt:
 
 
 def embed_prompt(ids: list[int], visuals: list[VisualInput], encoder: VisionEncoder, tokens: VisionTokens,
-                 embed_ids: "callable") -> MultimodalPrompt:  # noqa: F821
+                 embed_ids: Callable[[np.ndarray], np.ndarray]) -> MultimodalPrompt:
     """Token ids of an expanded prompt -> embeddings with the encoded pixels scattered in, and positions."""
     types = token_types(ids, tokens)
     positions, delta = rope_index(types, visuals, encoder.config.spatial_merge_size)
@@ -258,8 +261,8 @@ def plain_prompt_text(prompt: str, visuals: list[VisualInput], tokens: VisionTok
     return "".join(tokens.placeholder(v.kind) for v in visuals) + prompt
 
 
-def visual_prompt(export_dir: Path, variant: str, text: str, parts: list[dict], tokenizer: "object",
-                  model: "object", max_new_tokens: int, threads: int | None = None, *,
+def visual_prompt(export_dir: Path, variant: str, text: str, parts: list[dict], tokenizer: TextTokenizer,
+                  model: OnnxModel, max_new_tokens: int, threads: int | None = None, *,
                   plain: bool = False, default_fps: float | None = None) -> MultimodalPrompt:
     """Everything between a prompt with images or video and prefill: preprocess the parts' files,
     expand the placeholders of `text` (a rendered chat prompt, or with `plain` a prompt that gets the
