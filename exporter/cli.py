@@ -7,10 +7,15 @@ import of a command's work happens inside the command.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import click
+
+# Library progress bars (coremltools' pass-by-pass tqdm bars) would flood logs; our own stages report
+# progress. tqdm reads this when it is first imported, which torch does, so it is set before any import.
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 from graphs.errors import QwenEdgeError
 

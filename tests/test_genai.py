@@ -23,6 +23,7 @@ from graphs.random_checkpoint import write_random_checkpoint
 from runtime_py.generate import generate, stop_ids
 from runtime_py.session import OnnxModel
 from tests.conftest import tiny_config
+from tests.genai_driver import genai_greedy, genai_model
 from tests.hf_oracle import HfRunner, hf_causal_lm
 
 og = pytest.importorskip("onnxruntime_genai")
@@ -105,18 +106,7 @@ def _cut(tokens: list[int], end_tokens: list[int]) -> list[int]:
 
 
 def _genai(bundle: Path, graph: str, prompt: list[int]) -> list[int]:
-    config = og.Config(str(bundle))
-    config.overlay(json.dumps({"model": {"decoder": {"filename": graph}}}))
-    model = og.Model(config)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + NEW_TOKENS, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    got: list[int] = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        got.append(int(generator.get_next_tokens()[0]))
-    return got
+    return genai_greedy(genai_model(bundle, graph), prompt, NEW_TOKENS)
 
 
 def _transformers_greedy(checkpoint: Path, prompt: list[int]) -> list[int]:

@@ -16,8 +16,6 @@ once.
 from __future__ import annotations
 
 import importlib.util
-import logging
-import os
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -154,7 +152,6 @@ def _example_inputs(tokens: int, step: CoreMLStep) -> tuple[torch.Tensor, ...]:
 
 def convert_function(step: CoreMLStep, tokens: int, compute: str):  # noqa: ANN201
     """One function (T = tokens) as a Core ML mlprogram (not loaded: this may be Linux)."""
-    os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' pass-by-pass bars; our Stages bar reports progress
     import coremltools as ct
 
     with torch.no_grad(), warnings.catch_warnings():
@@ -167,7 +164,6 @@ def convert_function(step: CoreMLStep, tokens: int, compute: str):  # noqa: ANN2
     if step.recurrent_io:
         outputs.append(ct.TensorType(name="recurrent_out", dtype=np.float32))
     precision = ct.precision.FLOAT16 if compute == "float16" else ct.precision.FLOAT32
-    logging.getLogger("coremltools").setLevel(logging.ERROR)
     return ct.convert(program, outputs=outputs, minimum_deployment_target=ct.target.iOS18,
                       compute_precision=precision, convert_to="mlprogram", skip_model_load=True)
 
