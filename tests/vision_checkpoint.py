@@ -18,12 +18,13 @@ from graphs.random_checkpoint import write_random_checkpoint
 from runtime_py.vision_preprocess import PUBLISHED_IMAGE, PUBLISHED_VIDEO
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
-# Qwen3.5's template reduced to what matters here: string or list content, image/video/text parts.
+# Qwen3.5's template reduced to what matters here: string or list content, image (and OpenAI image_url),
+# video and text parts, each as the published template tests them.
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for c in message['content'] %}"
-    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% if c['type'] == 'image' or 'image_url' in c %}<|vision_start|><|image_pad|><|vision_end|>"
     "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
