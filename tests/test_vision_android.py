@@ -16,6 +16,7 @@ from runtime_py.generate import generate, stop_ids
 from runtime_py.session import OnnxModel
 from runtime_py.tokenizer import TextTokenizer
 from runtime_py.vision import VisualRequest, visual_parts, visual_prompt, with_visuals
+from tests.genai_driver import genai_image_greedy
 
 og = pytest.importorskip("onnxruntime_genai")
 PROMPT = "What is in it?"
@@ -30,18 +31,7 @@ def vl_android_bundle(tiny_vl_export: Path, tmp_path_factory: pytest.TempPathFac
 
 
 def _genai_tokens(bundle: Path, prompt: str, image: Path | None, limit: int) -> list[int]:
-    model = og.Model(str(bundle))
-    processor = model.create_multimodal_processor()
-    inputs = processor(prompt, images=og.Images.open(str(image)) if image else None)
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=limit)
-    generator = og.Generator(model, params)
-    generator.set_inputs(inputs)
-    tokens = []
-    while not generator.is_done() and len(tokens) < NEW_TOKENS:
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    return tokens
+    return genai_image_greedy(bundle, prompt, image, limit, NEW_TOKENS)
 
 
 def _trim(tokens: list[int], stops: list[int]) -> list[int]:

@@ -119,13 +119,13 @@ def _write_ios(export_dir: Path, out: Path, export: dict, names: list[str],
                coreml: tuple[list[Path], dict | None]) -> dict:
     """Core ML package(s) plus the ONNX graphs (and genai_config.json) of the Android bundle, without
     the ORT-format files: ONNX Runtime's iOS packages are full builds that load .onnx directly."""
-    from exporter.package.android import write_merged_graphs
+    from exporter.package.android import write_onnx_graphs
 
     packages, coreml_record = coreml
     (out / COREML_DIR).mkdir()
     for package in packages:
         shutil.copytree(package, out / COREML_DIR / package.name, copy_function=shutil.copyfile)
-    graphs = write_merged_graphs(export_dir, out, {n: export["variants"][n] for n in names},
+    graphs = write_onnx_graphs(export_dir, out, {n: export["variants"][n] for n in names},
                                  load_text_config(export_dir), _generation_defaults(export_dir),
                                  _context_length(export_dir))
     return {"format": "coreml+onnx", "graphs": graphs, "support_files": _copy_support_files(export_dir, out, export),

@@ -14,7 +14,9 @@ from graphs.errors import QwenEdgeError
 
 BUNDLE_MANIFEST = "manifest.json"
 BUNDLE_FORMAT = 1  # version of the manifest's schema
-VARIANT_FILE_KEYS = ("onnx", "ort", "embed_tokens", "decoder")  # keys of a variant record that name bundle files
+# keys of a variant record that name bundle files
+VARIANT_FILE_KEYS = ("onnx", "ort", "embed_tokens", "decoder", "vision_encoder", "vision", "embedding", "vision_ort",
+                     "embedding_ort", "decoder_ort")
 _CHUNK = 1 << 20
 
 
