@@ -8,7 +8,8 @@ packaging job runs without PyTorch installed.
     OUT/onnx/<graph>{suffix}.onnx      ONNX exports (+ `.onnx_data` beside each); a checkpoint with a
                                        vision tower adds `vision_encoder{suffix}.onnx` (variant key
                                        "vision_encoder")
-    OUT/coreml/model{suffix}.mlpackage Core ML exports
+    OUT/coreml/model{suffix}.mlpackage Core ML exports (functions prefill, decode[, prefill_visual])
+    OUT/coreml/vision_encoder{suffix}.mlpackage  with --image-sizes: one function per size (`coreml_vision_function`)
     OUT/config.json, tokenizer.json, ...   the checkpoint's support files (`SUPPORT_FILES`)
 """
 
@@ -32,6 +33,11 @@ SUPPORT_FILES = (
 )
 COREML_MIN_DEPLOYMENT = "iOS18 / macOS15"  # Core ML states (ct.StateType)
 MIN_IOS = "18.0"
+
+
+def coreml_vision_function(width: int, height: int) -> str:
+    """The Core ML vision package's function for images of width × height pixels."""
+    return f"image_{width}x{height}"
 
 
 @dataclass(frozen=True)

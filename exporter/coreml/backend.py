@@ -2,6 +2,8 @@
 
 Output layout:
     OUT/coreml/model{suffix}.mlpackage   functions `prefill` (chunk tokens) and `decode` (1 token),
+                                         with --image-sizes also `prefill_visual` (chunk tokens,
+                                         3-row positions, image features in: graphs/coreml_step.py),
                                          one copy of the weights, states per layer (fp16)
     OUT/coreml/vision_encoder{suffix}.mlpackage   with --image-sizes: one function per image size
                                          (exporter/coreml/vision.py)
@@ -41,6 +43,7 @@ from runtime_py.export_format import COREML_MIN_DEPLOYMENT
 
 RECURRENT_MODES = ("state", "io")
 FUNCTIONS = ("prefill", "decode")
+VISUAL_PREFILL = "prefill_visual"  # the prefill of an image or video prompt (exports with --image-sizes)
 DEFAULT_FUNCTION = "decode"
 
 
@@ -78,7 +81,8 @@ class CoreMLBackend:
 
     def prepare_stages(self, activations: str) -> list[str]:
         sizes = [f"convert vision {w}x{h} ({activations})" for w, h in self.options.image_sizes]
-        return [f"convert {f} ({activations})" for f in FUNCTIONS] + sizes
+        visual = [f"convert {VISUAL_PREFILL} ({activations})"] if self.options.image_sizes else []
+        return [f"convert {f} ({activations})" for f in FUNCTIONS] + visual + sizes
 
     def load(self, checkpoint: Checkpoint) -> CoreMLStep:
         self.cfg = checkpoint.config
@@ -95,6 +99,9 @@ class CoreMLBackend:
         (folder / "coreml").mkdir(exist_ok=True)
         tokens = {"prefill": self.options.chunk, "decode": 1}
         converted = {f: stages.run(lambda f=f: convert_function(step, tokens[f], activations)) for f in FUNCTIONS}
+        if self.vision is not None:
+            visual = step.visual_prefill((self.vision.cfg.image_token_id, self.vision.cfg.video_token_id))
+            converted[VISUAL_PREFILL] = stages.run(lambda: convert_function(visual, self.options.chunk, activations))
         converted["vision"] = {function_name(w, h): stages.run(lambda w=w, h=h: convert_size(self.vision, w, h, activations))
                                for w, h in self.options.image_sizes}
         return converted
@@ -130,7 +137,7 @@ class CoreMLBackend:
             "state_dtype": "float16",
             "padding": "start of the first prefill chunk: token 0, position_id -1",
             "default_function": DEFAULT_FUNCTION,
-            **io_record(cfg, o),
+            **io_record(cfg, o, visual=self.vision is not None),
             **({"vision": vision_io_record(o.image_sizes, self.vision.cfg)} if self.vision is not None else {}),
         }
 
@@ -142,12 +149,17 @@ def require_coremltools(what: str) -> None:
                             "only); export ONNX here, or run this on such a machine with 'pip install coremltools==9.0'")
 
 
-def _example_inputs(tokens: int, step: CoreMLStep) -> tuple[torch.Tensor, ...]:
-    inputs = (torch.zeros(1, tokens, dtype=torch.int32), torch.arange(tokens, dtype=torch.int32)[None],
+def _example_inputs(tokens: int, step: CoreMLStep) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    """(positional, keyword) example inputs; the image features go by keyword so that no None takes a place."""
+    positions = torch.arange(tokens, dtype=torch.int32)[None]
+    if step.visual_tokens:
+        positions = positions[None].expand(3, -1, -1).contiguous()
+    inputs = (torch.zeros(1, tokens, dtype=torch.int32), positions,
               torch.zeros(1, 1, tokens, step.capacity), torch.zeros(1, dtype=torch.int32))
     if step.recurrent_io:
         inputs += (torch.zeros(step.recurrent_io_shape()),)
-    return inputs
+    extra = {"image_features": torch.zeros(1, tokens, step.model.cfg.hidden_size)} if step.visual_tokens else {}
+    return inputs, extra
 
 
 def convert_function(step: CoreMLStep, tokens: int, compute: str):  # noqa: ANN201
@@ -156,7 +168,8 @@ def convert_function(step: CoreMLStep, tokens: int, compute: str):  # noqa: ANN2
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.export.export(step, _example_inputs(tokens, step), strict=False)
+        args, kwargs = _example_inputs(tokens, step)
+        program = torch.export.export(step, args, kwargs, strict=False)
         program = program.run_decompositions({})
     # fp32 outputs in every variant: an fp16 program casts at the end, so the carried state and the
     # logits keep one dtype across variants
@@ -179,7 +192,7 @@ def merge_functions(parts: dict[str, Path], out: Path) -> None:
     ct.utils.save_multifunction(desc, str(out))
 
 
-def io_record(cfg: TextConfig, options: CoreMLOptions) -> dict:
+def io_record(cfg: TextConfig, options: CoreMLOptions, visual: bool = False) -> dict:
     """The package's inputs, outputs and states per function, as the manifest states them."""
     recurrent_io = options.recurrent_state == "io"
     tensors = state_tensors(cfg)
@@ -187,12 +200,16 @@ def io_record(cfg: TextConfig, options: CoreMLOptions) -> dict:
               if not (recurrent_io and t.role.role == "recurrent")}
     recurrent = [t for t in tensors if t.role.role == "recurrent"]
     functions = {}
-    for name, t in (("prefill", options.chunk), ("decode", 1)):
-        inputs = {"input_ids": [1, t], "position_ids": [1, t], "attention_mask": [1, 1, t, options.context],
+    calls = (("prefill", options.chunk), ("decode", 1)) + (((VISUAL_PREFILL, options.chunk),) if visual else ())
+    for name, t in calls:
+        positions = [3, 1, t] if name == VISUAL_PREFILL else [1, t]
+        inputs = {"input_ids": [1, t], "position_ids": positions, "attention_mask": [1, 1, t, options.context],
                   "write_position": [1]}
         outputs = {"logits": [1, 1, cfg.vocab_size]}
         if recurrent_io:
             inputs["recurrent_in"] = outputs["recurrent_out"] = [len(recurrent), *recurrent[0].shape(1)[1:]]
+        if name == VISUAL_PREFILL:
+            inputs["image_features"] = [1, t, cfg.hidden_size]
         functions[name] = {"inputs": inputs, "outputs": outputs}
     return {"functions": functions, "states": states}
 

@@ -240,6 +240,7 @@ ELEMENTWISE: dict[str, Handler] = {
     "logical_or": lambda a: np.logical_or(a["x"], a["y"]),
     "logical_not": lambda a: np.logical_not(a["x"]),
     "exp": lambda a: np.exp(_f32(a["x"])),
+    "tanh": lambda a: np.tanh(_f32(a["x"])),
     "sqrt": lambda a: np.sqrt(_f32(a["x"])),
     "rsqrt": lambda a: 1.0 / np.sqrt(_f32(a["x"]) + float(a.get("epsilon", 1e-12))),
     "cos": lambda a: np.cos(_f32(a["x"])),

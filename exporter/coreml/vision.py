@@ -13,6 +13,7 @@ Weights: the scheme's compression under the vision predicate (quant/schemes.py `
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 from graphs.config import VisionConfig
 from graphs.errors import QwenEdgeError
 from graphs.vision import FixedSizeVisionEncoder, VisionEncoder
+from runtime_py.export_format import coreml_vision_function
 
 PACKAGE_STEM = "vision_encoder"
 
@@ -51,7 +53,7 @@ def check_image_sizes(sizes: tuple[tuple[int, int], ...], cfg: VisionConfig) -> 
 
 
 def function_name(width: int, height: int) -> str:
-    return f"image_{width}x{height}"
+    return coreml_vision_function(width, height)
 
 
 def package_name(suffix: str) -> str:
@@ -68,13 +70,23 @@ def convert_size(encoder: VisionEncoder, width: int, height: int, compute: str):
     example = torch.zeros(patches, encoder.cfg.patch_dim, dtype=torch.float32)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.export.export(module, (example,), strict=False).run_decompositions({})
+        program = torch.export.export(module, (example,), strict=False)
+        program = program.run_decompositions({torch.ops.aten.gelu.default: _tanh_gelu})
     precision = ct.precision.FLOAT16 if compute == "float16" else ct.precision.FLOAT32
     logging.getLogger("coremltools").setLevel(logging.ERROR)
     return ct.convert(program, inputs=[ct.TensorType(name="pixel_values", shape=example.shape, dtype=np.float32)],
                       outputs=[ct.TensorType(name="image_features", dtype=np.float32)],
                       minimum_deployment_target=ct.target.iOS18, compute_precision=precision,
                       convert_to="mlprogram", skip_model_load=True)
+
+
+def _tanh_gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GELU's tanh form written out. coremltools 9 reads gelu's `approximate` only as a positional
+    argument while torch.export passes it by keyword, so the blocks' tanh GELU would convert as the
+    exact one (1e-4 off transformers); the merger's exact GELU stays one op."""
+    if approximate != "tanh":
+        return NotImplemented
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
 
 
 def io_record(sizes: tuple[tuple[int, int], ...], cfg: VisionConfig) -> dict:
