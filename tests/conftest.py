@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import shutil
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import pytest
 import torch
+from filelock import FileLock
 
 from default_model import CHECKPOINT_DIR
 from exporter.onnx.backend import OnnxOptions, export_onnx
@@ -49,6 +54,34 @@ def tiny_config(*, value_heads: int = 2, tie: bool = True, multimodal: bool = Fa
             "tie_word_embeddings": tie, "text_config": text}
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # `make test` runs two workers on two cores: one thread each, no oversubscription
+
+Built = TypeVar("Built", Path, dict)
+
+
+def built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Built]) -> Built:
+    """Build a session artifact in its own folder, once per test run.
+
+    Under pytest-xdist each worker is a process with its own session fixtures; the exports below take
+    minutes, so the first worker to ask builds under a lock in the run's shared temp folder and the others
+    read its result. Without xdist this is a plain mktemp."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build(factory.mktemp(name))
+    root = factory.getbasetemp().parent / "built_once" / name
+    root.parent.mkdir(exist_ok=True)
+    record = root.parent / f"{name}.json"
+    with FileLock(str(root.parent / f"{name}.lock")):
+        if not record.exists():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            result = build(root)
+            as_json = {k: str(v) for k, v in result.items()} if isinstance(result, dict) else str(result)
+            record.write_text(json.dumps(as_json))
+    stored = json.loads(record.read_text())
+    return {k: Path(v) for k, v in stored.items()} if isinstance(stored, dict) else Path(stored)
+
+
 LAYOUTS = {
     # name: (config kwargs, checkpoint writer kwargs)
     "kv_equal_tied": (dict(value_heads=2, tie=True), dict(multimodal_names=False)),
@@ -58,33 +91,32 @@ LAYOUTS = {
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("checkpoints")
-    out = {}
-    for name, (cfg_kwargs, writer_kwargs) in LAYOUTS.items():
-        out[name] = write_random_checkpoint(tiny_config(**cfg_kwargs), root / name, seed=7,
-                                            dtype=torch.float32, **writer_kwargs)
-    return out
+    def build(root: Path) -> dict[str, Path]:
+        return {name: write_random_checkpoint(tiny_config(**cfg_kwargs), root / name, seed=7, dtype=torch.float32,
+                                              **writer_kwargs)
+                for name, (cfg_kwargs, writer_kwargs) in LAYOUTS.items()}
+    return built_once(tmp_path_factory, "checkpoints", build)
 
 
 @pytest.fixture(scope="session")
 def tiny_exports(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Each tiny layout exported; the Hv = 2·Hk one with contrib ops, so both forms are exercised."""
-    root = tmp_path_factory.mktemp("exports")
     forms = {"kv_equal_tied": "standard", "kv_double_untied": "contrib"}
-    return {name: export_onnx(ck, root / name, options=OnnxOptions(forms[name], all_logits=True), progress=False)
-            for name, ck in tiny_checkpoints.items()}
+    return built_once(tmp_path_factory, "exports", lambda root: {
+        name: export_onnx(ck, root / name, options=OnnxOptions(forms[name], all_logits=True), progress=False)
+        for name, ck in tiny_checkpoints.items()})
 
 
 @pytest.fixture(scope="session")
 def default_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_onnx("default", tmp_path_factory.mktemp("default") / "export", progress=False)
+    return built_once(tmp_path_factory, "default", lambda root: export_onnx("default", root / "export", progress=False))
 
 
 @pytest.fixture(scope="session")
 def default_contrib_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model, fp32 and q4, with the com.microsoft recurrent ops that app runtimes load."""
-    return export_onnx("default", tmp_path_factory.mktemp("contrib") / "export", "fp32,q4", OnnxOptions("contrib"),
-                       progress=False)
+    return built_once(tmp_path_factory, "contrib", lambda root: export_onnx(
+        "default", root / "export", "fp32,q4", OnnxOptions("contrib"), progress=False))
 
 
 @pytest.fixture(scope="session")
@@ -98,13 +130,15 @@ ALL_SCHEMES = "fp32,fp16,q8,q4,q4f16"
 @pytest.fixture(scope="session")
 def default_all_variants(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model in every scheme, written by one export call."""
-    return export_onnx("default", tmp_path_factory.mktemp("variants") / "export", ALL_SCHEMES, progress=False)
+    return built_once(tmp_path_factory, "variants", lambda root: export_onnx(
+        "default", root / "export", ALL_SCHEMES, progress=False))
 
 
 @pytest.fixture(scope="session")
 def tiny_untied_quantized(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_onnx(tiny_checkpoints["kv_double_untied"], tmp_path_factory.mktemp("untied") / "export",
-                       ALL_SCHEMES, OnnxOptions("contrib", QuantOptions(64, False, 4), all_logits=True), progress=False)
+    return built_once(tmp_path_factory, "untied", lambda root: export_onnx(
+        tiny_checkpoints["kv_double_untied"], root / "export", ALL_SCHEMES,
+        OnnxOptions("contrib", QuantOptions(64, False, 4), all_logits=True), progress=False))
 
 
 COREML_CONTEXT = 256
@@ -115,8 +149,8 @@ def default_coreml(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model as Core ML packages (fp32 and int4), context 256; shared by the Core ML and ios tests."""
     from exporter.coreml.backend import CoreMLOptions, export_coreml
 
-    return export_coreml("default", tmp_path_factory.mktemp("coreml") / "default", "fp32,q4",
-                         CoreMLOptions(context=COREML_CONTEXT), progress=False)
+    return built_once(tmp_path_factory, "coreml", lambda root: export_coreml(
+        "default", root / "default", "fp32,q4", CoreMLOptions(context=COREML_CONTEXT), progress=False))
 
 
 # A multimodal checkpoint: untied embeddings (a tied random model just repeats its last input token,
@@ -129,18 +163,19 @@ VL_SCHEMES = "fp32,q8,q4"  # one trace; fp16 is checked on the tower alone (test
 def tiny_vl_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from vision_checkpoint import write_tiny_vl_checkpoint
 
-    return write_tiny_vl_checkpoint(tiny_config(tie=False), tmp_path_factory.mktemp("vl") / "checkpoint", VL_SEED)
+    return built_once(tmp_path_factory, "vl", lambda root: write_tiny_vl_checkpoint(
+        tiny_config(tie=False), root / "checkpoint", VL_SEED))
 
 
 @pytest.fixture(scope="session")
 def tiny_vl_export(tiny_vl_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The multimodal checkpoint exported with contrib ops (what every bundle carries), three variants."""
-    return export_onnx(tiny_vl_checkpoint, tmp_path_factory.mktemp("vl_export") / "export", VL_SCHEMES,
-                       OnnxOptions("contrib"), progress=False)
+    return built_once(tmp_path_factory, "vl_export", lambda root: export_onnx(
+        tiny_vl_checkpoint, root / "export", VL_SCHEMES, OnnxOptions("contrib"), progress=False))
 
 
 @pytest.fixture(scope="session")
 def test_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from vision_checkpoint import write_test_images
 
-    return write_test_images(tmp_path_factory.mktemp("images"))
+    return built_once(tmp_path_factory, "images", lambda root: write_test_images(root))
