@@ -244,7 +244,7 @@ def _cli_in_process(*args: str):  # noqa: ANN202
 
 
 def test_bad_images_give_one_clear_error(tiny_vl_export: Path, test_images: dict[str, Path], tmp_path: Path,
-                                         tiny_exports: dict[str, Path]) -> None:
+                                         default_export: Path) -> None:
     good = test_images["wide"].read_bytes()
     (tmp_path / "truncated.png").write_bytes(good[: len(good) // 2])
     (tmp_path / "corrupt.png").write_bytes(good[:20] + bytes(40) + good[60:])  # header damaged
@@ -268,8 +268,7 @@ def test_bad_images_give_one_clear_error(tiny_vl_export: Path, test_images: dict
                           "--max-new-tokens", "4090")
     assert run.exit_code == 1 and "more than the model's context" in run.stderr and run.stderr.count("\n") == 1
     # --image on a text-only export, --video without --fps
-    run = _cli_in_process("generate", str(tiny_exports["kv_double_untied"]), "--prompt", "x", "--image",
-                          str(test_images["square"]))
+    run = _cli_in_process("generate", str(default_export), "--prompt", "x", "--image", str(test_images["square"]))
     assert run.exit_code == 1 and "no vision encoder" in run.stderr and run.stderr.count("\n") == 1
     run = _cli_in_process("generate", str(tiny_vl_export), "--prompt", "x", "--video", str(test_images["video"]))
     assert run.exit_code == 1 and "--video needs --fps" in run.stderr
