@@ -90,8 +90,9 @@ COREML_ONLY = ("chunk", "context", "recurrent_state", "image_sizes")
 @click.option("--quant", "quant_names", default="fp32", show_default=True,
               help="Comma-separated variants: fp32, fp16, q8, q4, q4f16 (file suffixes '', _fp16, _quantized, _q4, "
                    "_q4f16); Core ML also p4.")
-@click.option("--recurrent-ops", type=click.Choice(["standard", "contrib"]), default="standard", show_default=True,
-              help="ONNX: standard = opset 27 ops (ORT >= 1.32); contrib = com.microsoft ops (ORT >= 1.25, web, Android).")
+@click.option("--recurrent-ops", type=click.Choice(["standard", "contrib"]), default="contrib", show_default=True,
+              help="ONNX: contrib = com.microsoft ops (ORT >= 1.25, fused CPU kernels, web, Android); standard = "
+                   "opset 27 ops (ORT >= 1.32, whose CPU provider expands them into a slower Scan).")
 @click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
               help="ONNX: quantization block size along the input dimension.")
 @click.option("--asymmetric", is_flag=True, help="ONNX: per-block zero points (default: symmetric).")
@@ -117,9 +118,13 @@ def export(ctx: click.Context, checkpoint: str, out: Path, fmt: str, quant_names
     Core ML --quant names: fp32, fp16, q8 (int8 per-channel), q4 (int4 block 32),
     q4f16 (int4, fp16 compute), p4 (4-bit palettization, fp16 compute).
     """
+    import time
+
     from exporter.pipeline import ExportRequest, run_export
+    from exporter.progress import peak_rss_bytes
     from quant.schemes import QuantOptions, parse_schemes
 
+    started = time.perf_counter()
     wrong = _given(ctx, *(ONNX_ONLY if fmt == "coreml" else COREML_ONLY))
     if wrong:
         other = "Core ML" if fmt == "onnx" else "ONNX"
@@ -138,7 +143,8 @@ def export(ctx: click.Context, checkpoint: str, out: Path, fmt: str, quant_names
                                           all_logits))
     run_export(request, backend)
     label = "Core ML: " if fmt == "coreml" else ""
-    click.echo(f"exported {checkpoint} -> {out} ({label}{', '.join(s.name for s in request.schemes)})")
+    click.echo(f"exported {checkpoint} -> {out} ({label}{', '.join(s.name for s in request.schemes)}) in "
+               f"{time.perf_counter() - started:.1f} s, peak memory {peak_rss_bytes() / 2**30:.2f} GiB")
 
 
 @main.command()

@@ -1,8 +1,9 @@
 """`qwen-edge export`: the one skeleton both formats plug into.
 
     resolve the checkpoint -> refuse a bad destination -> open and check the checkpoint
-    -> in a temporary folder: load the weights, then per activation dtype prepare once (trace or
-       convert) and write each variant -> copy the support files -> write the manifest
+    -> in a temporary folder: load, then per activation dtype prepare once (trace or convert) and
+       write each variant, then finish (ONNX: the one pass that streams the weights into every
+       variant) -> copy the support files -> write the manifest
     -> move the folder into place
 
 A backend (`exporter/onnx/backend.py`, `exporter/coreml/backend.py`) supplies the format-specific
@@ -51,8 +52,11 @@ class ExportBackend(Protocol):
     def prepare_stages(self, activations: str) -> list[str]:
         """Names of the stages `prepare` runs for one activation dtype."""
 
+    def finish_stages(self) -> list[str]:
+        """Names of the stages `finish` runs."""
+
     def load(self, checkpoint: Checkpoint) -> Any:
-        """The model to prepare from, with the checkpoint's weights."""
+        """What `prepare` starts from (a model, or the checkpoint itself)."""
 
     def prepare(self, model: Any, activations: str, folder: Path, stages: Stages) -> Any:
         """The traced or converted form of `model` in `activations`, shared by that dtype's variants."""
@@ -62,6 +66,9 @@ class ExportBackend(Protocol):
 
     def release(self, prepared: Any) -> None:
         """Drop what `prepare` left behind."""
+
+    def finish(self, folder: Path, stages: Stages) -> None:
+        """Complete every variant written (after all of them are)."""
 
     def manifest_fields(self, cfg: TextConfig) -> dict:
         """The format's own manifest entries (between `source_checkpoint` and `variants`)."""
@@ -77,10 +84,10 @@ def run_export(request: ExportRequest, backend: ExportBackend) -> Path:
     check_destination(out, request.force)
     groups = [(a, [s for s in request.schemes if s.activations == a]) for a in ACTIVATIONS]
     groups = [(a, members) for a, members in groups if members]
-    names = ["check checkpoint", "load weights"]
+    names = ["check checkpoint", "load"]
     for activations, members in groups:
         names += backend.prepare_stages(activations) + [f"write {s.name}" for s in members]
-    stages = Stages([*names, "copy tokenizer"], request.progress)
+    stages = Stages([*names, *backend.finish_stages(), "copy tokenizer"], request.progress)
     checkpoint = stages.run(lambda: open_checkpoint(folder))
     with atomic_output_dir(out, request.force) as tmp:
         model = stages.run(lambda: backend.load(checkpoint))
@@ -90,6 +97,7 @@ def run_export(request: ExportRequest, backend: ExportBackend) -> Path:
             for scheme in members:
                 records[scheme.name] = stages.run(lambda s=scheme: backend.write_variant(prepared, s, tmp))
             backend.release(prepared)
+        backend.finish(tmp, stages)
         copied = stages.run(lambda: copy_support_files(folder, tmp))
         if checkpoint.vision is not None:  # clients read the flat processor files (transformers.js only those)
             copied = sorted({*copied, *write_flat_processor_files(folder, tmp)})

@@ -1,18 +1,22 @@
 """Load a Hugging Face Qwen3.5 checkpoint folder lazily and check it against its config.
 
-Tensors are memory-mapped with `safetensors.safe_open` and read one at a time, so a checkpoint is
-never held twice in memory. Every shape is checked against the config before any weight is read,
-so a wrong or damaged file fails in seconds with the name of the tensor at fault.
+Headers are read with `safetensors.safe_open`; tensor data is read with positioned reads
+(`read_rows`: a block of rows of one tensor), so memory holds at most the block asked for and a
+checkpoint larger than RAM streams through (pages of a long-lived memory map would count in the
+process's resident set). Every shape is checked against the config before any weight is read, so a
+wrong or damaged file fails in seconds with the name of the tensor at fault.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import ExitStack
+import os
+import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -29,17 +33,33 @@ VISION_PREFIXES = ("model.visual.", "visual.")
 # Parts of a published checkpoint that qwen-edge does not use.
 IGNORED_PREFIXES = ("mtp.", "model.mtp.")
 FLOAT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+ITEM_BYTES = {"BF16": 2, "F16": 2, "F32": 4}
 INDEX_NAME = "model.safetensors.index.json"
+# Tensors at least this large (2-D, elements) are placeholders in a skeleton decoder: see build_skeleton.
+PLACEHOLDER_MIN_ELEMENTS = 1025
 
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """Where one decoder tensor lives: its file and its name inside the file."""
+    """Where one checkpoint tensor lives: its file, its name inside the file and its bytes' position."""
 
     file: Path
     key: str
     shape: tuple[int, ...]
     dtype: str
+    offset: int = 0  # absolute position of the first byte in `file`
+
+    @property
+    def row_elements(self) -> int:
+        return int(np.prod(self.shape[1:], dtype=np.int64)) if len(self.shape) > 1 else 1
+
+
+def _data_offsets(file: Path) -> dict[str, int]:
+    """{key: absolute offset of its data} from a safetensors header (8-byte length, JSON, data)."""
+    with file.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    return {k: 8 + length + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
 
 
 def _shard_files(folder: Path) -> list[Path]:
@@ -87,7 +107,8 @@ def index_tensors(folder: Path) -> tuple[dict[str, TensorEntry], dict[str, Tenso
     vision: dict[str, TensorEntry] = {}
     for file in _shard_files(folder):
         try:
-            with safe_open(file, framework="pt") as handle:
+            with safe_open(file, framework="pt") as handle:  # validates the header and every range
+                offsets = _data_offsets(file)
                 for key in handle.keys():
                     name, into = _decoder_name(key), entries
                     if name is None:
@@ -95,7 +116,7 @@ def index_tensors(folder: Path) -> tuple[dict[str, TensorEntry], dict[str, Tenso
                     if name is None:
                         continue
                     tslice = handle.get_slice(key)
-                    into[name] = TensorEntry(file, key, tuple(tslice.get_shape()), tslice.get_dtype())
+                    into[name] = TensorEntry(file, key, tuple(tslice.get_shape()), tslice.get_dtype(), offsets[key])
         except QwenEdgeError:
             raise
         except Exception as exc:  # safetensors raises several types for damaged files
@@ -164,9 +185,23 @@ class Checkpoint:
     vision: VisionConfig | None = None
     vision_tensors: dict[str, TensorEntry] | None = None
 
+    def source_name(self, param: str) -> str:
+        """The checkpoint tensor a decoder parameter is read from (a tied LM head reads the embedding)."""
+        return "embed_tokens.weight" if param == "lm_head.weight" and self.config.tie_word_embeddings else param
+
+    def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows `start:stop` (along the first axis) of a decoder tensor as float32, read from disk."""
+        return read_entry_rows(self.tensors[self.source_name(name)], start, stop)
+
     def iter_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield decoder tensors one at a time, converted to `dtype`, read from the memory map."""
-        return _read_tensors(self.tensors, list(expected_shapes(self.config)), dtype)
+        """Yield decoder tensors one at a time, converted to `dtype`, read from disk."""
+        for name in sorted(expected_shapes(self.config), key=self.read_order):
+            yield name, torch.from_numpy(self.read_rows(name)).to(dtype)
+
+    def read_order(self, name: str) -> tuple[str, int]:
+        """Sort key that reads tensors in file order (sequential disk access)."""
+        entry = self.tensors[self.source_name(name)]
+        return str(entry.file), entry.offset
 
     def build_vision_encoder(self, dtype: torch.dtype = torch.float32) -> VisionEncoder:
         """The vision tower with this checkpoint's weights, in `dtype` (the checkpoint must have one)."""
@@ -174,7 +209,9 @@ class Checkpoint:
             raise QwenEdgeError(f"{self.folder}: has no vision tower (no model.visual.* weights)")
         with torch.device("meta"):
             model = VisionEncoder(self.vision)
-        params = dict(_read_tensors(self.vision_tensors, list(vision_parameter_shapes(self.vision)), dtype))
+        entries = self.vision_tensors
+        names = sorted(vision_parameter_shapes(self.vision), key=lambda n: (str(entries[n].file), entries[n].offset))
+        params = {name: torch.from_numpy(read_entry_rows(entries[name])).to(dtype) for name in names}
         model.load_state_dict(params, strict=True, assign=True)
         return model.eval()
 
@@ -182,9 +219,27 @@ class Checkpoint:
                       logits: LogitsMode = "all") -> Qwen35Decoder:
         """The export-friendly decoder with this checkpoint's weights, in `dtype` (see Qwen35Decoder
         for `kernels` and `logits`)."""
+        return self._decoder(dtype, kernels, logits, lambda name, shape: False)
+
+    def build_skeleton(self, dtype: torch.dtype = torch.float32, kernels: RecurrentKernels = CUSTOM_OPS,
+                       logits: LogitsMode = "all") -> Qwen35Decoder:
+        """The decoder with its large matrices as placeholders: zero-stride views of one zero, so the
+        model has every shape but no weight memory. Small tensors (norms, conv, A_log, dt_bias and 2-D
+        tensors under PLACEHOLDER_MIN_ELEMENTS) hold their real values. The structure of a trace does not
+        depend on the values, so a skeleton traces like the real model; an exporter then reads each
+        placeholder's values from the checkpoint when it writes them (`is_placeholder` tells which)."""
+        return self._decoder(dtype, kernels, logits, is_placeholder)
+
+    def _decoder(self, dtype: torch.dtype, kernels: RecurrentKernels, logits: LogitsMode,
+                 placeholder: Callable[[str, tuple[int, ...]], bool]) -> Qwen35Decoder:
         with torch.device("meta"):
             model = Qwen35Decoder(self.config, kernels, logits)
-        params = dict(self.iter_tensors(dtype))
+        params = {}
+        for name, shape in sorted(expected_shapes(self.config).items(), key=lambda item: self.read_order(item[0])):
+            if placeholder(name, shape):
+                params[name] = torch.zeros((), dtype=dtype).expand(shape)
+            else:
+                params[name] = torch.from_numpy(self.read_rows(name)).to(dtype)
         if self.config.tie_word_embeddings:
             params["lm_head.weight"] = params["embed_tokens.weight"]
         model.load_state_dict(params, strict=True, assign=True)
@@ -193,22 +248,29 @@ class Checkpoint:
         return model.eval()
 
 
-def _read_tensors(index: dict[str, TensorEntry], names: list[str], dtype: torch.dtype
-                  ) -> Iterator[tuple[str, torch.Tensor]]:
-    by_file: dict[Path, list[str]] = {}
-    for name in names:
-        by_file.setdefault(index[name].file, []).append(name)
-    with ExitStack() as stack:
-        for file, names_in_file in by_file.items():
-            handle = stack.enter_context(safe_open(file, framework="pt"))
-            for name in names_in_file:
-                try:
-                    tensor = handle.get_tensor(index[name].key)
-                except Exception as exc:
-                    raise QwenEdgeError(
-                        f"{file}: cannot read tensor '{index[name].key}' ({exc}); the file is corrupt, re-download it"
-                    ) from exc
-                yield name, tensor.to(dtype)
+def read_entry_rows(entry: TensorEntry, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Rows `start:stop` (along the first axis) of one stored tensor as float32, read from disk."""
+    stop = entry.shape[0] if stop is None else stop
+    item, row = ITEM_BYTES[entry.dtype], entry.row_elements
+    count = (stop - start) * row
+    fd = os.open(entry.file, os.O_RDONLY)
+    try:
+        raw = os.pread(fd, count * item, entry.offset + start * row * item)
+    finally:
+        os.close(fd)
+    if len(raw) != count * item:
+        raise QwenEdgeError(f"{entry.file}: ended while reading tensor '{entry.key}'; the file is truncated, "
+                            "re-download it")
+    if entry.dtype == "BF16":  # bf16 is the top half of an fp32: widening is exact
+        values = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        values = np.frombuffer(raw, np.float16 if entry.dtype == "F16" else np.float32).astype(np.float32)
+    return values.reshape(stop - start, *entry.shape[1:])
+
+
+def is_placeholder(name: str, shape: tuple[int, ...]) -> bool:
+    """Is this parameter a placeholder in a skeleton decoder: a 2-D matrix of PLACEHOLDER_MIN_ELEMENTS or more."""
+    return len(shape) == 2 and shape[0] * shape[1] >= PLACEHOLDER_MIN_ELEMENTS
 
 
 def open_checkpoint(folder: Path | str) -> Checkpoint:

@@ -151,10 +151,12 @@ def _validate(cfg: TextConfig) -> None:
         raise _bad("num_attention_heads must be a multiple of num_key_value_heads")
     if cfg.linear_num_value_heads % cfg.linear_num_key_heads:
         raise _bad("linear_num_value_heads must be a multiple of linear_num_key_heads")
-    if cfg.rotary_dim % 2 or sum(cfg.mrope_section) != cfg.rotary_dim // 2:
-        raise _bad(
-            f"mrope_section {list(cfg.mrope_section)} must sum to half the rotary dim ({cfg.rotary_dim // 2})"
-        )
+    if cfg.rotary_dim % 2:
+        raise _bad(f"the rotary dim ({cfg.rotary_dim}, head_dim × partial_rotary_factor) must be even")
+    # transformers slices the height/width sections out of the rotary frequencies, so sections that
+    # do not sum to half the rotary dim are clipped (graphs/qwen3_5.rope_cos_sin does the same)
+    if len(cfg.mrope_section) != 3:
+        raise _bad(f"mrope_section {list(cfg.mrope_section)} must have 3 entries (time, height, width)")
     if cfg.linear_conv_kernel_dim < 2:
         raise _bad("linear_conv_kernel_dim must be at least 2")
 

@@ -58,6 +58,15 @@ VISION_FALLBACK_BITS = 8
 
 
 @dataclass(frozen=True)
+class WeightFormat:
+    """How one compressed tensor is stored: integer bits, block size along the input dimension, symmetry."""
+
+    bits: int
+    block_size: int
+    symmetric: bool
+
+
+@dataclass(frozen=True)
 class QualityGate:
     """Minimum quality of a variant against the float reference on held-out text."""
 
@@ -81,6 +90,12 @@ class Scheme:
         """Stored bits of one decoder parameter's compressed weight, or None when it stays float."""
         return self.weight_bits if self.weight_bits and is_compressed(param) else None
 
+    def weight_format(self, param: str, opts: "QuantOptions") -> WeightFormat | None:
+        """How the ONNX export stores one decoder parameter (None: float). Every ONNX writer, in memory
+        or streamed, asks this one function, so a per-tensor recipe changes here only."""
+        bits = self.bits_for(param)
+        return None if bits is None else WeightFormat(bits, opts.block_size, opts.symmetric)
+
     @property
     def files(self) -> tuple[str, str]:
         """(embed_tokens, decoder) ONNX graph paths inside an export folder."""
@@ -94,6 +109,11 @@ class Scheme:
     def vision_bits_for(self, param: str) -> int | None:
         """Stored bits of one vision tower parameter's compressed weight, or None when it stays float."""
         return self.weight_bits if self.weight_bits and is_compressed_vision(param) else None
+
+    def vision_weight_format(self, param: str, opts: "QuantOptions") -> WeightFormat | None:
+        """How the ONNX export stores one vision tower parameter (None: float)."""
+        bits = self.vision_bits_for(param)
+        return None if bits is None else WeightFormat(bits, opts.block_size, opts.symmetric)
 
     @property
     def coreml_package(self) -> str:

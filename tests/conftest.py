@@ -109,7 +109,10 @@ def tiny_exports(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.Tem
 
 @pytest.fixture(scope="session")
 def default_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return built_once(tmp_path_factory, "default", lambda root: export_onnx("default", root / "export", progress=False))
+    """The default model, fp32, with the opset-27 recurrent ops (`--recurrent-ops standard`; the packagers
+    convert it); default_contrib_export is the default form."""
+    return built_once(tmp_path_factory, "default", lambda root: export_onnx(
+        "default", root / "export", options=OnnxOptions("standard"), progress=False))
 
 
 @pytest.fixture(scope="session")

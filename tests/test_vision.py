@@ -213,7 +213,7 @@ def test_fp16_vision_encoder(tiny_vl_checkpoint: Path, tiny_vl_export: Path, tes
     write_vision_variant), without tracing the fp16 decoder too: float16 features close to fp32."""
     import onnxruntime as ort
 
-    from exporter.onnx.trace import save_graph
+    from exporter.onnx.streamed import save_graph
     from exporter.onnx.vision import FLOAT_NAME, trace_vision, write_vision_variant
     from graphs.checkpoint import open_checkpoint
     from quant.schemes import QuantOptions, parse_schemes

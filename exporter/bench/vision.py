@@ -24,10 +24,10 @@ import onnxruntime as ort
 import torch
 
 from exporter.bench.export import ROOT, machine, replace_section
-from exporter.onnx.trace import save_graph
+from exporter.onnx.streamed import save_graph
 from exporter.onnx.vision import FLOAT_NAME, trace_vision, write_vision_variant
 from graphs.config import preset_config_dict, vision_config_from_dict
-from graphs.random_checkpoint import random_vision_tensor
+from graphs.random_checkpoint import random_vision_block
 from graphs.vision import VisionEncoder, vision_parameter_shapes
 from quant.schemes import QuantOptions, parse_schemes
 from runtime_py.vision_preprocess import PUBLISHED_IMAGE, PixelSettings, preprocess_image
@@ -40,7 +40,7 @@ def random_tower(preset: str, seed: int = 0) -> VisionEncoder:
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         model = VisionEncoder(cfg)
-    params = {n: random_vision_tensor(n, s, gen) for n, s in vision_parameter_shapes(cfg).items()}
+    params = {n: random_vision_block(n, s, gen) for n, s in vision_parameter_shapes(cfg).items()}
     model.load_state_dict(params, strict=True, assign=True)
     return model.eval()
 

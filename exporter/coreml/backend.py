@@ -84,6 +84,12 @@ class CoreMLBackend:
         visual = [f"convert {VISUAL_PREFILL} ({activations})"] if self.options.image_sizes else []
         return [f"convert {f} ({activations})" for f in FUNCTIONS] + visual + sizes
 
+    def finish_stages(self) -> list[str]:
+        return []
+
+    def finish(self, folder: Path, stages: Stages) -> None:
+        """Every package is complete when written."""
+
     def load(self, checkpoint: Checkpoint) -> CoreMLStep:
         self.cfg = checkpoint.config
         if self.options.image_sizes:

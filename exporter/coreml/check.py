@@ -21,7 +21,7 @@ from default_model import resolve_checkpoint
 from exporter.coreml.mil_interpreter import HANDLERS, SUPPORTED_OPS, builtin_np_dtype, run_function
 from exporter.coreml.sequence import CoreMLRunner
 from exporter.verify.parity import VerifyReport, prompt_ids, teacher_forced
-from exporter.verify.runners import ReferenceRunner
+from exporter.verify.runners import LayerwiseReference
 from graphs.config import TextConfig
 from graphs.errors import QwenEdgeError
 from runtime_py.export_format import read_manifest, variant_record
@@ -207,12 +207,12 @@ def verify_coreml(checkpoint: str | Path, export_dir: Path, variant: str = "fp32
     if rtol is None:
         rtol = DEFAULT_RTOL[record["compute_precision"]]
     target = InterpretedPackage(package) if runner == "mil" else CoreMLPredictor(package)
-    model = open_checkpoint(resolve_checkpoint(checkpoint)).build_decoder()
+    ck = open_checkpoint(resolve_checkpoint(checkpoint))
     inputs = manifest["functions"]["decode"]["inputs"]
     io_shape = tuple(inputs["recurrent_in"]) if manifest["recurrent_state"] == "io" else None
     runner = CoreMLRunner(target.call, target.reset, manifest["prefill_chunk"], manifest["context_capacity"], io_shape)
-    prompts = [prompt_ids(length, model.cfg.vocab_size, seed=n) for n, length in enumerate(prompt_lengths)]
-    reports = teacher_forced(ReferenceRunner(model), runner, prompts, decode_steps, rtol)
+    prompts = [prompt_ids(length, ck.config.vocab_size, seed=n) for n, length in enumerate(prompt_lengths)]
+    reports = teacher_forced(LayerwiseReference(ck), runner, prompts, decode_steps, rtol)
     return VerifyReport(str(checkpoint), str(export_dir), rtol, decode_steps, reports), package_spec
 
 

@@ -3,7 +3,7 @@
 Traced once per activation dtype with any number of patches and images (graphs/vision.py computes
 the layout from `image_grid_thw` in the graph); the float variant is that trace re-saved, a
 quantized one the same MatMulNBits transform as the decoder (quant/onnx_weights.py) under the
-vision predicate (quant/schemes.py `vision_bits_for`).
+vision recipe (quant/schemes.py `vision_weight_format`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import onnxruntime as ort
 import torch
 from torch.export import Dim
 
-from exporter.onnx.trace import _describe, _trace, name_nodes_and_strip_trace_metadata, save_graph
+from exporter.onnx.streamed import save_graph
+from exporter.onnx.trace import _describe, _trace, name_nodes_and_strip_trace_metadata
 from graphs.io_spec import IMAGES, PATCHES, vision_spec
 from graphs.vision import VisionEncoder
 from quant.onnx_weights import quantize_projections
@@ -35,7 +36,7 @@ def trace_vision(encoder: VisionEncoder) -> ir.Model:
     grid = torch.tensor(TRACE_GRID, dtype=torch.int64)
     pixels = torch.zeros(int(grid.prod(-1).sum()), encoder.cfg.patch_dim, dtype=torch.float32)
     dynamic = [{0: Dim(PATCHES)}, {0: Dim(IMAGES)}]
-    graph = _trace(encoder, (pixels, grid), spec, dynamic)
+    graph = _trace(encoder, (pixels, grid), spec, dynamic, None)
     _describe(graph, spec, "Qwen3.5 vision tower: pixel patches + grid -> image features (qwen-edge)")
     return graph
 
@@ -67,8 +68,8 @@ def write_vision_variant(float_dir: Path, scheme: Scheme, out_dir: Path, opts: Q
     while True:
         graph = ir.load(float_dir / FLOAT_NAME)
         if bits is not None:
-            quantize_projections(graph, replace(scheme, weight_bits=bits), opts,
-                                 bits_for=replace(scheme, weight_bits=bits).vision_bits_for)
+            stored = replace(scheme, weight_bits=bits)
+            quantize_projections(graph, stored, opts, lambda param: stored.vision_weight_format(param, opts))
         name_nodes_and_strip_trace_metadata(graph)
         save_graph(graph, target)
         if bits != 4:
