@@ -42,6 +42,13 @@ PUBLISHED_VIDEO = {**{k: v for k, v in PUBLISHED_IMAGE.items() if k != "image_pr
                    "size": {"shortest_edge": 4096, "longest_edge": 25165824}, "fps": 2, "min_frames": 4,
                    "max_frames": 768, "video_processor_type": "Qwen3VLVideoProcessor"}
 
+# The steps transformers' Qwen2-VL image and video processors take when a processor file leaves them
+# out, which this module implements. The published files leave them out; transformers.js reads a
+# missing `do_normalize` as no normalisation and a missing `resample` as bilinear, so the web bundle
+# states them (`explicit_image_processor`). 3 is PIL's bicubic.
+PROCESSOR_STEPS = {"do_convert_rgb": True, "do_resize": True, "resample": 3, "do_rescale": True,
+                   "rescale_factor": 1 / 255, "do_normalize": True}
+
 
 @dataclass(frozen=True)
 class PixelSettings:
@@ -64,6 +71,11 @@ class PixelSettings:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "PixelSettings":
+        for key, value in PROCESSOR_STEPS.items():
+            given = raw.get(key, value)
+            if given != value and not (isinstance(given, float) and math.isclose(given, value)):
+                raise QwenEdgeError(f"processor setting {key}={given!r} is not supported (qwen-edge preprocesses "
+                                    f"as {key}={value!r}, the Qwen3.5 default); remove it from the processor file")
         size = raw.get("size") or {}
         return cls(int(raw.get("min_pixels", size.get("shortest_edge"))), int(raw.get("max_pixels", size.get("longest_edge"))),
                    int(raw["patch_size"]), int(raw["temporal_patch_size"]), int(raw["merge_size"]),
@@ -214,6 +226,12 @@ def preprocess_video(folder: Path, video_fps: float, settings: PixelSettings) ->
     padded = indices + [indices[-1]] * (-len(indices) % tp)
     stamps = tuple((padded[i] / video_fps + padded[i + tp - 1] / video_fps) / 2 for i in range(0, len(padded), tp))
     return VisualInput("video", pixels, grid, stamps)
+
+
+def explicit_image_processor(folder: Path) -> dict:
+    """The image processor settings of an export with every step stated (PROCESSOR_STEPS), as a
+    processor that does not apply transformers' defaults (transformers.js) must read them."""
+    return {**PROCESSOR_STEPS, **processor_dicts(folder)[0]}
 
 
 def write_flat_processor_files(src: Path, dst: Path) -> list[str]:

@@ -272,3 +272,16 @@ def test_bad_images_give_one_clear_error(tiny_vl_export: Path, test_images: dict
     assert run.exit_code == 1 and "no vision encoder" in run.stderr and run.stderr.count("\n") == 1
     run = _cli_in_process("generate", str(tiny_vl_export), "--prompt", "x", "--video", str(test_images["video"]))
     assert run.exit_code == 1 and "--video needs --fps" in run.stderr
+
+
+def test_processor_steps_other_than_the_defaults_are_refused() -> None:
+    """A processor file that turns off a step the preprocessing always takes fails clearly instead of
+    giving features transformers would not; stating the defaults (as the web bundle does) is accepted."""
+    from graphs.errors import QwenEdgeError
+    from runtime_py.vision_preprocess import PROCESSOR_STEPS, PUBLISHED_IMAGE, PixelSettings
+
+    assert PixelSettings.from_dict({**PUBLISHED_IMAGE, **PROCESSOR_STEPS}) == PixelSettings.from_dict(PUBLISHED_IMAGE)
+    assert PixelSettings.from_dict({**PUBLISHED_IMAGE, "rescale_factor": 0.00392156862745098}).patch_size == 16
+    for key, value in (("do_normalize", False), ("rescale_factor", 1.0), ("resample", 2)):
+        with pytest.raises(QwenEdgeError, match=f"processor setting {key}="):
+            PixelSettings.from_dict({**PUBLISHED_IMAGE, key: value})

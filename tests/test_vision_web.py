@@ -74,7 +74,10 @@ def test_layout_carries_the_vision_encoder(vl_web_bundle: Path) -> None:
     vision = onnx.load(str(vl_web_bundle / "onnx" / "vision_encoder.onnx"), load_external_data=False)
     assert [i.name for i in vision.graph.input] == ["pixel_values", "image_grid_thw"]
     assert [o.name for o in vision.graph.output] == ["image_features"]
-    assert json.loads((vl_web_bundle / "preprocessor_config.json").read_text())["merge_size"] == 2
+    processor = json.loads((vl_web_bundle / "preprocessor_config.json").read_text())
+    assert processor["merge_size"] == 2
+    # transformers.js applies only the steps the file states (a missing do_normalize: none)
+    assert processor["do_rescale"] and processor["do_normalize"] and processor["resample"] == 3
     assert (vl_web_bundle / "qwen_edge_rope.mjs").is_file()
     manifest = json.loads((vl_web_bundle / "manifest.json").read_text())
     assert manifest["variants"]["fp32"]["vision_encoder"] == "onnx/vision_encoder.onnx"

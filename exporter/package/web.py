@@ -4,7 +4,8 @@ transformers.js picks its model class from `config.json`. A Qwen3.5 export is tw
 (`embed_tokens`, `decoder_model_merged`), which transformers.js only loads for a
 `*ForConditionalGeneration` architecture opened through `AutoModelForCausalLM`: that is its
 text-only path. An export with a vision tower adds `vision_encoder`, and the bundle then also loads
-through `AutoModelForImageTextToText` (with `preprocessor_config.json` for its processor). So the
+through `AutoModelForImageTextToText` (with `preprocessor_config.json` for its processor, every
+step stated: transformers.js does not normalise pixels a file does not ask it to). So the
 config is written in the published multimodal form (`model_type` `qwen3_5`, the text settings under
 `text_config`) whatever the checkpoint's form was.
 
@@ -29,11 +30,11 @@ import onnx
 from exporter.onnx.external_data import relocate, stored_tensors
 from graphs.errors import QwenEdgeError
 from runtime_py.export_format import read_manifest
+from runtime_py.vision_preprocess import IMAGE_PROCESSOR_FILE, explicit_image_processor
 
 # Below 2 GiB: a browser's ArrayBuffer and onnxruntime-web's fetch of one external data file.
 DATA_CHUNK_BYTES = 2_000_000_000
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-PROCESSOR_FILES = ("preprocessor_config.json",)  # the image processor file transformers.js reads
 ROPE_MODULE = Path(__file__).parent / "js" / "qwen_edge_rope.mjs"
 # Token-id settings transformers.js reads from the top level of config.json.
 TOP_LEVEL_KEYS = ("tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
@@ -76,9 +77,8 @@ def write_web_layout(export_dir: Path, out_dir: Path, variants: list[str]) -> No
     _write_json(out_dir / "config.json", web)
     _write_json(out_dir / "generation_config.json", _generation_config(export_dir, web.get("text_config", {})))
     _write_tokenizer_files(export_dir, out_dir)
-    for name in PROCESSOR_FILES:
-        if (export_dir / name).is_file() and any("vision_encoder" in exported[v] for v in variants):
-            shutil.copyfile(export_dir / name, out_dir / name)
+    if any("vision_encoder" in exported[v] for v in variants):
+        _write_json(out_dir / IMAGE_PROCESSOR_FILE, explicit_image_processor(export_dir))
     shutil.copyfile(ROPE_MODULE, out_dir / ROPE_MODULE.name)
 
 
