@@ -24,10 +24,22 @@ $(JS_DEPS): tests/js/package.json tests/js/package-lock.json
 		echo "npm not found: tests/js (transformers.js) is not installed, so tests/test_package_web.py fails where node exists"; \
 	fi
 
-install: $(STAMP) $(JS_DEPS)
+# Debian's Chromium for the browser page test (tests/test_vision_web.py); skipped with its reason where
+# apt-get is missing or fails (not root, no Debian registry).
+BROWSER := /usr/bin/chromium
+
+$(BROWSER):
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "apt-get install chromium failed: the browser page test will be skipped"; \
+	else \
+		echo "no root apt-get: chromium not installed, the browser page test will be skipped"; \
+	fi
+
+install: $(STAMP) $(JS_DEPS) $(BROWSER)
 
 # Two workers (pytest-xdist) on the two cores; the exports many tests share are built once (tests/conftest.py).
-test: $(STAMP) $(JS_DEPS)
+test: $(STAMP) $(JS_DEPS) $(BROWSER)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(STAMP)

@@ -7,7 +7,6 @@ import of a command's work happens inside the command.
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys
@@ -19,6 +18,7 @@ import click
 # progress. tqdm reads this when it is first imported, which torch does, so it is set before any import.
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+from exporter.cli_types import ContextLength, FiniteFloat
 from graphs.errors import QwenEdgeError
 
 
@@ -67,47 +67,6 @@ class CliGroup(click.Group):
             sys.exit(128 + signum)
 
 
-class FiniteFloat(click.ParamType):
-    """A finite number within [min, max] (min excluded with min_open): click's FloatRange lets nan and inf through."""
-
-    name = "number"
-
-    def __init__(self, min: float | None = None, max: float | None = None, min_open: bool = False) -> None:  # noqa: A002
-        self.min, self.max, self.min_open = min, max, min_open
-
-    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number", param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
-        low_ok = self.min is None or (number > self.min if self.min_open else number >= self.min)
-        if not low_ok or (self.max is not None and number > self.max):
-            low = "" if self.min is None else f"{'>' if self.min_open else '>='} {self.min:g}"
-            high = "" if self.max is None else f"<= {self.max:g}"
-            self.fail(f"{number:g} is not {' and '.join(x for x in (low, high) if x)}", param, ctx)
-        return number
-
-
-class ContextLength(click.IntRange):
-    """A context length from 1 to the longest one a config.json may declare (graphs/config.py LIMITS,
-    read when the option is parsed: the CLI module imports no command's work)."""
-
-    def _bounds(self) -> None:
-        from graphs.config import LIMITS
-
-        self.min, self.max = 1, LIMITS["max_position_embeddings"]
-
-    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        self._bounds()
-        return super().convert(value, param, ctx)
-
-    def _describe_range(self) -> str:
-        self._bounds()
-        return super()._describe_range()
-
-
 def _output_file(option: str, path: Path | None, *inputs: Path | str | None) -> None:
     """Check an output file option (e.g. --json FILE) before any work is done."""
     if path is not None:
@@ -151,7 +110,7 @@ def main() -> None:
 
 
 ONNX_ONLY = ("recurrent_ops", "block_size", "asymmetric", "accuracy_level", "all_logits", "no_mtp")
-COREML_ONLY = ("chunk", "context", "recurrent_state")
+COREML_ONLY = ("chunk", "context", "recurrent_state", "image_sizes")
 
 
 @main.command()
@@ -177,12 +136,14 @@ COREML_ONLY = ("chunk", "context", "recurrent_state")
               help="Core ML: KV-cache capacity (a multiple of --chunk).")
 @click.option("--recurrent-state", default="state", show_default=True,
               help="Core ML: 'state' (fp16 Core ML state) or 'io' (fp32 input/output the app carries).")
+@click.option("--image-sizes", default=None,
+              help="Core ML: vision functions for these image sizes, e.g. 448x448,640x480 (multiples of 32).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only a folder qwen-edge wrote).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def export(ctx: click.Context, checkpoint: str, out: Path, fmt: str, quant_names: str, recurrent_ops: str,
            block_size: str, asymmetric: bool, accuracy_level: int, all_logits: bool, chunk: int, context: int,
-           recurrent_state: str, force: bool, quiet: bool, no_mtp: bool) -> None:
+           recurrent_state: str, image_sizes: str | None, force: bool, quiet: bool, no_mtp: bool) -> None:
     """Export CHECKPOINT (a Hugging Face folder, or 'default') to ONNX or Core ML in OUT.
 
     \b
@@ -204,8 +165,9 @@ def export(ctx: click.Context, checkpoint: str, out: Path, fmt: str, quant_names
     request = ExportRequest(checkpoint, out, tuple(parse_schemes(quant_names, fmt)), force, not quiet)
     if fmt == "coreml":
         from exporter.coreml.backend import CoreMLBackend, CoreMLOptions
+        from exporter.coreml.vision import parse_image_sizes
 
-        backend = CoreMLBackend(CoreMLOptions(chunk, context, recurrent_state))
+        backend = CoreMLBackend(CoreMLOptions(chunk, context, recurrent_state, parse_image_sizes(image_sizes)))
     else:
         from exporter.onnx.backend import OnnxBackend, OnnxOptions
 
@@ -295,22 +257,31 @@ def verify(paths: tuple[Path, ...], against: Path | None, variant: str, decode_s
               help="Write the sequence state after the prompt to this file (safetensors).")
 @click.option("--load-state", type=click.Path(path_type=Path), default=None,
               help="Continue a state saved with --save-state: the prompt follows its tokens.")
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
+              help="An image for the prompt (repeat for several); needs an export with a vision encoder.")
+@click.option("--video", type=click.Path(path_type=Path), default=None,
+              help="A folder of video frames (sorted by name) for the prompt; give their rate with --fps.")
+@click.option("--fps", type=FiniteFloat(min=0, min_open=True), default=None,
+              help="Frames per second the --video frames were taken at.")
 def generate(export_dir: Path, prompt: str | None, chat: bool, messages_path: Path | None, tools_path: Path | None,
              system: str | None, no_thinking: bool, as_json: bool, max_new_tokens: int, temperature: float,
              top_p: float, seed: int | None, threads: int | None, variant: str | None, speculative: str | None,
-             draft_tokens: int | None, save_state: Path | None, load_state: Path | None) -> None:
+             draft_tokens: int | None, save_state: Path | None, load_state: Path | None, images: tuple[Path, ...],
+             video: Path | None, fps: float | None) -> None:
     """Generate text from an export, streaming tokens to stdout (or one JSON object with --json)."""
     import json
 
     from runtime_py.chat import load_messages, load_tools
     from runtime_py.generate import GenerateRequest, Sampling, generate_text
+    from runtime_py.vision import VisualRequest
 
     if draft_tokens is not None and speculative is None:
         raise QwenEdgeError("--draft-tokens applies to speculative decoding; add --speculative mtp")
     request = GenerateRequest(export_dir, prompt, chat, load_messages(messages_path) if messages_path else None,
                               system, load_tools(tools_path) if tools_path else None, False if no_thinking else None,
                               max_new_tokens, Sampling(temperature, top_p, seed), threads, variant,
-                              (draft_tokens or 2) if speculative else None, save_state, load_state)
+                              (draft_tokens or 2) if speculative else None, save_state, load_state,
+                              VisualRequest(images, video, fps))
     result = generate_text(request, None if as_json else lambda text: click.echo(text, nl=False))
     click.echo(json.dumps(result.to_json(), ensure_ascii=False) if as_json else "")
 

@@ -27,6 +27,7 @@ from graphs.file_checks import read_json
 from quant.schemes import SCHEMES, Scheme
 from runtime_py.export_format import EXPORT_FORMAT, SUPPORT_FILES, qwen_edge_version, write_manifest
 from runtime_py.tokenizer import check_support_files
+from runtime_py.vision_preprocess import write_flat_processor_files
 
 ACTIVATIONS = ("float32", "float16")  # groups are prepared in this order
 
@@ -104,6 +105,8 @@ def run_export(request: ExportRequest, backend: ExportBackend) -> Path:
             backend.release(prepared)
         backend.finish(tmp, stages)
         copied = stages.run(lambda: copy_support_files(folder, tmp))
+        if checkpoint.vision is not None:  # clients read the flat processor files (transformers.js only those)
+            copied = sorted({*copied, *write_flat_processor_files(folder, tmp)})
         write_manifest(tmp, {
             "export_format": EXPORT_FORMAT,
             "qwen_edge_version": qwen_edge_version(),

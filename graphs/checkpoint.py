@@ -25,17 +25,18 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from graphs.config import TextConfig, load_text_config
+from graphs.config import TextConfig, VisionConfig, load_text_config, load_vision_config
 from graphs.errors import QwenEdgeError
 from graphs.file_checks import member, read_json
 from graphs.mtp import MTPHead, mtp_layers_problem
 from graphs.qwen3_5 import LogitsMode, Qwen35Decoder
 from graphs.recurrent_ops import CUSTOM_OPS, RecurrentKernels
+from graphs.vision import VisionEncoder, vision_parameter_shapes
 
 # Checkpoint name prefixes of the text decoder: multimodal layout first, then text-only.
 TEXT_PREFIXES = ("model.language_model.", "model.")
-# Parts of a published checkpoint that the text decoder does not use.
-IGNORED_PREFIXES = ("model.visual.", "visual.")
+# Checkpoint name prefixes of the vision tower (graphs/vision.py), loaded beside the decoder.
+VISION_PREFIXES = ("model.visual.", "visual.")
 # Checkpoint name prefixes of the MTP head; its parameters are indexed as `mtp.<name>`.
 MTP_PREFIXES = ("mtp.", "model.mtp.", "model.language_model.mtp.")
 MTP = "mtp."
@@ -48,7 +49,7 @@ PLACEHOLDER_MIN_ELEMENTS = 1025
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """Where one decoder tensor lives: its file, its name inside the file and its bytes' position."""
+    """Where one checkpoint tensor lives: its file, its name inside the file and its bytes' position."""
 
     file: Path
     key: str
@@ -108,10 +109,18 @@ def _indexed_shards(folder: Path, index: Path) -> list[Path]:
     return files
 
 
+def _vision_name(key: str) -> str | None:
+    """Map a checkpoint key to the vision tower's parameter name, or None if it is not the tower's."""
+    for prefix in VISION_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return None
+
+
 def _decoder_name(key: str) -> str | None:
     """Map a checkpoint key to the decoder's parameter name (`mtp.*` for the MTP head), or None if
-    neither uses it."""
-    if key.startswith(IGNORED_PREFIXES):
+    neither uses it (the vision tower's keys: `_vision_name`)."""
+    if _vision_name(key) is not None:
         return None
     for prefix in MTP_PREFIXES:
         if key.startswith(prefix):
@@ -124,19 +133,23 @@ def _decoder_name(key: str) -> str | None:
     return None
 
 
-def index_tensors(folder: Path) -> dict[str, TensorEntry]:
-    """Read only the headers of every shard: decoder parameter name -> where it is stored."""
+def index_tensors(folder: Path) -> tuple[dict[str, TensorEntry], dict[str, TensorEntry]]:
+    """Read only the headers of every shard: parameter name -> where it is stored, for the decoder
+    and for the vision tower."""
     entries: dict[str, TensorEntry] = {}
+    vision: dict[str, TensorEntry] = {}
     for file in _shard_files(folder):
         try:
             with safe_open(file, framework="pt") as handle:  # validates the header and every range
                 offsets = _data_offsets(file)
                 for key in handle.keys():
-                    name = _decoder_name(key)
+                    name, into = _decoder_name(key), entries
+                    if name is None:
+                        name, into = _vision_name(key), vision
                     if name is None:
                         continue
                     tslice = handle.get_slice(key)
-                    entries[name] = TensorEntry(file, key, tuple(tslice.get_shape()), tslice.get_dtype(), offsets[key])
+                    into[name] = TensorEntry(file, key, tuple(tslice.get_shape()), tslice.get_dtype(), offsets[key])
         except QwenEdgeError:
             raise
         except Exception as exc:  # safetensors raises several types for damaged files
@@ -144,7 +157,7 @@ def index_tensors(folder: Path) -> dict[str, TensorEntry]:
             raise QwenEdgeError(
                 f"{file}: unreadable safetensors file ({detail}); it is truncated or corrupt, re-download it"
             ) from None
-    return entries
+    return entries, vision
 
 
 def expected_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
@@ -191,6 +204,19 @@ def check_against_config(cfg: TextConfig, entries: dict[str, TensorEntry], folde
         )
 
 
+def check_vision_against_config(cfg: VisionConfig, entries: dict[str, TensorEntry], folder: Path) -> None:
+    """The vision tower's tensors (named without their `model.visual.` prefix) against `vision_config`."""
+    expected = vision_parameter_shapes(cfg)
+    _check_shapes(expected, entries, folder, "the vision tower (model.visual.*) does not match config.json's "
+                                             "vision_config")
+    unexpected = sorted(set(entries) - set(expected))
+    if unexpected:
+        raise QwenEdgeError(
+            f"{folder}: tensor 'model.visual.{unexpected[0]}' is not part of the vision tower described by "
+            f"config.json's vision_config ({len(unexpected)} such); the weights and config.json are from different models"
+        )
+
+
 def mtp_config(cfg: TextConfig, entries: dict[str, TensorEntry], folder: Path, wanted: bool = True) -> tuple[TextConfig, str | None]:
     """The config with `mtp_num_hidden_layers` set to the head layers that will be loaded, and why
     none are when the checkpoint has a head that is left out.
@@ -222,12 +248,15 @@ class Checkpoint:
     """A validated checkpoint folder: its config and an index of its decoder (and MTP head) tensors.
 
     `config.mtp_num_hidden_layers` is 1 when the MTP head will be loaded, 0 otherwise;
-    `mtp_note` says why a head the checkpoint carries is left out."""
+    `mtp_note` says why a head the checkpoint carries is left out. `vision` is the tower's config
+    when the checkpoint carries `model.visual.*` weights (else None)."""
 
     folder: Path
     config: TextConfig
     tensors: dict[str, TensorEntry]
     mtp_note: str | None = None
+    vision: VisionConfig | None = None
+    vision_tensors: dict[str, TensorEntry] | None = None
 
     @property
     def has_mtp(self) -> bool:
@@ -239,23 +268,7 @@ class Checkpoint:
 
     def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows `start:stop` (along the first axis) of a decoder tensor as float32, read from disk."""
-        entry = self.tensors[self.source_name(name)]
-        stop = entry.shape[0] if stop is None else stop
-        item, row = ITEM_BYTES[entry.dtype], entry.row_elements
-        count = (stop - start) * row
-        fd = os.open(entry.file, os.O_RDONLY)
-        try:
-            raw = os.pread(fd, count * item, entry.offset + start * row * item)
-        finally:
-            os.close(fd)
-        if len(raw) != count * item:
-            raise QwenEdgeError(f"{entry.file}: ended while reading tensor '{entry.key}'; the file is truncated, "
-                                "re-download it")
-        if entry.dtype == "BF16":  # bf16 is the top half of an fp32: widening is exact
-            values = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
-        else:
-            values = np.frombuffer(raw, np.float16 if entry.dtype == "F16" else np.float32).astype(np.float32)
-        return values.reshape(stop - start, *entry.shape[1:])
+        return read_entry_rows(self.tensors[self.source_name(name)], start, stop)
 
     def iter_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield decoder tensors one at a time, converted to `dtype`, read from disk."""
@@ -277,6 +290,18 @@ class Checkpoint:
             else:
                 params[name] = torch.from_numpy(self.read_rows(name)).to(dtype)
         return params
+
+    def build_vision_encoder(self, dtype: torch.dtype = torch.float32) -> VisionEncoder:
+        """The vision tower with this checkpoint's weights, in `dtype` (the checkpoint must have one)."""
+        if self.vision is None or self.vision_tensors is None:
+            raise QwenEdgeError(f"{self.folder}: has no vision tower (no model.visual.* weights)")
+        with torch.device("meta"):
+            model = VisionEncoder(self.vision)
+        entries = self.vision_tensors
+        names = sorted(vision_parameter_shapes(self.vision), key=lambda n: (str(entries[n].file), entries[n].offset))
+        params = {name: torch.from_numpy(read_entry_rows(entries[name])).to(dtype) for name in names}
+        model.load_state_dict(params, strict=True, assign=True)
+        return model.eval()
 
     def build_decoder(self, dtype: torch.dtype = torch.float32, kernels: RecurrentKernels = CUSTOM_OPS,
                       logits: LogitsMode = "all") -> Qwen35Decoder:
@@ -324,6 +349,26 @@ class Checkpoint:
         return head.eval()
 
 
+def read_entry_rows(entry: TensorEntry, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Rows `start:stop` (along the first axis) of one stored tensor as float32, read from disk."""
+    stop = entry.shape[0] if stop is None else stop
+    item, row = ITEM_BYTES[entry.dtype], entry.row_elements
+    count = (stop - start) * row
+    fd = os.open(entry.file, os.O_RDONLY)
+    try:
+        raw = os.pread(fd, count * item, entry.offset + start * row * item)
+    finally:
+        os.close(fd)
+    if len(raw) != count * item:
+        raise QwenEdgeError(f"{entry.file}: ended while reading tensor '{entry.key}'; the file is truncated, "
+                            "re-download it")
+    if entry.dtype == "BF16":  # bf16 is the top half of an fp32: widening is exact
+        values = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        values = np.frombuffer(raw, np.float16 if entry.dtype == "F16" else np.float32).astype(np.float32)
+    return values.reshape(stop - start, *entry.shape[1:])
+
+
 def is_placeholder(name: str, shape: tuple[int, ...]) -> bool:
     """Is this parameter a placeholder in a skeleton decoder: a 2-D matrix of PLACEHOLDER_MIN_ELEMENTS or more."""
     return len(shape) == 2 and shape[0] * shape[1] >= PLACEHOLDER_MIN_ELEMENTS
@@ -336,7 +381,14 @@ def open_checkpoint(folder: Path | str, mtp: bool = True) -> Checkpoint:
     if not folder.is_dir():
         raise QwenEdgeError(f"{folder}: no such checkpoint folder; pass a folder with config.json and *.safetensors")
     cfg = load_text_config(folder)
-    entries = index_tensors(folder)
+    entries, vision_entries = index_tensors(folder)
     check_against_config(cfg, entries, folder)
     cfg, note = mtp_config(cfg, entries, folder, mtp)
-    return Checkpoint(folder, cfg, entries, note)
+    vision = load_vision_config(folder) if vision_entries else None
+    if vision is None:  # a text-only checkpoint, or a qwen3_5 one shipped without its tower
+        return Checkpoint(folder, cfg, entries, mtp_note=note)
+    check_vision_against_config(vision, vision_entries, folder)
+    if vision.out_hidden_size != cfg.hidden_size:
+        raise QwenEdgeError(f"{folder}: vision_config.out_hidden_size {vision.out_hidden_size} differs from the text "
+                            f"hidden_size {cfg.hidden_size}; the image features cannot enter the decoder")
+    return Checkpoint(folder, cfg, entries, mtp_note=note, vision=vision, vision_tensors=vision_entries)

@@ -290,6 +290,82 @@ def preset_config_dict(name: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+# ---- the vision tower (`vision_config` of a `qwen3_5` checkpoint) ------------------------------
+# transformers' Qwen3_5VisionConfig / Qwen3_5Config defaults, used for keys a config.json leaves out.
+VISION_DEFAULTS = {"depth": 27, "hidden_size": 1152, "hidden_act": "gelu_pytorch_tanh", "intermediate_size": 4304,
+                   "num_heads": 16, "in_channels": 3, "patch_size": 16, "spatial_merge_size": 2,
+                   "temporal_patch_size": 2, "out_hidden_size": 3584, "num_position_embeddings": 2304}
+VISION_TOKEN_DEFAULTS = {"image_token_id": 248056, "video_token_id": 248057, "vision_start_token_id": 248053,
+                         "vision_end_token_id": 248054}
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Shapes of the vision tower (patch embed, learned 2-D positions, rotary ViT blocks, 2×2 merger)
+    and the prompt tokens that carry its output."""
+
+    depth: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    in_channels: int
+    patch_size: int
+    temporal_patch_size: int
+    spatial_merge_size: int
+    num_position_embeddings: int
+    out_hidden_size: int
+    image_token_id: int
+    video_token_id: int
+    vision_start_token_id: int
+    vision_end_token_id: int
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per input patch row: channels × temporal patch × patch × patch (1536 for Qwen3.5)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+
+    @property
+    def position_grid_side(self) -> int:
+        """The learned position table is a side × side grid."""
+        return int(round(self.num_position_embeddings ** 0.5))
+
+    @property
+    def merge_unit(self) -> int:
+        return self.spatial_merge_size ** 2
+
+
+def vision_config_from_dict(raw: dict[str, Any]) -> VisionConfig | None:
+    """The vision tower of a `qwen3_5` config.json (None for a text-only `qwen3_5_text` one)."""
+    if raw.get("model_type") != "qwen3_5":
+        return None
+    vision = {**VISION_DEFAULTS, **(raw.get("vision_config") or {})}
+    if vision.get("hidden_act") != "gelu_pytorch_tanh":
+        raise _bad(f"vision_config.hidden_act {vision['hidden_act']!r} is not supported; Qwen3.5 uses 'gelu_pytorch_tanh'")
+    rope = dict(vision.get("rope_parameters") or {})
+    if rope.get("rope_type", "axial") != "axial":
+        raise _bad(f"vision_config rope_type {rope['rope_type']!r} is not supported; Qwen3.5's tower uses 'axial'")
+    for key in ("patch_size", "temporal_patch_size"):
+        if not isinstance(vision[key], int):
+            raise _bad(f"vision_config.{key} {vision[key]!r}: only a single integer is supported")
+    tokens = {k: int(raw.get(k, v)) for k, v in VISION_TOKEN_DEFAULTS.items()}
+    cfg = VisionConfig(**{k: int(vision[k]) for k in VISION_DEFAULTS if k != "hidden_act"}, **tokens,
+                       rope_theta=float(rope.get("rope_theta", 10000.0)))
+    if cfg.hidden_size % cfg.num_heads or cfg.head_dim % 4:
+        raise _bad("vision_config.hidden_size / num_heads must be a multiple of 4 (2-D rotary halves)")
+    if cfg.position_grid_side ** 2 != cfg.num_position_embeddings:
+        raise _bad(f"vision_config.num_position_embeddings {cfg.num_position_embeddings} is not a square grid")
+    return cfg
+
+
+def load_vision_config(checkpoint_dir: Path) -> VisionConfig | None:
+    return vision_config_from_dict(load_config_json(Path(checkpoint_dir) / "config.json"))
+
+
 GENERATION_CONFIG = "generation_config.json"
 
 

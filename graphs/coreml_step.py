@@ -17,6 +17,13 @@ states untouched; a padding row attends to its own (zero) key only.
 States are fp16 (Core ML accepts no other state dtype). With `recurrent_io=True` the delta-rule
 state is instead one fp32 input `recurrent_in` [linear layers, Hv, dk, dv] and output `recurrent_out`
 that the caller carries between calls.
+
+With `visual_tokens` (the image and video pad ids) the step is the prefill of an image or video
+prompt: `position_ids` is the 3-row mRoPE [3, 1, T] (row 0 = -1 marks padding) and one more input
+
+    image_features  [1, T, hidden] fp32   the vision encoder's rows at the pad tokens (other rows ignored)
+
+replaces the embedding of every pad token, as transformers' masked_scatter does.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ STATE_DTYPE = torch.float16
 
 
 class CoreMLStep(nn.Module):
-    """forward(input_ids, position_ids, attention_mask, write_position[, recurrent_in]) -> (logits[, recurrent_out]).
+    """forward(input_ids, position_ids, attention_mask, write_position[, recurrent_in][, image_features])
+    -> (logits[, recurrent_out]).
 
     Buffers (the Core ML states) carry the names `graphs/state.py` gives them (conv_i, recurrent_i,
     key_i, value_i). The wrapped decoder must be built with the matmul-only kernels and last-position
@@ -40,11 +48,13 @@ class CoreMLStep(nn.Module):
     unchanged, only the attention cache is written into the fixed-capacity buffers.
     """
 
-    def __init__(self, model: Qwen35Decoder, capacity: int, recurrent_io: bool = False) -> None:
+    def __init__(self, model: Qwen35Decoder, capacity: int, recurrent_io: bool = False,
+                 visual_tokens: tuple[int, ...] = ()) -> None:
         super().__init__()
         if model.kernels is not MATMUL_ONLY or model.logits_mode != "last":
             raise ValueError("CoreMLStep needs a decoder built with kernels=MATMUL_ONLY and logits='last'")
         self.model, self.capacity, self.recurrent_io = model, capacity, recurrent_io
+        self.visual_tokens = tuple(visual_tokens)
         self.tensors = state_tensors(model.cfg)
         for t in self.tensors:
             if not (recurrent_io and t.role.role == "recurrent"):
@@ -60,6 +70,10 @@ class CoreMLStep(nn.Module):
         recurrent = [t for t in self.tensors if t.role.role == "recurrent"]
         return (len(recurrent), *recurrent[0].shape(1)[1:])
 
+    def visual_prefill(self, visual_tokens: tuple[int, ...]) -> "CoreMLStep":
+        """The same decoder (shared parameters, same state names) as the image/video prefill step."""
+        return CoreMLStep(self.model, self.capacity, self.recurrent_io, visual_tokens).eval()
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -67,12 +81,18 @@ class CoreMLStep(nn.Module):
         attention_mask: torch.Tensor,
         write_position: torch.Tensor,
         recurrent_in: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         model, cfg = self.model, self.model.cfg
         t = input_ids.shape[1]  # static in an export: the prefill chunk, or 1 for decode
-        real = (position_ids >= 0).to(torch.float32)[..., None]  # [1,T,1]
-        x = model.embed_tokens(input_ids).float() * real
-        cos, sin = rope_cos_sin(cfg, position_ids.clamp(min=0)[None].expand(3, -1, -1), x.dtype)
+        rows = position_ids if self.visual_tokens else position_ids[None].expand(3, -1, -1)  # [3,1,T]
+        real = (rows[0] >= 0).to(torch.float32)[..., None]  # [1,T,1]
+        x = model.embed_tokens(input_ids).float()
+        if self.visual_tokens:  # 1 at a pad token, else 0 (arithmetic: the converter has no boolean or)
+            pad = sum((input_ids == token).to(torch.float32) for token in self.visual_tokens)[..., None]
+            x = x * (1 - pad) + image_features.float() * pad
+        x = x * real
+        cos, sin = rope_cos_sin(cfg, rows.clamp(min=0), x.dtype)
         start = write_position[0].item()  # a dynamic slice start: Core ML slice_update at run time
         torch._check(start >= 0)
         torch._check(start + t <= self.capacity)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from graphs.config import TextConfig
+from graphs.config import TextConfig, VisionConfig
 from graphs.state import BATCH, TOTAL_LENGTH, Dim, StateTensor, mtp_state_tensors, state_tensors
 
 SEQUENCE = "sequence_length"  # new tokens in this call
@@ -112,4 +112,22 @@ def embed_spec(cfg: TextConfig, dtype: str = "float32") -> GraphSpec:
     return GraphSpec(
         (TensorSpec("input_ids", (BATCH, SEQUENCE), "int64", "token ids"),),
         (TensorSpec("inputs_embeds", (BATCH, SEQUENCE, cfg.hidden_size), dtype, "embeddings"),),
+    )
+
+
+PATCHES = "num_patches"  # rows of pixel patches in this call (all images / video frame pairs)
+IMAGES = "num_images"  # entries of image_grid_thw
+IMAGE_TOKENS = "num_image_tokens"  # merged features: num_patches / merge²
+
+
+def vision_spec(cfg: VisionConfig, dtype: str = "float32") -> GraphSpec:
+    """`vision_encoder` (onnx-community / transformers.js contract; onnxruntime-genai's `vision`):
+    pixel patches stay float32 in every variant; the features come out in the variant's activation
+    dtype, the dtype of embed_tokens' output, since clients copy them into inputs_embeds as they are."""
+    return GraphSpec(
+        (TensorSpec("pixel_values", (PATCHES, cfg.patch_dim), "float32",
+                    "normalised pixel patches [C·T·p·p] in merge-block order (the processor's pixel_values)"),
+         TensorSpec("image_grid_thw", (IMAGES, 3), "int64", "per image or video: temporal, height, width in patches")),
+        (TensorSpec("image_features", (IMAGE_TOKENS, cfg.out_hidden_size), dtype,
+                    "one embedding per 2×2 block, images in order; they replace the <|image_pad|> rows"),),
     )

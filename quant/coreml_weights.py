@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from graphs.config import TextConfig
+from graphs.config import TextConfig, VisionConfig
 from quant.schemes import Scheme
 
 PALETTE_GROUP = 16  # output channels sharing one LUT
@@ -73,12 +73,18 @@ def kmeans_lut(values: np.ndarray, nbits: int = 4, iterations: int = 12) -> tupl
 
 def compress_weights(mlmodel, scheme: Scheme, cfg: TextConfig):  # noqa: ANN001, ANN201
     """The scheme's weight compression applied to a converted mlprogram (float schemes: unchanged)."""
-    from coremltools.optimize import coreml as cto
-
     if scheme.coreml == "float":
         return mlmodel
     chosen = {const: scheme.bits_for(param) for const, param in weight_constants(mlmodel, cfg).items()}
-    chosen = {const: bits for const, bits in chosen.items() if bits}
+    return _compress(mlmodel, scheme, {const: bits for const, bits in chosen.items() if bits})
+
+
+def _compress(mlmodel, scheme: Scheme, chosen: dict[str, int]):  # noqa: ANN001, ANN202
+    """Compress the named weight constants (const op name -> bits) as the scheme says."""
+    from coremltools.optimize import coreml as cto
+
+    if scheme.coreml == "float" or not chosen:
+        return mlmodel
 
     def op_config(bits: int) -> object:  # weight_threshold 1: the predicate, not the size, decides
         if scheme.coreml == "palette4":
@@ -94,3 +100,29 @@ def compress_weights(mlmodel, scheme: Scheme, cfg: TextConfig):  # noqa: ANN001,
     if scheme.coreml == "palette4":
         return cto.palettize_weights(mlmodel, config)
     return cto.linear_quantize_weights(mlmodel, config)
+
+
+# The vision tower's parameters as the fixed-size wrapper lifts them: `encoder.X.Y` -> `p_encoder_X_Y`.
+_VISION_PREFIX = "p_encoder_"
+
+
+def vision_weight_constants(mlmodel, cfg: VisionConfig) -> dict[str, str]:  # noqa: ANN001
+    """{const op name: vision tower parameter name} of the weight constants in a converted program."""
+    from graphs.vision import vision_parameter_shapes
+
+    names = {_VISION_PREFIX + name.replace(".", "_"): name for name in vision_parameter_shapes(cfg)}
+    found = {}
+    for function in mlmodel._mil_program.functions.values():
+        for op in function.operations:
+            name = op.name
+            for suffix in _SUFFIXES:
+                name = name.removesuffix(suffix)
+            if op.op_type == "const" and name in names:
+                found[op.name] = names[name]
+    return found
+
+
+def compress_vision_weights(mlmodel, scheme: Scheme, cfg: VisionConfig):  # noqa: ANN001, ANN201
+    """The scheme's compression of a converted vision function, under the vision predicate."""
+    chosen = {const: scheme.vision_bits_for(param) for const, param in vision_weight_constants(mlmodel, cfg).items()}
+    return _compress(mlmodel, scheme, {const: bits for const, bits in chosen.items() if bits})

@@ -13,6 +13,7 @@ quantized bytes (same layout: [vocab, hidden] blocked along hidden), so the embe
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,9 +103,12 @@ def _constant(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value
     return value
 
 
-def quantize_projections(model: ir.Model, scheme: Scheme, opts: QuantOptions) -> QuantizedHead | None:
+def quantize_projections(model: ir.Model, scheme: Scheme, opts: QuantOptions,
+                         format_for: Callable[[str], WeightFormat | None] | None = None) -> QuantizedHead | None:
     """Replace every MatMul whose weight the scheme compresses by MatMulNBits, in place. Returns the
-    quantized LM head (None when the scheme leaves it float)."""
+    quantized LM head (None when the scheme leaves it float). `format_for` is another graph's
+    recipe (the vision tower's: Scheme.vision_weight_format), by default the decoder's."""
+    format_for = format_for or (lambda param: scheme.weight_format(param, opts))
     graph = model.graph
     lm_head = None
     for node in list(graph):
@@ -113,7 +117,7 @@ def quantize_projections(model: ir.Model, scheme: Scheme, opts: QuantOptions) ->
         weight_value = node.inputs[1]
         weight = weight_value.const_value
         path = module_path(node)
-        fmt = None if path is None else scheme.weight_format(path + ".weight", opts)
+        fmt = None if path is None else format_for(path + ".weight")
         if weight is None or fmt is None:
             continue
         k, n = weight.shape

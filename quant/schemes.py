@@ -40,6 +40,24 @@ def is_compressed(param: str) -> bool:
     return leaf == "weight" and module.rsplit(".", 1)[-1] in LARGE_PROJECTIONS
 
 
+# The vision tower's large matmuls (graphs/vision.py): attention qkv and output, the block MLPs and
+# the merger's MLP. The patch embedding, the learned position table and the norms stay float.
+VISION_PROJECTIONS = frozenset({"qkv", "proj", "linear_fc1", "linear_fc2"})
+
+
+def is_compressed_vision(param: str) -> bool:
+    """Does a compressing scheme compress this vision tower parameter (e.g. `blocks.0.attn.qkv.weight`)?"""
+    module, _, leaf = param.rpartition(".")
+    return leaf == "weight" and module.rsplit(".", 1)[-1] in VISION_PROJECTIONS and not module.startswith("patch_embed")
+
+
+# The vision tower's gate for 4-bit weights: relative RMS error of the image features against the
+# float tower on a fixed synthetic input. A 4-bit scheme whose tower misses it stores the tower's
+# matmuls in 8 bits instead (recorded per variant as `vision_weight_bits`).
+VISION_INT4_MAX_ERROR = 0.1
+VISION_FALLBACK_BITS = 8
+
+
 @dataclass(frozen=True)
 class WeightFormat:
     """How one compressed tensor is stored: integer bits, block size along the input dimension, symmetry."""
@@ -88,6 +106,19 @@ class Scheme:
     def mtp_file(self) -> str:
         """The MTP head's ONNX graph inside an export folder (exports of checkpoints with a head)."""
         return f"onnx/mtp{self.suffix}.onnx"
+
+    def vision_file(self) -> str:
+        """The vision encoder's ONNX graph path inside an export folder."""
+        return f"onnx/vision_encoder{self.suffix}.onnx"
+
+    def vision_bits_for(self, param: str) -> int | None:
+        """Stored bits of one vision tower parameter's compressed weight, or None when it stays float."""
+        return self.weight_bits if self.weight_bits and is_compressed_vision(param) else None
+
+    def vision_weight_format(self, param: str, opts: "QuantOptions") -> WeightFormat | None:
+        """How the ONNX export stores one vision tower parameter (None: float)."""
+        bits = self.vision_bits_for(param)
+        return None if bits is None else WeightFormat(bits, opts.block_size, opts.symmetric)
 
     @property
     def coreml_package(self) -> str:

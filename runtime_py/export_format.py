@@ -5,8 +5,11 @@ Everything they share about that folder is defined here, without torch, so an ap
 packaging job runs without PyTorch installed.
 
     OUT/qwen_edge.json                 this manifest (schema `EXPORT_FORMAT`)
-    OUT/onnx/<graph>{suffix}.onnx      ONNX exports (+ `.onnx_data` beside each)
-    OUT/coreml/model{suffix}.mlpackage Core ML exports
+    OUT/onnx/<graph>{suffix}.onnx      ONNX exports (+ `.onnx_data` beside each); a checkpoint with a
+                                       vision tower adds `vision_encoder{suffix}.onnx` (variant key
+                                       "vision_encoder")
+    OUT/coreml/model{suffix}.mlpackage Core ML exports (functions prefill, decode[, prefill_visual])
+    OUT/coreml/vision_encoder{suffix}.mlpackage  with --image-sizes: one function per size (`coreml_vision_function`)
     OUT/config.json, tokenizer.json, ...   the checkpoint's support files (`SUPPORT_FILES`)
 """
 
@@ -28,9 +31,15 @@ EXPORT_FORMAT = 1  # version of the manifest's schema
 SUPPORT_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "preprocessor_config.json",
+    "video_preprocessor_config.json", "processor_config.json",
 )
 COREML_MIN_DEPLOYMENT = "iOS18 / macOS15"  # Core ML states (ct.StateType)
 MIN_IOS = "18.0"
+
+
+def coreml_vision_function(width: int, height: int) -> str:
+    """The Core ML vision package's function for images of width × height pixels."""
+    return f"image_{width}x{height}"
 
 
 @dataclass(frozen=True)
@@ -207,3 +216,12 @@ def variant_fingerprint(export_dir: Path, variant: str) -> str:
     """The variant's fingerprint: recorded at export (`fingerprint`), else computed from its files."""
     record = variant_record(export_dir, variant)
     return record.get("fingerprint") or fingerprint_files(export_dir, variant_files(export_dir, record))
+
+
+def onnx_vision_file(export_dir: Path, variant: str) -> Path:
+    """The vision encoder graph of one ONNX variant; a clear error for an export without one."""
+    record = variant_record(export_dir, variant)
+    if "vision_encoder" not in record:
+        raise QwenEdgeError(f"{export_dir}: this export has no vision encoder (text-only); --image and --video need "
+                            "an export of a qwen3_5 checkpoint that carries its vision tower (model.visual.* weights)")
+    return Path(export_dir) / record["vision_encoder"]

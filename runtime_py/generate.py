@@ -14,6 +14,7 @@ from runtime_py.chat import parse_assistant
 from runtime_py.export_format import export_variants
 from runtime_py.session import OnnxModel
 from runtime_py.tokenizer import StreamDecoder, TextTokenizer
+from runtime_py.vision import MultimodalPrompt, VisualRequest, visual_parts, visual_prompt, with_visuals
 
 
 @dataclass(frozen=True)
@@ -66,14 +67,21 @@ def generate(
     sampling: Sampling = Sampling(),
     stop_ids: Iterable[int] = (),
     on_token: Callable[[int], None] | None = None,
+    visual: MultimodalPrompt | None = None,
 ) -> list[int]:
-    """Prefill the prompt in one call, then decode one token per call. Returns the new token ids."""
+    """Prefill the prompt in one call, then decode one token per call. Returns the new token ids.
+
+    `visual` (runtime_py/vision.py) is a prompt with images or video: its embeddings (features
+    scattered in) and mRoPE positions are prefilled instead of `prompt_ids`' plain embeddings."""
     if not prompt_ids:
         raise ValueError("the prompt is empty; give at least one token")
     stop = set(stop_ids)
     rng = np.random.default_rng(sampling.seed)
     state = model.new_state(1)
-    logits = model.forward(np.array([prompt_ids], np.int64), state)[0, -1]
+    if visual is None:
+        logits = model.forward(np.array([prompt_ids], np.int64), state)[0, -1]
+    else:
+        logits = model.forward_embeds(visual.embeds, state, position_ids=visual.positions)[0, -1]
     generated: list[int] = []
     for _ in range(max_new_tokens):
         token = choose_token(logits, sampling, rng)
@@ -112,15 +120,22 @@ def generate_chat(model: OnnxModel, tokenizer: TextTokenizer, messages: list[dic
                   sampling: Sampling = Sampling(), *, tools: list[dict] | None = None,
                   enable_thinking: bool | None = None, stop_ids: Iterable[int] = (),
                   on_token: Callable[[int], None] | None = None, context: int | None = None,
-                  decode: Callable[..., list[int]] | None = None) -> GenerateResult:
+                  decode: Callable[..., list[int]] | None = None,
+                  visual: Callable[[str], MultimodalPrompt] | None = None) -> GenerateResult:
     """Render `messages` with the model's chat template (as transformers does), generate, parse the reply.
     `context` (the model's positions) refuses a longer prompt and ends generation there. decode: what
-    generates (default `generate`; generate_text passes speculative or state-aware decoding)."""
+    generates (default `generate`; generate_text passes speculative or state-aware decoding).
+    `visual` turns the rendered prompt of a conversation with images or video into its prefill
+    (decoded by `generate`)."""
     prompt = tokenizer.apply_chat_template(messages, tools=tools, enable_thinking=enable_thinking)
-    prompt_ids = tokenizer.encode(prompt)
+    prepared = visual(prompt) if visual is not None else None
+    prompt_ids = prepared.ids if prepared is not None else tokenizer.encode(prompt)
     if context is not None:
         max_new_tokens = room_for(prompt_ids, max_new_tokens, context)
-    ids = (decode or generate)(model, prompt_ids, max_new_tokens, sampling, stop_ids, on_token)
+    if prepared is not None:
+        ids = generate(model, prompt_ids, max_new_tokens, sampling, stop_ids, on_token, visual=prepared)
+    else:
+        ids = (decode or generate)(model, prompt_ids, max_new_tokens, sampling, stop_ids, on_token)
     raw = tokenizer.decode(ids, skip_special_tokens=False)
     reply = parse_assistant(raw, thinking=prompt.rstrip().endswith("<think>"), tools=tools)
     return GenerateResult(prompt_ids, ids, tokenizer.decode(ids), reply)
@@ -144,6 +159,7 @@ class GenerateRequest:
     draft_tokens: int | None = None  # speculative decoding with the export's MTP head (--speculative mtp)
     save_state: Path | None = None  # the sequence state after the prompt, to a file (runtime_py/state_file.py)
     load_state: Path | None = None  # continue a saved state: the prompt follows its tokens
+    visual: VisualRequest = field(default_factory=VisualRequest)  # --image / --video / --fps
 
     def conversation(self) -> list[dict] | None:
         """The messages to render, or None for a plain prompt; refuses options that cannot apply."""
@@ -160,12 +176,7 @@ class GenerateRequest:
             if messages[0].get("role") == "system":
                 raise QwenEdgeError("--system and a system message in --messages: give the system prompt once")
             messages.insert(0, {"role": "system", "content": self.system})
-        for i, message in enumerate(messages):
-            content = message.get("content")
-            if isinstance(content, list) and any(part.get("type") != "text" for part in content):
-                raise QwenEdgeError(f"messages[{i}] holds an image or video part, and this export has no vision "
-                                    "encoder; give text parts only")
-        return messages
+        return with_visuals(messages, self.visual)
 
 
 def room_for(prompt_ids: list[int], max_new_tokens: int, context: int) -> int:
@@ -184,22 +195,35 @@ def generate_text(request: GenerateRequest, on_text: Callable[[str], None] | Non
     """Generate for `request`, streaming the text through `on_text` (a plain prompt is echoed first)."""
     messages = request.conversation()
     tokenizer = TextTokenizer(request.export_dir)
-    model = OnnxModel(request.export_dir, request.variant or export_variants(request.export_dir)[0],
-                      threads=request.threads)
+    variant = request.variant or export_variants(request.export_dir)[0]
+    model = OnnxModel(request.export_dir, variant, threads=request.threads)
     stream = StreamDecoder(tokenizer)
     on_token = None if on_text is None else (lambda t: on_text(stream.push(t)))
     stops = stop_ids(request.export_dir)
     context = load_text_config(request.export_dir).max_position_embeddings
+    parts = visual_parts(messages) if messages is not None else request.visual.parts()
+    if parts and (request.draft_tokens is not None or request.save_state or request.load_state):
+        raise QwenEdgeError("images and video run with plain decoding only: drop --speculative, --save-state and "
+                            "--load-state, or the image and video parts")
     decode = _decoder(request, model)
+
+    def prepare(text: str, plain: bool = False) -> MultimodalPrompt:  # the image / video prefill
+        return visual_prompt(request.export_dir, variant, text, parts, tokenizer, model, request.max_new_tokens,
+                             request.threads, plain=plain, default_fps=request.visual.fps)
+
     if messages is not None:
         return generate_chat(model, tokenizer, messages, request.max_new_tokens, request.sampling, tools=request.tools,
                              enable_thinking=request.thinking, stop_ids=stops, on_token=on_token, context=context,
-                             decode=decode)
-    prompt_ids = tokenizer.encode(request.prompt)
+                             decode=decode, visual=prepare if parts else None)
+    prepared = prepare(request.prompt, plain=True) if parts else None
+    prompt_ids = prepared.ids if prepared is not None else tokenizer.encode(request.prompt)
     max_new_tokens = room_for(prompt_ids, request.max_new_tokens, context)
     if on_text is not None:
         on_text(request.prompt)
-    ids = decode(model, prompt_ids, max_new_tokens, request.sampling, stops, on_token)
+    if prepared is not None:
+        ids = generate(model, prompt_ids, max_new_tokens, request.sampling, stops, on_token, visual=prepared)
+    else:
+        ids = decode(model, prompt_ids, max_new_tokens, request.sampling, stops, on_token)
     return GenerateResult(prompt_ids, ids, tokenizer.decode(ids))
 
 

@@ -68,17 +68,23 @@ def _zero_state(session: ort.InferenceSession, batch: int) -> SequenceState:
 
 
 def _run_stateful(session: ort.InferenceSession, feeds: dict[str, np.ndarray], state: SequenceState,
-                  new_mask: np.ndarray, wanted: list[str]) -> list[np.ndarray]:
+                  new_mask: np.ndarray, wanted: list[str], position_ids: np.ndarray | None = None) -> list[np.ndarray]:
     """One call: `feeds` plus the mask, positions and state of `state`, which it then advances by
-    the `new_mask` tokens. Returns the `wanted` outputs."""
+    the `new_mask` tokens. Returns the `wanted` outputs. `position_ids` [3, B, T]: explicit mRoPE
+    positions; the next call then continues from their maximum + 1."""
     b, t = new_mask.shape
-    # Positions count real tokens only, so a left-padded row starts at 0 like an unpadded one.
-    positions = state.positions[:, None] + np.cumsum(new_mask, axis=1) - 1
-    positions = np.where(new_mask > 0, positions, 0).astype(np.int64)
+    if position_ids is None:
+        # Positions count real tokens only, so a left-padded row starts at 0 like an unpadded one.
+        positions = state.positions[:, None] + np.cumsum(new_mask, axis=1) - 1
+        positions = np.where(new_mask > 0, positions, 0).astype(np.int64)
+        position_ids = np.broadcast_to(positions, (3, b, t))
+        next_positions = state.positions + new_mask.sum(axis=1)
+    else:
+        next_positions = position_ids.max(axis=(0, 2)) + 1
     mask = np.concatenate([state.attention_mask, new_mask], axis=1)
     inputs = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in feeds.items()}
     inputs["attention_mask"] = ort.OrtValue.ortvalue_from_numpy(mask)
-    inputs["position_ids"] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(np.broadcast_to(positions, (3, b, t))))
+    inputs["position_ids"] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(position_ids, dtype=np.int64))
     inputs.update(state.values)
     # run_with_ort_values, not IO binding: only it accepts an input that has a default (logit_positions)
     names = [o.name for o in session.get_outputs() if o.name in wanted or is_state_output(o.name)]
@@ -89,7 +95,7 @@ def _run_stateful(session: ort.InferenceSession, feeds: dict[str, np.ndarray], s
         else:
             results[name] = value.numpy()
     state.attention_mask = mask
-    state.positions = state.positions + new_mask.sum(axis=1)
+    state.positions = next_positions
     return [results[n] for n in wanted]
 
 
@@ -143,12 +149,16 @@ class OnnxModel:
         """
         return self.forward_embeds(self.embed_ids(input_ids), state, token_mask)
 
-    def forward_embeds(self, embeds: np.ndarray, state: SequenceState, token_mask: np.ndarray | None = None) -> np.ndarray:
+    def forward_embeds(self, embeds: np.ndarray, state: SequenceState, token_mask: np.ndarray | None = None,
+                       position_ids: np.ndarray | None = None) -> np.ndarray:
+        """`position_ids` [3, B, T]: explicit mRoPE positions (an image prompt, runtime_py/vision.py);
+        the next call then continues from their maximum + 1. Default: text positions."""
         t = embeds.shape[1]
         if t <= self.prefill_chunk:
-            return self._run(embeds, state, token_mask)[0]
+            return self._run(embeds, state, token_mask, position_ids=position_ids)[0]
         pieces = [self._run(embeds[:, i : i + self.prefill_chunk], state,
-                            None if token_mask is None else token_mask[:, i : i + self.prefill_chunk])[0]
+                            None if token_mask is None else token_mask[:, i : i + self.prefill_chunk],
+                            position_ids=None if position_ids is None else position_ids[:, :, i : i + self.prefill_chunk])[0]
                   for i in range(0, t, self.prefill_chunk)]
         return np.concatenate(pieces, axis=1) if self.all_logits else pieces[-1]
 
@@ -171,17 +181,17 @@ class OnnxModel:
         return logits, np.concatenate(hidden, axis=1)
 
     def _run(self, embeds: np.ndarray, state: SequenceState, token_mask: np.ndarray | None,
-             logits_last: int | None = None) -> list[np.ndarray]:
+             logits_last: int | None = None, position_ids: np.ndarray | None = None) -> list[np.ndarray]:
         """One decoder call. With `logits_last` (draftable decoders): logits of the last n positions,
-        and the hidden states too."""
+        and the hidden states too. `position_ids`: explicit mRoPE positions (see `forward_embeds`)."""
         b, t = embeds.shape[:2]
         new_mask = np.ones((b, t), np.int64) if token_mask is None else token_mask.astype(np.int64)
         feeds = {"inputs_embeds": np.ascontiguousarray(embeds, dtype=self.embeds_dtype)}
         if logits_last is None:
-            return _run_stateful(self.decoder, feeds, state, new_mask, ["logits"])
+            return _run_stateful(self.decoder, feeds, state, new_mask, ["logits"], position_ids)
         if self.selects_logits:
             feeds["logit_positions"] = np.arange(-logits_last, 0, dtype=np.int64)
-        return _run_stateful(self.decoder, feeds, state, new_mask, ["logits", "hidden_states"])
+        return _run_stateful(self.decoder, feeds, state, new_mask, ["logits", "hidden_states"], position_ids)
 
 
 class MtpHead:

@@ -194,3 +194,31 @@ def default_coreml(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     return built_once(tmp_path_factory, "coreml", lambda root: export_coreml(
         "default", root / "default", "fp32,q4", CoreMLOptions(context=COREML_CONTEXT), progress=False))
+
+
+# A multimodal checkpoint: untied embeddings (a tied random model just repeats its last input token,
+# which would make greedy agreement meaningless) and a seed under which the image changes the tokens.
+VL_SEED = 5
+VL_SCHEMES = "fp32,q8,q4"  # one trace; fp16 is checked on the tower alone (tests/test_vision.py)
+
+
+@pytest.fixture(scope="session")
+def tiny_vl_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vision_checkpoint import write_tiny_vl_checkpoint
+
+    return built_once(tmp_path_factory, "vl", lambda root: write_tiny_vl_checkpoint(
+        tiny_config(tie=False), root / "checkpoint", VL_SEED))
+
+
+@pytest.fixture(scope="session")
+def tiny_vl_export(tiny_vl_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The multimodal checkpoint exported with contrib ops (what every bundle carries), three variants."""
+    return built_once(tmp_path_factory, "vl_export", lambda root: export_onnx(
+        tiny_vl_checkpoint, root / "export", VL_SCHEMES, OnnxOptions("contrib"), progress=False))
+
+
+@pytest.fixture(scope="session")
+def test_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from vision_checkpoint import write_test_images
+
+    return built_once(tmp_path_factory, "images", lambda root: write_test_images(root))

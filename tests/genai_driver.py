@@ -30,3 +30,22 @@ def genai_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:  # noq
         generator.generate_next_token()
         got.append(int(generator.get_next_tokens()[0]))
     return got
+
+
+def genai_image_greedy(bundle: Path, prompt: str, image: Path | None, max_length: int, new_tokens: int) -> list[int]:
+    """Greedy tokens of a rendered prompt (one <|vision_start|><|image_pad|><|vision_end|> per image)
+    through genai's multimodal processor and vision-language pipeline, as an app runs them."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(bundle))
+    processor = model.create_multimodal_processor()
+    inputs = processor(prompt, images=og.Images.open(str(image)) if image else None)
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=max_length)
+    generator = og.Generator(model, params)
+    generator.set_inputs(inputs)
+    tokens: list[int] = []
+    while not generator.is_done() and len(tokens) < new_tokens:
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens

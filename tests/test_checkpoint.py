@@ -50,14 +50,37 @@ def test_missing_shard_named_by_index(tmp_path):
         open_checkpoint(ck)
 
 
-def test_vision_and_mtp_weights_are_ignored(tmp_path):
+def test_mtp_weights_are_ignored(tmp_path):
     ck = write_random_checkpoint(tiny_config(multimodal=True), tmp_path, multimodal_names=True)
     tensors = load_file(ck / "model.safetensors")
     tensors["mtp.fc.weight"] = torch.zeros(4, 4)
+    save_file(tensors, ck / "model.safetensors")
+    checkpoint = open_checkpoint(ck)
+    assert checkpoint.vision is None  # a qwen3_5 checkpoint shipped without its tower exports text only
+    model = checkpoint.build_decoder()
+    assert model.lm_head.weight is model.embed_tokens.weight  # tied
+
+
+def test_vision_tower_is_loaded_and_shape_checked(tmp_path):
+    from tests.vision_checkpoint import TINY_VISION
+
+    config = dict(tiny_config(multimodal=True), vision_config=dict(TINY_VISION))
+    ck = write_random_checkpoint(config, tmp_path / "ok", multimodal_names=True)
+    checkpoint = open_checkpoint(ck)
+    assert checkpoint.vision.depth == 2 and checkpoint.vision.patch_dim == 1536
+    encoder = checkpoint.build_vision_encoder()
+    torch.testing.assert_close(encoder.blocks[1].attn.qkv.weight,
+                               load_file(ck / "model.safetensors")["model.visual.blocks.1.attn.qkv.weight"].float())
+    tensors = load_file(ck / "model.safetensors")
     tensors["model.visual.blocks.0.attn.qkv.weight"] = torch.zeros(4, 4)
     save_file(tensors, ck / "model.safetensors")
-    model = open_checkpoint(ck).build_decoder()
-    assert model.lm_head.weight is model.embed_tokens.weight  # tied
+    with pytest.raises(QwenEdgeError, match="'model.visual.blocks.0.attn.qkv.weight' has shape \\[4, 4\\] but config.json"):
+        open_checkpoint(ck)
+    del tensors["model.visual.merger.linear_fc2.weight"]
+    tensors["model.visual.blocks.0.attn.qkv.weight"] = torch.zeros(96, 32)
+    save_file(tensors, ck / "model.safetensors")
+    with pytest.raises(QwenEdgeError, match="vision tower tensor 'merger.linear_fc2.weight' is missing"):
+        open_checkpoint(ck)
 
 
 def test_untied_head_is_its_own_tensor(tmp_path):

@@ -2,7 +2,11 @@
 
 Output layout:
     OUT/coreml/model{suffix}.mlpackage   functions `prefill` (chunk tokens) and `decode` (1 token),
+                                         with --image-sizes also `prefill_visual` (chunk tokens,
+                                         3-row positions, image features in: graphs/coreml_step.py),
                                          one copy of the weights, states per layer (fp16)
+    OUT/coreml/vision_encoder{suffix}.mlpackage   with --image-sizes: one function per image size
+                                         (exporter/coreml/vision.py)
     OUT/qwen_edge.json                   format "coreml": chunk, capacity, state mode, I/O, variants
 
 Each function is the eager `graphs.coreml_step.CoreMLStep` exported with `torch.export` (static
@@ -24,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from exporter.coreml.vision import check_image_sizes, convert_size, function_name, write_vision_package
+from exporter.coreml.vision import io_record as vision_io_record
 from exporter.pipeline import files_bytes
 from exporter.progress import Stages
 from graphs.checkpoint import Checkpoint
@@ -32,12 +38,14 @@ from graphs.coreml_step import CoreMLStep
 from graphs.errors import QwenEdgeError
 from graphs.recurrent_ops import MATMUL_ONLY
 from graphs.state import state_tensors
+from graphs.vision import VisionEncoder
 from quant.coreml_weights import compress_weights
 from quant.schemes import Scheme
 from runtime_py.export_format import COREML_MIN_DEPLOYMENT
 
 RECURRENT_MODES = ("state", "io")
 FUNCTIONS = ("prefill", "decode")
+VISUAL_PREFILL = "prefill_visual"  # the prefill of an image or video prompt (exports with --image-sizes)
 DEFAULT_FUNCTION = "decode"
 
 
@@ -48,6 +56,7 @@ class CoreMLOptions:
     chunk: int = 64  # tokens per prefill call
     context: int = 4096  # KV-cache capacity, a multiple of the chunk
     recurrent_state: str = "state"  # "state": fp16 Core ML state; "io": fp32 input/output the app carries
+    image_sizes: tuple[tuple[int, int], ...] = ()  # (width, height) of each vision function; () = no vision
 
     def __post_init__(self) -> None:
         if self.chunk < 1 or self.context < 1:
@@ -67,6 +76,7 @@ class CoreMLBackend:
     def __init__(self, options: CoreMLOptions = CoreMLOptions()) -> None:
         self.options = options
         self.cfg: TextConfig | None = None
+        self.vision: VisionEncoder | None = None
 
     def check(self, schemes: tuple[Scheme, ...]) -> None:
         """Every scheme has a Core ML form; coremltools must be installed."""
@@ -80,7 +90,9 @@ class CoreMLBackend:
                                 "pass a smaller --context")
 
     def prepare_stages(self, activations: str) -> list[str]:
-        return [f"convert {f} ({activations})" for f in FUNCTIONS]
+        sizes = [f"convert vision {w}x{h} ({activations})" for w, h in self.options.image_sizes]
+        visual = [f"convert {VISUAL_PREFILL} ({activations})"] if self.options.image_sizes else []
+        return [f"convert {f} ({activations})" for f in FUNCTIONS] + visual + sizes
 
     def finish_stages(self) -> list[str]:
         return []
@@ -90,25 +102,43 @@ class CoreMLBackend:
 
     def load(self, checkpoint: Checkpoint) -> CoreMLStep:
         self.cfg = checkpoint.config
+        if self.options.image_sizes:
+            if checkpoint.vision is None:
+                raise QwenEdgeError(f"{checkpoint.folder}: --image-sizes needs a checkpoint with a vision tower "
+                                    "(model.visual.* weights); this one is text-only")
+            check_image_sizes(self.options.image_sizes, checkpoint.vision)
+            self.vision = checkpoint.build_vision_encoder()
         model = checkpoint.build_decoder(kernels=MATMUL_ONLY, logits="last")
         return CoreMLStep(model, self.options.context, recurrent_io=self.options.recurrent_state == "io").eval()
 
     def prepare(self, step: CoreMLStep, activations: str, folder: Path, stages: Stages) -> dict:
         (folder / "coreml").mkdir(exist_ok=True)
         tokens = {"prefill": self.options.chunk, "decode": 1}
-        return {f: stages.run(lambda f=f: convert_function(step, tokens[f], activations)) for f in FUNCTIONS}
+        converted = {f: stages.run(lambda f=f: convert_function(step, tokens[f], activations)) for f in FUNCTIONS}
+        if self.vision is not None:
+            visual = step.visual_prefill((self.vision.cfg.image_token_id, self.vision.cfg.video_token_id))
+            converted[VISUAL_PREFILL] = stages.run(lambda: convert_function(visual, self.options.chunk, activations))
+        converted["vision"] = {function_name(w, h): stages.run(lambda w=w, h=h: convert_size(self.vision, w, h, activations))
+                               for w, h in self.options.image_sizes}
+        return converted
 
     def write_variant(self, converted: dict, scheme: Scheme, folder: Path) -> dict:
         parts_dir = folder / f".parts{scheme.suffix}"
         parts_dir.mkdir()
         parts = {}
+        vision = converted.pop("vision", {})
         for function, mlmodel in converted.items():
             parts[function] = parts_dir / f"{function}.mlpackage"
             compress_weights(mlmodel, scheme, self.cfg).save(str(parts[function]))
         merge_functions(parts, folder / scheme.coreml_package)
         shutil.rmtree(parts_dir)
-        return {"package": scheme.coreml_package, "compute_precision": scheme.activations, "weights": scheme.coreml,
-                "weight_bits": scheme.stored_bits, "bytes_on_disk": files_bytes(folder, [scheme.coreml_package])}
+        converted["vision"] = vision
+        record = {"package": scheme.coreml_package, "compute_precision": scheme.activations, "weights": scheme.coreml,
+                  "weight_bits": scheme.stored_bits, "bytes_on_disk": files_bytes(folder, [scheme.coreml_package])}
+        if vision:
+            package = write_vision_package(vision, scheme, self.vision.cfg, folder)
+            record.update(vision_package=package, vision_bytes_on_disk=files_bytes(folder, [package]))
+        return record
 
     def release(self, converted: dict) -> None:
         converted.clear()
@@ -123,7 +153,8 @@ class CoreMLBackend:
             "state_dtype": "float16",
             "padding": "start of the first prefill chunk: token 0, position_id -1",
             "default_function": DEFAULT_FUNCTION,
-            **io_record(cfg, o),
+            **io_record(cfg, o, visual=self.vision is not None),
+            **({"vision": vision_io_record(o.image_sizes, self.vision.cfg)} if self.vision is not None else {}),
         }
 
 
@@ -134,12 +165,17 @@ def require_coremltools(what: str) -> None:
                             "only); export ONNX here, or run this on such a machine with 'pip install coremltools==9.0'")
 
 
-def _example_inputs(tokens: int, step: CoreMLStep) -> tuple[torch.Tensor, ...]:
-    inputs = (torch.zeros(1, tokens, dtype=torch.int32), torch.arange(tokens, dtype=torch.int32)[None],
+def _example_inputs(tokens: int, step: CoreMLStep) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    """(positional, keyword) example inputs; the image features go by keyword so that no None takes a place."""
+    positions = torch.arange(tokens, dtype=torch.int32)[None]
+    if step.visual_tokens:
+        positions = positions[None].expand(3, -1, -1).contiguous()
+    inputs = (torch.zeros(1, tokens, dtype=torch.int32), positions,
               torch.zeros(1, 1, tokens, step.capacity), torch.zeros(1, dtype=torch.int32))
     if step.recurrent_io:
         inputs += (torch.zeros(step.recurrent_io_shape()),)
-    return inputs
+    extra = {"image_features": torch.zeros(1, tokens, step.model.cfg.hidden_size)} if step.visual_tokens else {}
+    return inputs, extra
 
 
 def convert_function(step: CoreMLStep, tokens: int, compute: str):  # noqa: ANN201
@@ -148,7 +184,8 @@ def convert_function(step: CoreMLStep, tokens: int, compute: str):  # noqa: ANN2
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.export.export(step, _example_inputs(tokens, step), strict=False)
+        args, kwargs = _example_inputs(tokens, step)
+        program = torch.export.export(step, args, kwargs, strict=False)
         program = program.run_decompositions({})
     # fp32 outputs in every variant: an fp16 program casts at the end, so the carried state and the
     # logits keep one dtype across variants
@@ -191,7 +228,7 @@ def make_reproducible(package: Path) -> None:
     spec_path.write_bytes(spec.SerializeToString(deterministic=True))
 
 
-def io_record(cfg: TextConfig, options: CoreMLOptions) -> dict:
+def io_record(cfg: TextConfig, options: CoreMLOptions, visual: bool = False) -> dict:
     """The package's inputs, outputs and states per function, as the manifest states them."""
     recurrent_io = options.recurrent_state == "io"
     tensors = state_tensors(cfg)
@@ -199,12 +236,16 @@ def io_record(cfg: TextConfig, options: CoreMLOptions) -> dict:
               if not (recurrent_io and t.role.role == "recurrent")}
     recurrent = [t for t in tensors if t.role.role == "recurrent"]
     functions = {}
-    for name, t in (("prefill", options.chunk), ("decode", 1)):
-        inputs = {"input_ids": [1, t], "position_ids": [1, t], "attention_mask": [1, 1, t, options.context],
+    calls = (("prefill", options.chunk), ("decode", 1)) + (((VISUAL_PREFILL, options.chunk),) if visual else ())
+    for name, t in calls:
+        positions = [3, 1, t] if name == VISUAL_PREFILL else [1, t]
+        inputs = {"input_ids": [1, t], "position_ids": positions, "attention_mask": [1, 1, t, options.context],
                   "write_position": [1]}
         outputs = {"logits": [1, 1, cfg.vocab_size]}
         if recurrent_io:
             inputs["recurrent_in"] = outputs["recurrent_out"] = [len(recurrent), *recurrent[0].shape(1)[1:]]
+        if name == VISUAL_PREFILL:
+            inputs["image_features"] = [1, t, cfg.hidden_size]
         functions[name] = {"inputs": inputs, "outputs": outputs}
     return {"functions": functions, "states": states}
 

@@ -180,7 +180,8 @@ class CoreMLPredictor:
             raise QwenEdgeError("--runner coreml needs macOS 15+ (Core ML); on Linux use the default --runner mil")
         import coremltools as ct
 
-        self.models = {f: ct.models.MLModel(str(package), function_name=f) for f in ("prefill", "decode")}
+        functions = [f.name for f in ct.utils.load_spec(str(package)).description.functions]  # prefill_visual too
+        self.models = {f: ct.models.MLModel(str(package), function_name=f) for f in functions}
         self.state = None
 
     def reset(self) -> None:

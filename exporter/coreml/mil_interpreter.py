@@ -130,6 +130,33 @@ def _linear(a: dict) -> np.ndarray:
     return out + _f32(a["bias"]) if a.get("bias") is not None else out
 
 
+def _layer_norm(a: dict) -> np.ndarray:
+    """MIL layer_norm over `axes`, with optional gamma / beta."""
+    x = _f32(a["x"])
+    axes = tuple(int(v) for v in np.atleast_1d(a["axes"]))
+    mean = x.mean(axis=axes, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    out = (x - mean) / np.sqrt(var + float(a.get("epsilon", 1e-5)))
+    if a.get("gamma") is not None:
+        out = out * _f32(a["gamma"])
+    if a.get("beta") is not None:
+        out = out + _f32(a["beta"])
+    return out
+
+
+def _gelu(a: dict) -> np.ndarray:
+    """MIL gelu: EXACT (erf), TANH_APPROXIMATION or SIGMOID_APPROXIMATION."""
+    from math import erf, pi, sqrt
+
+    x = _f32(a["x"])
+    mode = str(a.get("mode", "EXACT"))
+    if mode == "TANH_APPROXIMATION":
+        return 0.5 * x * (1 + np.tanh(sqrt(2 / pi) * (x + 0.044715 * x ** 3)))
+    if mode == "SIGMOID_APPROXIMATION":
+        return x / (1 + np.exp(-1.702 * x))
+    return 0.5 * x * (1 + np.vectorize(erf, otypes=[np.float64])(x / sqrt(2))).astype(np.float32)
+
+
 def _band_part(a: dict) -> np.ndarray:
     x = a["x"]
     rows, cols = np.arange(x.shape[-2])[:, None], np.arange(x.shape[-1])[None, :]
@@ -213,6 +240,7 @@ ELEMENTWISE: dict[str, Handler] = {
     "logical_or": lambda a: np.logical_or(a["x"], a["y"]),
     "logical_not": lambda a: np.logical_not(a["x"]),
     "exp": lambda a: np.exp(_f32(a["x"])),
+    "tanh": lambda a: np.tanh(_f32(a["x"])),
     "sqrt": lambda a: np.sqrt(_f32(a["x"])),
     "rsqrt": lambda a: 1.0 / np.sqrt(_f32(a["x"]) + float(a.get("epsilon", 1e-12))),
     "cos": lambda a: np.cos(_f32(a["x"])),
@@ -235,6 +263,8 @@ HANDLERS: dict[str, Handler] = {
     "reduce_mean": _reduce(np.mean),
     "reduce_max": _reduce(np.max),
     "softmax": _softmax,
+    "layer_norm": _layer_norm,
+    "gelu": _gelu,
     "cumsum": _cumsum,
     "band_part": _band_part,
     "reshape": lambda a: a["x"],  # reshaped to the declared (static) output shape

@@ -7,6 +7,11 @@ A prompt of n tokens runs as ceil(n / chunk) prefill calls. The padding of the l
 goes at the start of the first chunk (token 0, position -1): zero embeddings leave every state
 untouched, and the attention mask keeps the padding slots out of every real token's view. The
 cache slot of a token is therefore its position plus the padding; the capacity bounds slots.
+
+An image or video prompt runs through `prefill_visual` instead (exports with --image-sizes): the
+same chunks, 3-row mRoPE positions (runtime_py/vision.py `rope_index`) and the image features at
+the pad rows. Decode then continues at max(position) + 1 = prompt length + delta in all rows,
+while cache slots keep counting tokens.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ class CoreMLSequence:
         self.position = 0  # next RoPE position
         self.first_real_slot = 0
 
-    def _run(self, function: str, ids: list[int], positions: list[int]) -> np.ndarray:
+    def _run(self, function: str, ids: list[int], positions: list[int] | np.ndarray,
+             extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
         t = len(ids)
         if self.slot + t > self.capacity:
             raise QwenEdgeError(f"context full: {self.slot + t} cache slots needed, capacity {self.capacity}; "
@@ -44,9 +50,10 @@ class CoreMLSequence:
         allowed = ((keys >= self.first_real_slot) & (keys <= slots)) | (keys == slots)
         feeds = {
             "input_ids": np.array([ids], np.int32),
-            "position_ids": np.array([positions], np.int32),
+            "position_ids": positions if isinstance(positions, np.ndarray) else np.array([positions], np.int32),
             "attention_mask": np.where(allowed, 0.0, MASK_VALUE).astype(np.float32)[None, None],
             "write_position": np.array([self.slot], np.int32),
+            **(extra or {}),
         }
         if self.recurrent is not None:
             feeds["recurrent_in"] = self.recurrent
@@ -69,6 +76,27 @@ class CoreMLSequence:
         for start in range(0, len(tokens), self.chunk):
             logits = self._run("prefill", tokens[start : start + self.chunk], positions[start : start + self.chunk])
         self.position = len(ids)
+        return logits
+
+    def prefill_visual(self, ids: list[int], positions: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """A fresh sequence's image/video prompt: `positions` [3, n] mRoPE rows, `features` [n, hidden]
+        (the encoder's rows at the pad tokens, anything elsewhere); returns the last logits [vocab]."""
+        if self.slot:
+            raise QwenEdgeError("prefill starts a sequence: use decode() to extend one, or a new sequence")
+        n = len(ids)
+        if not n or positions.shape != (3, n) or len(features) != n:
+            raise QwenEdgeError(f"prefill_visual needs positions [3, {n}] and features [{n}, hidden] for {n} tokens; "
+                                f"got {positions.shape} and {len(features)} rows")
+        pad = (-n) % self.chunk
+        self.first_real_slot = pad
+        tokens = [0] * pad + list(ids)
+        rows = np.concatenate([np.full((3, pad), -1, np.int64), positions], axis=1).astype(np.int32)
+        embeds = np.concatenate([np.zeros((pad, features.shape[1]), np.float32), features.astype(np.float32)])
+        for start in range(0, len(tokens), self.chunk):
+            end = start + self.chunk
+            logits = self._run("prefill_visual", tokens[start:end], rows[:, None, start:end],
+                               {"image_features": embeds[None, start:end]})
+        self.position = int(positions.max()) + 1
         return logits
 
     def decode(self, token: int) -> np.ndarray:

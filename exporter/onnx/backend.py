@@ -3,6 +3,7 @@
     OUT/onnx/embed_tokens{suffix}.onnx (+ .onnx_data)
     OUT/onnx/decoder_model_merged{suffix}.onnx (+ .onnx_data)
     OUT/onnx/mtp{suffix}.onnx (+ .onnx_data)      when the checkpoint has an MTP head (graphs/mtp.py)
+    OUT/onnx/vision_encoder{suffix}.onnx (+ .onnx_data)   when the checkpoint has a vision tower
 
 Each activation dtype is traced once, from a skeleton of the decoder whose large matrices take no
 memory (exporter/onnx/streamed.py); a float variant is that graph saved under its published name, a
@@ -15,10 +16,13 @@ tested against (tests/test_streamed_export.py).
 The MTP graph is traced from a skeleton of the head the same way, quantized by the same scheme, and
 streamed in the same pass; once its bytes are written it reads the LM head's bytes from the decoder's
 data file (`share_identical_weights`). A variant's size and fingerprint are recorded after that.
+The vision tower (exporter/onnx/vision.py) is small beside the decoder and is traced with its
+weights in memory, into a scratch folder per dtype.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +36,7 @@ from exporter.onnx.external_data import external_info, set_external, share_ident
 from exporter.onnx.streamed import Sink, save_graph, save_proto, stream_weights
 from exporter.onnx.trace import (StreamedWeights, name_nodes_and_strip_trace_metadata, trace_decoder, trace_embed,
                                  trace_mtp)
+from exporter.onnx.vision import FLOAT_NAME as VISION_FLOAT, trace_vision, write_vision_variant
 from exporter.pipeline import files_bytes
 from exporter.progress import Stages
 from graphs.checkpoint import Checkpoint, is_placeholder
@@ -68,6 +73,7 @@ class Traced:
     embed: ir.Model
     decoder: ir.Model
     mtp: ir.Model | None = None  # the MTP head's graph, when the export has one
+    vision_dir: Path | None = None  # scratch folder of the traced float vision tower, when there is one
 
 
 class OnnxBackend:
@@ -120,8 +126,13 @@ class OnnxBackend:
         weights = self._streamed(model)
 
         def trace() -> Traced:
-            return Traced(trace_embed(model, weights), trace_decoder(model, form, draftable, weights),
-                          None if step is None else trace_mtp(step, self._streamed(step)))
+            traced = Traced(trace_embed(model, weights), trace_decoder(model, form, draftable, weights),
+                            None if step is None else trace_mtp(step, self._streamed(step)))
+            if checkpoint.vision is not None:
+                traced.vision_dir = folder / f".vision-{activations}"
+                traced.vision_dir.mkdir()
+                save_graph(trace_vision(checkpoint.build_vision_encoder(dtype)), traced.vision_dir / VISION_FLOAT)
+            return traced
 
         return stages.run(trace)
 
@@ -153,9 +164,12 @@ class OnnxBackend:
             name_nodes_and_strip_trace_metadata(mtp)
             save_graph(mtp, folder / scheme.mtp_file, self.sinks)
         record = _variant_record(scheme, self.options.quant, folder)
+        if traced.vision_dir is not None:
+            patch_dim = self.checkpoint.vision.patch_dim
+            record.update(write_vision_variant(traced.vision_dir, scheme, folder, self.options.quant, patch_dim))
+            record["vision_bytes_on_disk"] = files_bytes(folder, [scheme.vision_file, scheme.vision_file + "_data"])
         self.written.append(record)
         return record
-        return _variant_record(scheme, self.options.quant, folder)
 
     def _write_quantized_embed(self, traced: Traced, scheme: Scheme, head: QuantizedHead | None,
                                decoder_path: Path, path: Path) -> None:
@@ -196,6 +210,8 @@ class OnnxBackend:
 
     def release(self, traced: Traced) -> None:
         traced.embed = traced.decoder = traced.mtp = None
+        if traced.vision_dir is not None:
+            shutil.rmtree(traced.vision_dir)
 
     def manifest_fields(self, cfg: TextConfig) -> dict:
         form = RECURRENT_FORMS[self.options.recurrent_ops]

@@ -275,12 +275,38 @@ def write_merged_graphs(export_dir: Path, out: Path, variants: dict[str, dict], 
     return records
 
 
+def write_onnx_graphs(export_dir: Path, out: Path, variants: dict[str, dict], cfg: TextConfig, generation: dict,
+                      context_length: int) -> dict[str, dict]:
+    """The graphs onnxruntime-genai loads (Android and iOS): the merged graphs, or for an export with a
+    vision tower the vision-language pipeline's three graphs (exporter/package/android_vision.py)."""
+    if any("vision_encoder" in entry for entry in variants.values()):
+        return _write_vision_pipeline(export_dir, out, variants, cfg, generation, context_length)
+    return write_merged_graphs(export_dir, out, variants, cfg, generation, context_length)
+
+
 def write_android(export_dir: Path, out: Path, variants: dict[str, dict], cfg: TextConfig, generation: dict,
                   context_length: int) -> dict[str, dict]:
-    """The merged graphs, their ORT-format twins and the operator list; records gain an "ort" path."""
-    records = write_merged_graphs(export_dir, out, variants, cfg, generation, context_length)
-    ort_paths = [write_ort_format(out / record["onnx"]) for record in records.values()]
-    for record, path in zip(records.values(), ort_paths):
-        record["ort"] = path.relative_to(out).as_posix()
+    """`write_onnx_graphs`, their ORT-format twins and the operator list; records gain the "ort" paths."""
+    records = write_onnx_graphs(export_dir, out, variants, cfg, generation, context_length)
+    ort_paths = []
+    for record in records.values():
+        for role in ("vision", "embedding", "decoder", "onnx"):
+            if role in record:
+                key = "ort" if role == "onnx" else f"{role}_ort"
+                ort_paths.append(write_ort_format(out / record[role]))
+                record[key] = ort_paths[-1].relative_to(out).as_posix()
     write_operators_config(ort_paths, out)
     return records
+
+
+def _write_vision_pipeline(export_dir: Path, out: Path, variants: dict[str, dict], cfg: TextConfig,
+                           generation: dict, context_length: int) -> dict[str, dict]:
+    from exporter.package.android_vision import write_vision_graphs
+    from graphs.config import load_vision_config
+    from runtime_py.vision_preprocess import PixelSettings, processor_dicts
+
+    first = next(iter(variants.values()))
+    token_ids = genai_token_ids(declared_token_ids(export_dir, cfg.vocab_size), cfg.vocab_size, export_dir)
+    text = genai_config(cfg, merged_name(first["decoder"]), generation, context_length, token_ids)
+    settings = PixelSettings.from_dict(processor_dicts(export_dir)[0])
+    return write_vision_graphs(export_dir, out, variants, load_vision_config(export_dir), settings, text)

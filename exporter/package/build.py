@@ -118,14 +118,14 @@ def _write_ios(export_dir: Path, out: Path, export: dict, names: list[str],
                coreml: tuple[list[Path], dict | None]) -> dict:
     """Core ML package(s) plus the ONNX graphs (and genai_config.json) of the Android bundle, without
     the ORT-format files: ONNX Runtime's iOS packages are full builds that load .onnx directly."""
-    from exporter.package.android import write_merged_graphs
+    from exporter.package.android import write_onnx_graphs
 
     packages, coreml_record = coreml
     (out / COREML_DIR).mkdir()
     for package in packages:
         _check_plain_tree(package)
         shutil.copytree(package, out / COREML_DIR / package.name, copy_function=shutil.copyfile)
-    graphs = write_merged_graphs(export_dir, out, {n: export["variants"][n] for n in names},
+    graphs = write_onnx_graphs(export_dir, out, {n: export["variants"][n] for n in names},
                                  load_text_config(export_dir), _generation_defaults(export_dir),
                                  _context_length(export_dir))
     return {"format": "coreml+onnx", "graphs": graphs, "support_files": _copy_support_files(export_dir, out, export),
@@ -146,7 +146,8 @@ def _write_web(export_dir: Path, out: Path, export: dict, names: list[str]) -> d
     from exporter.package.web import write_web_layout
 
     write_web_layout(export_dir, out, names, convert=export.get("recurrent_ops") != "contrib")
-    graphs = {n: {"embed_tokens": export["variants"][n]["embed_tokens"], "decoder": export["variants"][n]["decoder"],
+    graphs = {n: {**{k: export["variants"][n][k] for k in ("embed_tokens", "decoder", "vision_encoder")
+                     if k in export["variants"][n]},
                   "converted_to_contrib": export.get("recurrent_ops") != "contrib"} for n in names}
     support = sorted(p.name for p in out.iterdir() if p.is_file())
     return {"format": "onnx", "graphs": graphs, "support_files": support}

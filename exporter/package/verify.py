@@ -34,7 +34,13 @@ from runtime_py.export_format import RECURRENT_FORMS, SUPPORT_FILES
 __all__ = ["BUNDLE_FORMAT", "BUNDLE_MANIFEST", "bundle_entries", "check_bundle", "file_records", "sha256", "verify_bundle"]
 
 TARGET_FORMATS = {"android": "onnx+ort", "ios": "coreml+onnx", "web": "onnx"}
-VARIANT_FILE_KEYS = {"android": ("onnx", "ort"), "ios": ("onnx",), "web": ("embed_tokens", "decoder")}
+# the file keys a variant record may have, per target: the text layout, then the vision-language one
+# (exporter/package/android_vision.py for Android and iOS; the vision encoder beside the text graphs on the web)
+VARIANT_FILE_KEYS = {
+    "android": (("onnx", "ort"), ("vision", "embedding", "decoder", "vision_ort", "embedding_ort", "decoder_ort")),
+    "ios": (("onnx",), ("vision", "embedding", "decoder")),
+    "web": (("embed_tokens", "decoder"), ("embed_tokens", "decoder", "vision_encoder")),
+}
 REQUIRED_FILES = {"android": ("config.json", "genai_config.json", "required_operators.config"),
                   "ios": ("config.json", "genai_config.json"),
                   "web": ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")}
@@ -189,9 +195,13 @@ def _check_coreml(coreml: object, listed: dict, problems: list[str]) -> None:
 def _check_variant(root: Path, target: str, name: object, record: object, listed: dict, converted: bool,
                    problems: list[str]) -> list[str]:
     """Check one variant's record; returns the graph files it names."""
-    keys = VARIANT_FILE_KEYS[target]
-    if not isinstance(record, dict) or set(record) != {*keys, "quantization", "converted_to_contrib"}:
-        problems.append(f"variants.{name}: must be an object of {', '.join(keys)}, quantization and converted_to_contrib")
+    layouts = VARIANT_FILE_KEYS[target]
+    keys = next((k for k in layouts if isinstance(record, dict)
+                 and set(record) == {*k, "quantization", "converted_to_contrib"}), None)
+    if keys is None:
+        choices = " or ".join(f"({', '.join(k)})" for k in layouts)
+        problems.append(f"variants.{name}: must be an object of the files {choices}, quantization and "
+                        "converted_to_contrib")
         return []
     files = [record[k] for k in keys if isinstance(record[k], str) and record[k] in listed]
     if len(files) != len(keys):

@@ -3,8 +3,14 @@
 transformers.js picks its model class from `config.json`. A Qwen3.5 export is two graphs
 (`embed_tokens`, `decoder_model_merged`), which transformers.js only loads for a
 `*ForConditionalGeneration` architecture opened through `AutoModelForCausalLM`: that is its
-text-only path (no vision encoder). So the config is written in the published multimodal form
-(`model_type` `qwen3_5`, the text settings under `text_config`) whatever the checkpoint's form was.
+text-only path. An export with a vision tower adds `vision_encoder`, and the bundle then also loads
+through `AutoModelForImageTextToText` (with `preprocessor_config.json` for its processor, every
+step stated: transformers.js does not normalise pixels a file does not ask it to). So the
+config is written in the published multimodal form (`model_type` `qwen3_5`, the text settings under
+`text_config`) whatever the checkpoint's form was.
+
+Every bundle also ships `qwen_edge_rope.mjs`, the ES module that corrects transformers.js 4.3's
+text-only decode positions (exporter/package/js/), which an app imports beside the model.
 
 Browsers fetch external weights by file name, one data file per graph (`X.onnx` reads `X.onnx_data`,
 then `X.onnx_data_1`, ...), and the file count must be declared in `transformers.js_config`. So every
@@ -26,10 +32,12 @@ from exporter.onnx.forms import to_contrib
 from graphs.errors import QwenEdgeError
 from graphs.file_checks import read_json
 from runtime_py.export_format import read_manifest
+from runtime_py.vision_preprocess import IMAGE_PROCESSOR_FILE, explicit_image_processor
 
 # Below 2 GiB: a browser's ArrayBuffer and onnxruntime-web's fetch of one external data file.
 DATA_CHUNK_BYTES = 2_000_000_000
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+ROPE_MODULE = Path(__file__).parent / "js" / "qwen_edge_rope.mjs"
 # Token-id settings transformers.js reads from the top level of config.json.
 TOP_LEVEL_KEYS = ("tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
 
@@ -62,7 +70,9 @@ def write_web_layout(export_dir: Path, out_dir: Path, variants: list[str], conve
     (out_dir / "onnx").mkdir(parents=True, exist_ok=True)
     data_chunks: dict[str, int] = {}
     for variant in dict.fromkeys(variants):
-        for rel in (exported[variant]["embed_tokens"], exported[variant]["decoder"]):
+        record = exported[variant]
+        graphs = [record["embed_tokens"], record["decoder"]] + ([record["vision_encoder"]] if "vision_encoder" in record else [])
+        for rel in graphs:
             chunks = rehome_external_data(export_dir / rel, out_dir / rel, convert=convert)
             if chunks:
                 data_chunks[Path(rel).name] = chunks
@@ -71,6 +81,9 @@ def write_web_layout(export_dir: Path, out_dir: Path, variants: list[str], conve
     _write_json(out_dir / "config.json", web)
     _write_json(out_dir / "generation_config.json", _generation_config(export_dir, web.get("text_config", {})))
     _write_tokenizer_files(export_dir, out_dir)
+    if any("vision_encoder" in exported[v] for v in variants):
+        _write_json(out_dir / IMAGE_PROCESSOR_FILE, explicit_image_processor(export_dir))
+    shutil.copyfile(ROPE_MODULE, out_dir / ROPE_MODULE.name)
 
 
 def web_config(config: dict, default_dtype: str) -> dict:
@@ -88,7 +101,7 @@ def web_config(config: dict, default_dtype: str) -> dict:
                             "package an export of a qwen3_5 or qwen3_5_text checkpoint")
     web["architectures"] = ["Qwen3_5ForConditionalGeneration"]
     # transformers.js reads vision_config.spatial_merge_size when it computes text positions, even
-    # without images; an empty one makes it use its default. No vision graph is shipped.
+    # without images; an empty one makes it use its default (a text-only export ships no vision graph).
     web.setdefault("vision_config", {})
     web["transformers.js_config"] = {"dtype": default_dtype}
     return web

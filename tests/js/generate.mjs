@@ -8,6 +8,8 @@
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 
+import { pathToFileURL } from 'node:url';
+
 import { AutoModelForCausalLM, AutoTokenizer, Tensor, env } from '@huggingface/transformers';
 
 const { values: args } = parseArgs({
@@ -35,6 +37,8 @@ const loadStart = performance.now();
 const tokenizer = await AutoTokenizer.from_pretrained(modelId);
 const model = await AutoModelForCausalLM.from_pretrained(modelId, { dtype: args.dtype, device: 'cpu' });
 const loadSeconds = (performance.now() - loadStart) / 1000;
+// The text-position fix an app installs, imported from the bundle itself (README, Web bundle).
+const { fixTextRopeDelta } = await import(pathToFileURL(path.join(modelDir, 'qwen_edge_rope.mjs')).href);
 const ropeDeltaFixed = fixTextRopeDelta(model);
 
 let promptIds;
@@ -74,25 +78,3 @@ console.log(
         generate_seconds: generateSeconds,
     }),
 );
-
-// transformers.js 4.3.1 computes the text-only multimodal-RoPE delta of Qwen VL / Qwen3.5 models as
-// max(position) + 1 + prompt_length, where Hugging Face transformers (and the model's training) use
-// max(position) + 1 - prompt_length. Prefill positions are right, but every decode step then runs
-// at position past + 2 * prompt_length, and greedy output drifts from the reference. This puts the
-// reference rule in place when (and only when) the library's delta for an unpadded 3-token prompt
-// is not 0, so a fixed transformers.js release runs unmodified. Returns whether it was needed.
-function fixTextRopeDelta(model) {
-    if (typeof model._get_text_only_rope_index !== 'function') return false;
-    const probe = new Tensor('int64', new BigInt64Array(3).fill(1n), [1, 3]);
-    const [, delta] = model._get_text_only_rope_index(probe, probe);
-    if (Number(delta.data[0]) === 0) return false;
-    const libraryRule = model._get_text_only_rope_index.bind(model);
-    model._get_text_only_rope_index = (input_ids, attention_mask) => {
-        const [positionIds, wrongDeltas] = libraryRule(input_ids, attention_mask);
-        if (!attention_mask) return [positionIds, wrongDeltas];
-        const length = BigInt(attention_mask.dims[1]);
-        const deltas = Array.from(wrongDeltas.data, (d) => d - 2n * length);
-        return [positionIds, new Tensor('int64', BigInt64Array.from(deltas), wrongDeltas.dims)];
-    };
-    return true;
-}
