@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-import copy
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as exporter/cli.py: before NumPy loads
+
+import copy  # noqa: E402
 from pathlib import Path
 
 import pytest
