@@ -1,8 +1,9 @@
 """Block-wise int4/int8 weights for an exported ONNX decoder: a graph transform.
 
-Which weights: the scheme's `bits_for` (quant/schemes.py, the predicate every format shares), asked
-with the parameter of the module path the torch exporter records on every node. Those MatMuls
-become `MatMulNBits`; everything else stays float, and the recurrent state is untouched (fp32).
+Which weights, in which format: the scheme's `weight_format` (quant/schemes.py, the one answer every
+format shares), asked with the parameter of the module path the torch exporter records on every
+node; its block defaults to `--block-size`. Those MatMuls become `MatMulNBits` with that format's
+bits and block; everything else stays float, and the recurrent state is untouched (fp32).
 Packing uses ONNX Runtime's own block quantizers, so the bytes are exactly what its kernels expect.
 The token embedding becomes `GatherBlockQuantized`; with tied embeddings it reads the LM head's
 quantized bytes (same layout: [vocab, hidden] blocked along hidden), so the embedding is stored once.
@@ -19,7 +20,7 @@ import onnx_ir as ir
 from onnx import helper, numpy_helper
 from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
-from quant.schemes import QuantOptions, Scheme
+from quant.schemes import QuantOptions, Scheme, WeightFormat
 
 CONTRIB = "com.microsoft"
 
@@ -46,14 +47,21 @@ class PackedWeight:
     block_size: int
 
 
-def pack_blockwise(weight: np.ndarray, bits: int, opts: QuantOptions) -> PackedWeight:
-    """Quantize a MatMul weight [K, N] with ONNX Runtime's packers (computed in fp32).
+def packed_bytes(k: int, n: int, fmt: WeightFormat, scale_bytes: int = 4) -> int:
+    """Bytes of a [K, N] weight in MatMulNBits layout (symmetric): the packed blocks and one scale per
+    block (fp32 in fp32 graphs), as `pack_blockwise` writes them."""
+    blocks = -(-k // fmt.block_size)
+    return n * blocks * (fmt.block_size * fmt.bits // 8 + scale_bytes)
+
+
+def pack_blockwise(weight: np.ndarray, fmt: WeightFormat, opts: QuantOptions) -> PackedWeight:
+    """Quantize a MatMul weight [K, N] in `fmt` with ONNX Runtime's packers (computed in fp32).
 
     The scales keep the weight's dtype: MatMulNBits and GatherBlockQuantized take scales in the
     activation dtype, which is the dtype the float graph was traced in.
     """
     k, n = weight.shape
-    block = opts.block_size
+    bits, block = fmt.bits, fmt.block_size or opts.block_size
     k_blocks = -(-k // block)
     data = np.zeros((n, k_blocks, block * bits // 8), np.uint8)
     scales = np.zeros((n, k_blocks), np.float32)
@@ -81,16 +89,17 @@ def quantize_projections(model: ir.Model, scheme: Scheme, opts: QuantOptions) ->
         weight_value = node.inputs[1]
         weight = weight_value.const_value
         path = module_path(node)
-        bits = None if path is None else scheme.bits_for(path + ".weight")
-        if weight is None or bits is None:
+        fmt = None if path is None else scheme.weight_format(path + ".weight", opts.block_size)
+        if weight is None or fmt is None:
             continue
         array = weight.numpy()
-        packed = pack_blockwise(array, bits, opts)
+        packed = pack_blockwise(array, fmt, opts)
+        bits = packed.bits
         inputs = [node.inputs[0], _constant(graph, f"{path}.weight_q{bits}", packed.data),
                   _constant(graph, f"{path}.weight_scales", packed.scales)]
         if packed.zero_points is not None:
             inputs.append(_constant(graph, f"{path}.weight_zero_points", packed.zero_points))
-        attrs = {"K": packed.k, "N": packed.n, "bits": bits, "block_size": opts.block_size,
+        attrs = {"K": packed.k, "N": packed.n, "bits": bits, "block_size": packed.block_size,
                  "accuracy_level": opts.accuracy_level}
         new = ir.Node(CONTRIB, "MatMulNBits", inputs, [ir.AttrInt64(k, v) for k, v in attrs.items()],
                       name=f"/{path.replace('.', '/')}/MatMulNBits", num_outputs=1,

@@ -16,6 +16,7 @@ that know it pick the files by name.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from graphs.errors import QwenEdgeError
@@ -23,20 +24,43 @@ from graphs.errors import QwenEdgeError
 # Every large projection, by its module name; with the LM head and the token embedding these are
 # the compressed weights. The small ones (in_proj_a, in_proj_b), norms, the conv, A_log and dt_bias
 # stay float in every scheme, and the recurrent state stays fp32.
-LARGE_PROJECTIONS = frozenset({
+LARGE_PROJECTIONS = (
     "in_proj_qkv", "in_proj_z", "out_proj",  # Gated DeltaNet
     "q_proj", "k_proj", "v_proj", "o_proj",  # gated attention
     "gate_proj", "up_proj", "down_proj",  # MLP
-})
+)
 EMBEDDING_AND_HEAD = frozenset({"embed_tokens.weight", "lm_head.weight"})
+# The units a recipe assigns storage formats to: the LM head with the token embedding (one table when
+# tied, so one format for both) and each large projection by its module name, in every layer.
+HEAD_FAMILY = "lm_head"
+FAMILIES = (HEAD_FAMILY, *LARGE_PROJECTIONS)
+
+
+def family_of(param: str) -> str | None:
+    """The family of a decoder parameter (e.g. `layers.3.mlp.up_proj.weight` -> `up_proj`), or None
+    for a weight no scheme compresses."""
+    if param in EMBEDDING_AND_HEAD:
+        return HEAD_FAMILY
+    module, _, leaf = param.rpartition(".")
+    name = module.rsplit(".", 1)[-1]
+    return name if leaf == "weight" and name in LARGE_PROJECTIONS else None
 
 
 def is_compressed(param: str) -> bool:
-    """Does a scheme with weight compression compress this decoder parameter (e.g. `layers.3.mlp.up_proj.weight`)?"""
-    if param in EMBEDDING_AND_HEAD:
-        return True
-    module, _, leaf = param.rpartition(".")
-    return leaf == "weight" and module.rsplit(".", 1)[-1] in LARGE_PROJECTIONS
+    """Does a scheme with weight compression compress this decoder parameter?"""
+    return family_of(param) is not None
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How one compressed weight is stored: integer bits, and the block of input channels sharing a
+    scale (None: the export's default, `--block-size` for ONNX; Core ML stores int8 per output channel)."""
+
+    bits: int
+    block_size: int | None = None
+
+    def __str__(self) -> str:
+        return f"int{self.bits}" + (f"/b{self.block_size}" if self.block_size else "")
 
 
 @dataclass(frozen=True)
@@ -58,10 +82,44 @@ class Scheme:
     doc: str
     onnx: bool  # the ONNX exporter writes it
     coreml: str  # how Core ML stores the compressed weights (the manifest's "weights")
+    # Per-family formats where they differ from `weight_bits` at the default block (None: stays float).
+    recipe: tuple[tuple[str, WeightFormat | None], ...] = ()
+    coreml_gate: QualityGate | None = None  # Core ML's gate where it differs from `gate`
+
+    def __post_init__(self) -> None:
+        unknown = [family for family, _ in self.recipe if family not in FAMILIES]
+        if unknown:
+            raise ValueError(f"scheme {self.name}: unknown recipe families {unknown}; use {', '.join(FAMILIES)}")
+
+    def weight_format(self, param: str, block_size: int) -> WeightFormat | None:
+        """The one answer, for every format, to how a decoder parameter is stored: its format (the
+        recipe's block, else `block_size`, the format's default), or None when it stays float."""
+        family = family_of(param)
+        if not self.weight_bits or family is None:
+            return None
+        chosen = dict(self.recipe).get(family, WeightFormat(self.weight_bits))
+        if chosen is None:
+            return None
+        return WeightFormat(chosen.bits, chosen.block_size or block_size)
+
+    def family_formats(self, params: Iterable[str], block_size: int) -> dict[str, dict | None]:
+        """{family: {"bits", "block_size"} or None (float)} for the families among `params`: what an
+        export's manifest records."""
+        formats = {}
+        for param in params:
+            if (family := family_of(param)) is not None:
+                fmt = self.weight_format(param, block_size)
+                formats[family] = None if fmt is None else {"bits": fmt.bits, "block_size": fmt.block_size}
+        return {family: formats[family] for family in FAMILIES if family in formats}
 
     def bits_for(self, param: str) -> int | None:
         """Stored bits of one decoder parameter's compressed weight, or None when it stays float."""
-        return self.weight_bits if self.weight_bits and is_compressed(param) else None
+        fmt = self.weight_format(param, 0)
+        return fmt.bits if fmt else None
+
+    def gate_for(self, fmt: str) -> QualityGate:
+        """The default gate of this scheme's variants in `fmt` ("onnx" | "coreml")."""
+        return self.coreml_gate if fmt == "coreml" and self.coreml_gate else self.gate
 
     @property
     def files(self) -> tuple[str, str]:
@@ -137,8 +195,8 @@ class GateOverrides:
 
     values: dict[str, dict[str, float]] = field(default_factory=dict)
 
-    def gate_for(self, scheme: Scheme) -> QualityGate:
-        base = scheme.gate
+    def gate_for(self, scheme: Scheme, fmt: str = "onnx") -> QualityGate:
+        base = scheme.gate_for(fmt)
         over = self.values.get(scheme.name, {})
         return QualityGate(over.get("min_top1", base.min_top1), over.get("max_kl", base.max_kl),
                            over.get("max_ppl_increase", base.max_ppl_increase))

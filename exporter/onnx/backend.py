@@ -21,7 +21,7 @@ from exporter.onnx.external_data import external_info, set_external
 from exporter.onnx.trace import name_nodes_and_strip_trace_metadata, save_graph, trace_decoder, trace_embed
 from exporter.pipeline import files_bytes
 from exporter.progress import Stages
-from graphs.checkpoint import Checkpoint
+from graphs.checkpoint import Checkpoint, expected_shapes
 from graphs.config import TextConfig
 from graphs.errors import QwenEdgeError
 from graphs.qwen3_5 import Qwen35Decoder
@@ -81,7 +81,7 @@ class OnnxBackend:
             _copy_float_graphs(float_dir, folder, scheme)
         else:
             _write_quantized(scheme, float_dir, folder, self.options.quant, self.cfg.tie_word_embeddings)
-        return _variant_record(scheme, self.options.quant, folder)
+        return _variant_record(scheme, self.options.quant, folder, self.cfg)
 
     def release(self, float_dir: Path) -> None:
         shutil.rmtree(float_dir)
@@ -113,13 +113,18 @@ def _write_quantized(scheme: Scheme, float_dir: Path, out_dir: Path, opts: Quant
     name_nodes_and_strip_trace_metadata(decoder)
     decoder_path = save_graph(decoder, out_dir / decoder_name)
     doc = f"Qwen3.5 token embedding, {scheme.name} (qwen-edge)"
-    if tied:  # the gather reads the LM head's quantized bytes from the decoder's data file
+    table_format = scheme.weight_format("embed_tokens.weight", opts.block_size)
+    if table_format is None:  # a recipe that keeps the table float: the traced embedding as it is
+        embed = ir.load(float_dir / "embed.onnx")
+        name_nodes_and_strip_trace_metadata(embed)
+        save_graph(embed, out_dir / embed_name)
+    elif tied:  # the gather reads the LM head's quantized bytes from the decoder's data file
         embed = quantized_embed_graph(lm_head, lm_head.k, doc)
         _share_lm_head_bytes(embed, decoder_path, lm_head.bits)
         onnx.save(embed, str(out_dir / embed_name))
     else:
         table = onnx.numpy_helper.to_array(onnx.load(str(float_dir / "embed.onnx")).graph.initializer[0])
-        packed = pack_blockwise(table.T, scheme.bits_for("embed_tokens.weight"), opts)
+        packed = pack_blockwise(table.T, table_format, opts)
         embed = quantized_embed_graph(packed, packed.k, doc)
         onnx.save(embed, str(out_dir / embed_name), save_as_external_data=True, all_tensors_to_one_file=True,
                   location=Path(embed_name).name + "_data", size_threshold=1024)
@@ -137,13 +142,14 @@ def _share_lm_head_bytes(embed: onnx.ModelProto, decoder_path: Path, lm_head_bit
         set_external(tensor, info["location"], int(info.get("offset", 0)), int(info["length"]))
 
 
-def _variant_record(scheme: Scheme, quant: QuantOptions, root: Path) -> dict:
+def _variant_record(scheme: Scheme, quant: QuantOptions, root: Path, cfg: TextConfig) -> dict:
     embed, decoder = scheme.files
     record = {"embed_tokens": embed, "decoder": decoder, "activations": scheme.activations,
               "opset_imports": opset_imports(onnx.load(str(root / decoder), load_external_data=False))}
     if scheme.weight_bits:
         record.update(weight_bits=scheme.weight_bits, block_size=quant.block_size, symmetric=quant.symmetric,
-                      accuracy_level=quant.accuracy_level)
+                      accuracy_level=quant.accuracy_level,
+                      weight_formats=scheme.family_formats(expected_shapes(cfg), quant.block_size))
     record["bytes_on_disk"] = files_bytes(root, [f for name in (embed, decoder) for f in (name, name + "_data")])
     return record
 
