@@ -146,9 +146,10 @@ def compress_weights(mlmodel, scheme: Scheme, cfg: TextConfig):  # noqa: ANN001,
 
     if scheme.coreml == "float":
         return mlmodel
-    consts = {op.name: op for function in mlmodel._mil_program.functions.values() for op in function.operations
-              if op.op_type == "const"}
-    chosen = {const: coreml_format(scheme, param, consts[const].val.shape)
+    from graphs.checkpoint import expected_shapes
+
+    shapes = expected_shapes(cfg)  # the parameter's [out, in] (a converted const's value loads lazily)
+    chosen = {const: coreml_format(scheme, param, tuple(shapes[param]))
               for const, param in weight_constants(mlmodel, cfg).items()}
     chosen = {const: fmt for const, fmt in chosen.items() if fmt}
 
