@@ -2,7 +2,7 @@
 
 A scheme is an activation (compute) dtype plus an optional weight compression, with a quality gate.
 Which weights a scheme compresses is decided by one predicate on the parameter name,
-`is_compressed`, for every format. File suffixes follow the onnx-community convention, so clients
+`is_compressed` (its weight family, `family_of`), for every format. File suffixes follow the onnx-community convention, so clients
 that know it pick the files by name.
 
     name    activations  weights                         ONNX               Core ML
@@ -12,6 +12,11 @@ that know it pick the files by name.
     q4      float32      int4                            MatMulNBits 4-bit  int4 per block of 32
     q4f16   float16      int4                            MatMulNBits 4-bit  int4 per block of 32
     p4      float16      4-bit palette (16-entry LUT)    -                  k-means LUT per 16 channels
+    q4mix   float32      int4/int8 per family (recipe)   MatMulNBits 4/8    int4 per block / int8 per channel
+
+A scheme's `recipe` gives some weight families another format than its default (`q4mix`: measured
+by exporter/bench/sensitivity.py, results in BENCHMARKS.md); `weight_format` is the one answer both
+exporters ask, and each export records the answer per family in its manifest (`weight_formats`).
 """
 
 from __future__ import annotations
@@ -155,6 +160,14 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("p4", "_p4", "float16", 4, QualityGate(0.90, 0.1, 0.05),
                "4-bit palettization (16-entry k-means LUT per group of 16 output channels), fp16 compute",
                False, "palette4"),
+        # Measured (BENCHMARKS.md, "Int4 sensitivity"): the LM head with the tied embedding carries most of
+        # int4's loss (alone at block 32: KL 1.9e-3 of q4's 2.2e-3; at block 128 it fails the gate alone),
+        # the projections cost little at block 128. Cheapest candidate that meets the q4 gate: 423 MB of
+        # compressed weights on the 0.8B shape against 470 MB for q4.
+        Scheme("q4mix", "_q4mix", "float32", 4, QualityGate(0.90, 0.1, 0.05),
+               "int4: LM head and embedding in blocks of 32, every projection in blocks of 128", True, "int4-mixed",
+               recipe=((HEAD_FAMILY, WeightFormat(4, 32)),
+                       *((family, WeightFormat(4, 128)) for family in LARGE_PROJECTIONS))),
     )
 }
 BLOCK_SIZES = (32, 64, 128)
