@@ -1,0 +1,111 @@
+"""The mixed-precision recipe (`q4mix`): the format of every compressed weight, as the manifest records
+it, is what the ONNX graphs and the Core ML package really store (read back from the files), on tiny
+random checkpoints saved like transformers' own; and on the trained default model the recipe holds
+the q4 gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from exporter.cli import main
+from exporter.coreml.backend import CoreMLOptions, export_coreml
+from exporter.coreml.check import load_program
+from exporter.onnx.backend import OnnxOptions, export_onnx
+from graphs.config import load_text_config
+from quant.coreml_weights import param_of_constant
+from quant.schemes import FAMILIES, SCHEMES, family_of
+
+MIX = SCHEMES["q4mix"]
+
+
+def _manifest_formats(export: Path) -> dict[str, dict | None]:
+    return json.loads((export / "qwen_edge.json").read_text())["variants"]["q4mix"]["weight_formats"]
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, int]:
+    return {a.name: a.i for a in node.attribute}
+
+
+def test_recipe_is_defined_once_and_differs_from_q4():
+    formats = {f: MIX.weight_format("lm_head.weight" if f == "lm_head" else f"layers.0.x.{f}.weight", 32)
+               for f in FAMILIES}
+    assert len({(fmt.bits, fmt.block_size) if fmt else None for fmt in formats.values()}) > 1  # really mixed
+    assert formats != {f: SCHEMES["q4"].weight_format("lm_head.weight" if f == "lm_head" else f"layers.0.x.{f}.weight",
+                                                      32) for f in FAMILIES}
+    assert MIX.weight_format("layers.0.linear_attn.in_proj_a.weight", 32) is None  # small projections stay float
+
+
+@pytest.fixture(scope="module")
+def tiny_mix_onnx(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The untied Hv = 2·Hk layout, so the embedding has its own quantized table."""
+    return export_onnx(tiny_checkpoints["kv_double_untied"], tmp_path_factory.mktemp("mix") / "onnx", "q4mix",
+                       OnnxOptions("contrib"), progress=False)
+
+
+def test_onnx_graphs_store_the_recorded_formats(tiny_mix_onnx: Path):
+    recorded = _manifest_formats(tiny_mix_onnx)
+    assert list(recorded) == list(FAMILIES)  # every family of the model is recorded
+    onnx_dir = tiny_mix_onnx / "onnx"
+    decoder = onnx.load(str(onnx_dir / "decoder_model_merged_q4mix.onnx"), load_external_data=False).graph
+    stored: dict[str, set] = {}
+    for node in decoder.node:
+        if node.op_type == "MatMulNBits":  # named /<module path>/MatMulNBits
+            family = family_of(node.name.strip("/").rsplit("/", 1)[0].replace("/", ".") + ".weight")
+            stored.setdefault(family, set()).add((_attrs(node)["bits"], _attrs(node)["block_size"]))
+    float_families = {n.name.split("/")[-2] for n in decoder.node if n.op_type == "MatMul"
+                      and family_of(n.name.strip("/").rsplit("/", 1)[0].replace("/", ".") + ".weight")}
+    for family, fmt in recorded.items():
+        if fmt is None:
+            assert family not in stored and family in float_families
+        else:
+            assert stored[family] == {(fmt["bits"], fmt["block_size"])}, family
+    embed = onnx.load(str(onnx_dir / "embed_tokens_q4mix.onnx"), load_external_data=False).graph
+    head = recorded["lm_head"]
+    if head is None:
+        assert [n.op_type for n in embed.node] == ["Gather"]
+    else:
+        (gather,) = embed.node
+        assert gather.op_type == "GatherBlockQuantized"
+        assert (_attrs(gather)["bits"], _attrs(gather)["block_size"]) == (head["bits"], head["block_size"])
+
+
+def test_onnx_mix_runs_and_is_smaller_than_q8(tiny_mix_onnx: Path, tiny_checkpoints: dict[str, Path], tmp_path: Path):
+    result = CliRunner().invoke(main, ["generate", str(tiny_mix_onnx), "--variant", "q4mix", "--prompt", "ab",
+                                       "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tiny_mix_onnx / "qwen_edge.json").read_text())["variants"]["q4mix"]
+    assert record["weight_bits"] == 4 and record["bytes_on_disk"] > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_mix_coreml(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_coreml(tiny_checkpoints["kv_equal_tied"], tmp_path_factory.mktemp("mix") / "coreml", "q4mix",
+                         CoreMLOptions(chunk=16, context=64), progress=False)
+
+
+def test_coreml_package_stores_the_recorded_formats(tiny_mix_coreml: Path):
+    from coremltools.converters.mil.mil import types
+
+    recorded = _manifest_formats(tiny_mix_coreml)
+    assert list(recorded) == list(FAMILIES)
+    cfg = load_text_config(tiny_mix_coreml)
+    _, program = load_program(tiny_mix_coreml / "coreml" / "model_q4mix.mlpackage")
+    for function in ("prefill", "decode"):
+        stored: dict[str, set] = {}
+        for op in program.functions[function].operations:
+            if op.op_type == "constexpr_blockwise_shift_scale" and (param := param_of_constant(op.name, cfg)):
+                data, scale = op.inputs["data"], op.inputs["scale"].val
+                bits = int(types.builtin_to_string(data.dtype).removeprefix("int").removeprefix("uint"))
+                block = data.shape[-1] // scale.shape[-1]
+                stored.setdefault(family_of(param), set()).add((bits, None if bits == 8 and scale.shape[-1] == 1
+                                                                else block))
+        for family, fmt in recorded.items():
+            if fmt is None:
+                assert family not in stored, family
+            else:
+                assert stored[family] == {(fmt["bits"], fmt["block_size"])}, (function, family)
