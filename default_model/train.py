@@ -28,10 +28,7 @@ from graphs.recurrent_ops import REFERENCE
 
 HERE = Path(__file__).parent
 SPECIAL_TOKENS = [END, "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+CHAT_TEMPLATE = (HERE / "chat_template.jinja").read_text()  # the training format + the conversation options
 VOCAB = 1024
 CONFIG = {
     "architectures": ["Qwen3_5ForCausalLM"],

@@ -18,6 +18,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import click
 
+# Library progress bars (coremltools' pass-by-pass tqdm bars) would flood logs; our own stages report
+# progress. tqdm reads this when it is first imported, which torch does, so it is set before any import.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
 from graphs.errors import QwenEdgeError
 
 
@@ -187,23 +191,36 @@ def verify(paths: tuple[Path, ...], against: Path | None, variant: str, decode_s
 
 @main.command()
 @click.argument("export_dir", type=click.Path(path_type=Path))
-@click.option("--prompt", required=True, help="Prompt text.")
+@click.option("--prompt", default=None, help="Prompt text (a plain prompt, or with --chat one user turn).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt as a user message with the model's chat template.")
+@click.option("--messages", "messages_path", type=click.Path(path_type=Path), default=None,
+              help="A JSON list of chat messages ({role, content}; multi-turn, text and image parts) instead of --prompt.")
+@click.option("--tools", "tools_path", type=click.Path(path_type=Path), default=None,
+              help="A JSON list of tool definitions (JSON schemas) for the chat template.")
+@click.option("--system", default=None, help="A system message in front of the conversation.")
+@click.option("--no-thinking", is_flag=True, help="Chat: ask the template to turn thinking off (enable_thinking=false).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: prompt ids, generated ids, text (and reasoning, content, tool calls).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Sampling seed (reproducible output).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--variant", default=None, help="Which exported variant to run (default: the first one exported).")
-def generate(export_dir: Path, prompt: str, chat: bool, max_new_tokens: int, temperature: float, top_p: float,
-             seed: int | None, threads: int | None, variant: str | None) -> None:
-    """Generate text from an export, streaming tokens to stdout."""
+def generate(export_dir: Path, prompt: str | None, chat: bool, messages_path: Path | None, tools_path: Path | None,
+             system: str | None, no_thinking: bool, as_json: bool, max_new_tokens: int, temperature: float,
+             top_p: float, seed: int | None, threads: int | None, variant: str | None) -> None:
+    """Generate text from an export, streaming tokens to stdout (or one JSON object with --json)."""
+    import json
+
+    from runtime_py.chat import load_messages, load_tools
     from runtime_py.generate import GenerateRequest, Sampling, generate_text
 
-    request = GenerateRequest(export_dir, prompt, chat, max_new_tokens, Sampling(temperature, top_p, seed), threads,
-                              variant)
-    generate_text(request, lambda text: click.echo(text, nl=False))
-    click.echo()
+    request = GenerateRequest(export_dir, prompt, chat, load_messages(messages_path) if messages_path else None,
+                              system, load_tools(tools_path) if tools_path else None, False if no_thinking else None,
+                              max_new_tokens, Sampling(temperature, top_p, seed), threads, variant)
+    result = generate_text(request, None if as_json else lambda text: click.echo(text, nl=False))
+    click.echo(json.dumps(result.to_json(), ensure_ascii=False) if as_json else "")
 
 
 @main.command()

@@ -104,7 +104,9 @@ def text_config_from_dict(raw: dict[str, Any]) -> TextConfig:
     if not text.get("attn_output_gate", True):
         raise _bad("attn_output_gate=false is not Qwen3.5; only gated attention is supported")
 
-    eos = raw.get("eos_token_id", text.get("eos_token_id"))
+    eos = raw.get("eos_token_id")  # a null top-level value defers to text_config, as in transformers
+    if eos is None:
+        eos = text.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
     tie = raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
     num_layers = int(need("num_hidden_layers"))
@@ -181,3 +183,60 @@ def preset_config_dict(name: str) -> dict[str, Any]:
     if not path.is_file():
         raise QwenEdgeError(f"unknown preset {name!r}; choose one of {', '.join(preset_names())}")
     return json.loads(path.read_text())
+
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """The special token ids a checkpoint declares, resolved as transformers' generate() resolves them."""
+
+    eos: tuple[int, ...]  # every end token declared anywhere (generation config, config, text_config)
+    pad: int | None  # generation_config.json's when that file exists, else config.json's (top, then text_config)
+    bos: int | None
+
+
+def _ids(value: Any, where: str, key: str) -> tuple[int, ...]:
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise QwenEdgeError(f"{where}: {key} {value!r} is not a token id (a non-negative integer or a list of them); "
+                                f"fix {key} in {where}")
+    return tuple(values)
+
+
+def declared_token_ids(folder: Path, vocab_size: int | None = None) -> TokenIds:
+    """bos/eos/pad of a checkpoint or export folder. transformers reads only generation_config.json when
+    it exists (else config.json, top level first, then text_config for unset or null keys); the end
+    tokens are the union of all three, since generation must stop on every end token declared."""
+    folder = Path(folder)
+    config = load_config_json(folder / "config.json")
+    sources = [(config, "config.json"), (config.get("text_config") or {}, "config.json text_config")]
+    generation_path = folder / GENERATION_CONFIG
+    if generation_path.is_file():
+        try:
+            generation = json.loads(generation_path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise QwenEdgeError(f"{generation_path}: not valid JSON ({exc}); fix or remove it") from None
+        if not isinstance(generation, dict):
+            raise QwenEdgeError(f"{generation_path}: expected a JSON object; fix or remove it")
+        sources.insert(0, (generation, GENERATION_CONFIG))
+    resolving = sources[:1] if generation_path.is_file() else sources
+
+    def first(key: str) -> int | None:
+        for source, where in resolving:
+            ids = _ids(source.get(key), where, key)
+            if ids:
+                return ids[0]
+        return None
+
+    eos = tuple(dict.fromkeys(i for source, where in sources for i in _ids(source.get("eos_token_id"), where,
+                                                                            "eos_token_id")))
+    found = TokenIds(eos, first("pad_token_id"), first("bos_token_id"))
+    if vocab_size is not None:
+        for token in (*found.eos, found.pad, found.bos):
+            if token is not None and token >= vocab_size:
+                raise QwenEdgeError(f"{folder}: token id {token} is outside the vocabulary ({vocab_size} tokens); "
+                                    "fix the ids in config.json / generation_config.json")
+    return found

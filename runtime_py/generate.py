@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from graphs.config import declared_token_ids
+from graphs.errors import QwenEdgeError
+from runtime_py.chat import parse_assistant
 from runtime_py.export_format import export_variants
 from runtime_py.session import OnnxModel
 from runtime_py.tokenizer import StreamDecoder, TextTokenizer
@@ -73,37 +75,91 @@ def generate(
 
 
 def stop_ids(export_dir: Path) -> list[int]:
-    """End-of-sequence ids from generation_config.json, else config.json."""
-    for name in ("generation_config.json", "config.json"):
-        path = Path(export_dir) / name
-        if path.is_file():
-            eos = json.loads(path.read_text()).get("eos_token_id")
-            if eos is not None:
-                return eos if isinstance(eos, list) else [eos]
-    return []
+    """Every end-of-sequence id the checkpoint declares (generation_config.json, config.json, text_config)."""
+    return list(declared_token_ids(Path(export_dir)).eos)
+
+
+@dataclass
+class GenerateResult:
+    """One generation: the ids in and out, the text, and for chat prompts the reply parsed as the
+    template's format defines it (reasoning, content, tool calls)."""
+
+    prompt_ids: list[int]
+    generated_ids: list[int]
+    text: str
+    reply: dict | None = None
+
+    def to_json(self) -> dict:
+        return {"prompt_ids": self.prompt_ids, "generated_ids": self.generated_ids, "text": self.text,
+                **(self.reply or {})}
+
+
+def generate_chat(model: OnnxModel, tokenizer: TextTokenizer, messages: list[dict], max_new_tokens: int,
+                  sampling: Sampling = Sampling(), *, tools: list[dict] | None = None,
+                  enable_thinking: bool | None = None, stop_ids: Iterable[int] = (),
+                  on_token: Callable[[int], None] | None = None) -> GenerateResult:
+    """Render `messages` with the model's chat template (as transformers does), generate, parse the reply."""
+    prompt = tokenizer.apply_chat_template(messages, tools=tools, enable_thinking=enable_thinking)
+    prompt_ids = tokenizer.encode(prompt)
+    ids = generate(model, prompt_ids, max_new_tokens, sampling, stop_ids, on_token)
+    raw = tokenizer.decode(ids, skip_special_tokens=False)
+    reply = parse_assistant(raw, thinking=prompt.rstrip().endswith("<think>"), tools=tools)
+    return GenerateResult(prompt_ids, ids, tokenizer.decode(ids), reply)
 
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """`qwen-edge generate`: a prompt (optionally wrapped in the chat template) and how to continue it."""
+    """`qwen-edge generate`: a plain prompt, one user turn (`chat`), or a whole conversation (`messages`)."""
 
     export_dir: Path
-    prompt: str
+    prompt: str | None = None
     chat: bool = False
+    messages: list[dict] | None = None  # runtime_py/chat.load_messages
+    system: str | None = None  # a system turn in front of the conversation
+    tools: list[dict] | None = None  # JSON tool definitions, as the template takes them
+    thinking: bool | None = None  # False turns thinking off; None leaves the template's default
     max_new_tokens: int = 64
     sampling: Sampling = field(default_factory=Sampling)
     threads: int | None = None
     variant: str | None = None  # None: the first variant exported
 
+    def conversation(self) -> list[dict] | None:
+        """The messages to render, or None for a plain prompt; refuses options that cannot apply."""
+        if (self.prompt is None) == (self.messages is None):
+            raise QwenEdgeError("give --prompt TEXT or --messages FILE (one of them)")
+        chat_only = [name for name, given in (("--system", self.system is not None), ("--tools", self.tools),
+                                              ("--no-thinking", self.thinking is False)) if given]
+        if self.messages is None and not self.chat:
+            if chat_only:
+                raise QwenEdgeError(f"{', '.join(chat_only)} apply to chat prompts; add --chat or use --messages")
+            return None
+        messages = list(self.messages) if self.messages is not None else [{"role": "user", "content": self.prompt}]
+        if self.system is not None:
+            if messages[0].get("role") == "system":
+                raise QwenEdgeError("--system and a system message in --messages: give the system prompt once")
+            messages.insert(0, {"role": "system", "content": self.system})
+        for i, message in enumerate(messages):
+            content = message.get("content")
+            if isinstance(content, list) and any(part.get("type") != "text" for part in content):
+                raise QwenEdgeError(f"messages[{i}] holds an image or video part, and this export has no vision "
+                                    "encoder; give text parts only")
+        return messages
 
-def generate_text(request: GenerateRequest, on_text: Callable[[str], None]) -> list[int]:
-    """Stream the prompt (plain prompts are echoed) and then the generated text through `on_text`."""
+
+def generate_text(request: GenerateRequest, on_text: Callable[[str], None] | None = None) -> GenerateResult:
+    """Generate for `request`, streaming the text through `on_text` (a plain prompt is echoed first)."""
+    messages = request.conversation()
     tokenizer = TextTokenizer(request.export_dir)
     model = OnnxModel(request.export_dir, request.variant or export_variants(request.export_dir)[0],
                       threads=request.threads)
-    messages = [{"role": "user", "content": request.prompt}]
-    text = tokenizer.apply_chat_template(messages) if request.chat else request.prompt
     stream = StreamDecoder(tokenizer)
-    on_text("" if request.chat else request.prompt)
-    return generate(model, tokenizer.encode(text), request.max_new_tokens, request.sampling,
-                    stop_ids=stop_ids(request.export_dir), on_token=lambda t: on_text(stream.push(t)))
+    on_token = None if on_text is None else (lambda t: on_text(stream.push(t)))
+    stops = stop_ids(request.export_dir)
+    if messages is not None:
+        return generate_chat(model, tokenizer, messages, request.max_new_tokens, request.sampling, tools=request.tools,
+                             enable_thinking=request.thinking, stop_ids=stops, on_token=on_token)
+    if on_text is not None:
+        on_text(request.prompt)
+    prompt_ids = tokenizer.encode(request.prompt)
+    ids = generate(model, prompt_ids, request.max_new_tokens, request.sampling, stops, on_token)
+    return GenerateResult(prompt_ids, ids, tokenizer.decode(ids))

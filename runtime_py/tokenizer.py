@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from graphs.errors import QwenEdgeError
+from runtime_py.chat_template import render_chat, special_tokens_from_config
 
 
 class TextTokenizer:
@@ -37,13 +37,16 @@ class TextTokenizer:
     def token_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                            tools: list[dict] | None = None, documents: list[dict] | None = None,
+                            enable_thinking: bool | None = None, **extra: Any) -> str:
+        """The prompt transformers' `apply_chat_template(messages, tokenize=False, ...)` renders
+        (runtime_py/chat_template.py); `enable_thinking=None` leaves the template's default."""
         if not self.chat_template:
             raise QwenEdgeError("this model has no chat template; run without --chat to use a plain prompt")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        template = env.from_string(self.chat_template)
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=self.config.get("bos_token") or "", eos_token=self.config.get("eos_token") or "")
+        return render_chat(self.chat_template, messages, tools=tools, documents=documents,
+                           add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking,
+                           special_tokens=special_tokens_from_config(self.config), **extra)
 
 
 class StreamDecoder:

@@ -21,6 +21,7 @@ from runtime_py.export_format import read_manifest
 from runtime_py.generate import generate, stop_ids
 from runtime_py.session import OnnxModel
 from runtime_py.tokenizer import TextTokenizer
+from tests.genai_driver import genai_greedy, genai_model
 
 PROMPTS = [("On Monday the", False), ("What is 12 plus 7?", True)]  # (text, wrap in the chat template)
 
@@ -70,10 +71,8 @@ def test_android_bundle_layout(android_bundle: Path) -> None:
 @pytest.mark.parametrize("variant", ["fp32", "q4"])
 def test_genai_generates_the_same_greedy_tokens(android_bundle: Path, default_all_variants: Path, variant: str) -> None:
     og = pytest.importorskip("onnxruntime_genai")
-    config = og.Config(str(android_bundle))
     manifest = verify_bundle(android_bundle)
-    config.overlay(json.dumps({"model": {"decoder": {"filename": manifest["variants"][variant]["onnx"]}}}))
-    model = og.Model(config)
+    model = genai_model(android_bundle, manifest["variants"][variant]["onnx"])
     genai_tokenizer = og.Tokenizer(model)
     ours = OnnxModel(default_all_variants, variant)
     tokenizer = TextTokenizer(default_all_variants)
@@ -83,14 +82,7 @@ def test_genai_generates_the_same_greedy_tokens(android_bundle: Path, default_al
         prompt = tokenizer.encode(text)
         assert [int(t) for t in genai_tokenizer.encode(text)] == prompt
         expected = generate(ours, prompt, 24, stop_ids=stop_ids(default_all_variants))
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + 24, do_sample=False)
-        generator = og.Generator(model, params)
-        generator.append_tokens(prompt)
-        got: list[int] = []
-        while not generator.is_done():
-            generator.generate_next_token()
-            got.append(int(generator.get_next_tokens()[0]))
+        got = genai_greedy(model, prompt, 24)
         assert got[: len(expected)] == expected and len(expected) >= 5
         # genai emits the end-of-sequence token itself; qwen-edge generate stops before it
         assert got[len(expected):] in ([], got[len(expected):len(expected) + 1])

@@ -13,7 +13,6 @@ from click.testing import CliRunner
 
 from exporter.cli import main
 from graphs.config import load_text_config
-from quant.onnx_weights import module_path
 from runtime_py.session import OnnxModel
 from tests.conftest import ALL_SCHEMES, DEFAULT_VARIANTS
 

@@ -27,14 +27,14 @@ class BenchRequest:
 
 
 def run_bench(request: BenchRequest, note: Callable[[str], None]) -> tuple[dict, list[Path]]:
-    """The report and the files written; `note` receives one line per skipped peer."""
+    """The report and the files written; `note` receives one line per skipped optional part (a peer, the plots)."""
     threads = list(request.threads or sorted({1, os.cpu_count() or 1}))
     variant = request.variant or export_variants(request.export_dir)[0]
     report = run_benchmark(request.export_dir, variant, threads, list(request.prompt_lengths), request.decode_tokens,
                            request.repeats, list(request.contexts))
     if request.compare is not None:
         report.update(_compare_peers(report, resolve_checkpoint(request.compare), threads, request, note))
-    return report, write_report(report, request.out_dir)
+    return report, write_report(report, request.out_dir, note)
 
 
 def _compare_peers(report: dict, checkpoint: Path, threads: list[int], request: BenchRequest,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from runtime_py.bench import markdown_table
@@ -45,9 +47,16 @@ def write_plots(report: dict, out_dir: Path) -> list[Path]:
     return [speed, memory]
 
 
-def write_report(report: dict, out_dir: Path) -> list[Path]:
+PLOTS_NEED = "plots skipped: matplotlib is not installed (pip install 'qwen-edge[bench]' for them)"
+
+
+def write_report(report: dict, out_dir: Path, note: Callable[[str], None] = lambda line: None) -> list[Path]:
+    """bench.json and bench.md always; the plots when matplotlib is installed (else `note` says so)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "bench.json", out_dir / "bench.md"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     md_path.write_text(markdown_table(report) + "\n")
+    if importlib.util.find_spec("matplotlib") is None:
+        note(PLOTS_NEED)
+        return [json_path, md_path]
     return [json_path, md_path, *write_plots(report, out_dir)]

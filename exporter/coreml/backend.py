@@ -13,8 +13,7 @@ once.
 
 from __future__ import annotations
 
-import logging
-import os
+import importlib.util
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -67,7 +66,8 @@ class CoreMLBackend:
         self.cfg: TextConfig | None = None
 
     def check(self, schemes: tuple[Scheme, ...]) -> None:
-        """Every scheme has a Core ML form."""
+        """Every scheme has a Core ML form; coremltools must be installed."""
+        require_coremltools("--format coreml")
 
     def prepare_stages(self, activations: str) -> list[str]:
         return [f"convert {f} ({activations})" for f in FUNCTIONS]
@@ -114,6 +114,13 @@ class CoreMLBackend:
         }
 
 
+def require_coremltools(what: str) -> None:
+    """A clear error where coremltools is missing (it has no wheel for Linux on ARM or Windows)."""
+    if importlib.util.find_spec("coremltools") is None:
+        raise QwenEdgeError(f"{what} needs coremltools, which is not installed (it ships for macOS and Linux x86_64 "
+                            "only); export ONNX here, or run this on such a machine with 'pip install coremltools==9.0'")
+
+
 def _example_inputs(tokens: int, step: CoreMLStep) -> tuple[torch.Tensor, ...]:
     inputs = (torch.zeros(1, tokens, dtype=torch.int32), torch.arange(tokens, dtype=torch.int32)[None],
               torch.zeros(1, 1, tokens, step.capacity), torch.zeros(1, dtype=torch.int32))
@@ -124,7 +131,6 @@ def _example_inputs(tokens: int, step: CoreMLStep) -> tuple[torch.Tensor, ...]:
 
 def convert_function(step: CoreMLStep, tokens: int, compute: str):  # noqa: ANN201
     """One function (T = tokens) as a Core ML mlprogram (not loaded: this may be Linux)."""
-    os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' pass-by-pass bars; our Stages bar reports progress
     import coremltools as ct
 
     with torch.no_grad(), warnings.catch_warnings():
@@ -139,7 +145,6 @@ def convert_function(step: CoreMLStep, tokens: int, compute: str):  # noqa: ANN2
     precision = ct.precision.FLOAT32
     if compute == "float16":
         precision = ct.transform.FP16ComputePrecision(op_selector=lambda op: not in_norm_statistic(op))
-    logging.getLogger("coremltools").setLevel(logging.ERROR)
     return ct.convert(program, outputs=outputs, minimum_deployment_target=ct.target.iOS18,
                       compute_precision=precision, convert_to="mlprogram", skip_model_load=True)
 

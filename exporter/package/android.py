@@ -33,7 +33,7 @@ import onnxruntime as ort
 
 from exporter.onnx.external_data import relocate
 from exporter.onnx.forms import to_contrib
-from graphs.config import TextConfig
+from graphs.config import TextConfig, TokenIds, declared_token_ids
 from graphs.errors import QwenEdgeError
 from graphs.state import name_patterns
 
@@ -41,6 +41,7 @@ DATA_ALIGNMENT = 4096  # each tensor starts on a page, so ORT can map it
 GENAI_MODEL_TYPE = "qwen3_5_text"
 OPERATORS_CONFIG = "required_operators.config"
 ORT_FORMAT_LIMIT = 2**31  # an .ort file is one flatbuffer, weights included
+log = logging.getLogger(__name__)
 
 
 def merged_name(decoder_name: str) -> str:
@@ -184,15 +185,41 @@ def write_operators_config(ort_paths: list[Path], root: Path) -> Path:
     return target
 
 
-def genai_config(cfg: TextConfig, model_file: str, generation: dict, context_length: int) -> dict:
+# genai's pad id. onnxruntime-genai 0.18 (qwen3_5_text) treats every prompt token equal to
+# pad_token_id as padding, even at batch size 1: mask 0 there, its position not advanced, every
+# later position shifted (found for issue 16: with pad = eos, any prompt holding the eos id diverged
+# from transformers). A prompt is tokens to run, as qwen-edge generate and transformers'
+# model(input_ids) run them, so the bundle names a pad no token can equal; genai range-checks eos
+# ids only.
+NO_PAD_ID = -1
+
+
+def genai_token_ids(ids: TokenIds, vocab_size: int, where: Path | str) -> dict:
+    """eos, pad and bos as genai_config.json must hold them: integers only (genai refuses null, and a
+    list for pad and bos), at least one end token in the vocabulary, a pad no prompt can contain
+    (the checkpoint's pad id is not used: see NO_PAD_ID)."""
+    eos = list(ids.eos)
+    if not eos:  # genai needs one; the last row is an unused padding row of the published vocabularies
+        eos = [vocab_size - 1]
+        log.warning("%s: the checkpoint declares no eos_token_id; onnxruntime-genai needs one, so the Android "
+                    "bundle stops on id %d (the last vocabulary row). Set eos_token_id in generation_config.json "
+                    "to choose it.", where, eos[0])
+    config = {"eos_token_id": eos, "pad_token_id": NO_PAD_ID}
+    if ids.bos is not None:
+        config["bos_token_id"] = ids.bos
+    return config
+
+
+def genai_config(cfg: TextConfig, model_file: str, generation: dict, context_length: int, token_ids: dict) -> dict:
     """onnxruntime-genai's configuration for the merged graph (model type `qwen3_5_text`).
 
-    Search defaults come from the export's generation_config.json. State names are mapped, not
-    renamed: genai finds each layer's tensors from the %d patterns of graphs/state.py.
-    `past_present_share_buffer` is off because the graph concatenates its KV cache (it does not write
-    into a preallocated max-length buffer as genai's own GroupQueryAttention graphs do).
+    Search defaults come from the export's generation_config.json, token ids from `genai_token_ids`.
+    State names are mapped, not renamed: genai finds each layer's tensors from the %d patterns of
+    graphs/state.py. `past_present_share_buffer` is off because the graph concatenates its KV cache
+    (it does not write into a preallocated max-length buffer as genai's own GroupQueryAttention graphs
+    do). genai 0.18 binds each conv/recurrent state as input and output at once on CPU whatever this
+    says; the com.microsoft kernels give identical states that way (checked for issue 16).
     """
-    eos = generation.get("eos_token_id", list(cfg.eos_token_id))
     config = {
         "model": {
             "context_length": context_length,
@@ -213,8 +240,7 @@ def genai_config(cfg: TextConfig, model_file: str, generation: dict, context_len
                 "num_hidden_layers": cfg.num_hidden_layers,
                 "num_key_value_heads": cfg.num_key_value_heads,
             },
-            "eos_token_id": eos,
-            "pad_token_id": generation.get("pad_token_id", eos[0] if isinstance(eos, list) and eos else eos),
+            **token_ids,
             "type": GENAI_MODEL_TYPE,
             "vocab_size": cfg.vocab_size,
         },
@@ -227,8 +253,6 @@ def genai_config(cfg: TextConfig, model_file: str, generation: dict, context_len
             "top_p": float(generation.get("top_p", 1.0)),
         },
     }
-    if generation.get("bos_token_id") is not None:  # genai rejects a null id
-        config["model"]["bos_token_id"] = generation["bos_token_id"]
     return config
 
 
@@ -245,7 +269,8 @@ def write_merged_graphs(export_dir: Path, out: Path, variants: dict[str, dict], 
         converted = merge_embedding(export_dir / entry["embed_tokens"], export_dir / entry["decoder"], model)
         records[name] = {"onnx": model.relative_to(out).as_posix(), "converted_to_contrib": converted}
     first = records[next(iter(variants))]["onnx"]
-    config = genai_config(cfg, first, generation, context_length)
+    token_ids = genai_token_ids(declared_token_ids(export_dir, cfg.vocab_size), cfg.vocab_size, export_dir)
+    config = genai_config(cfg, first, generation, context_length, token_ids)
     (out / "genai_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return records
 

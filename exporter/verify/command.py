@@ -76,9 +76,11 @@ def _onnx_parity(request: VerifyRequest) -> VerifyOutcome:
 
 
 def _coreml_parity(request: VerifyRequest) -> VerifyOutcome:
+    from exporter.coreml.backend import require_coremltools
     from exporter.coreml.check import format_package_spec, verify_coreml
     from exporter.verify.parity import format_report
 
+    require_coremltools("verify --format coreml")
     report, spec = verify_coreml(str(request.paths[0]), request.paths[1], request.variant,
                                  request.prompt_lengths or COREML_PROMPT_LENGTHS, request.decode_steps, request.rtol,
                                  request.runner)
@@ -96,6 +98,10 @@ def _quality(request: VerifyRequest) -> VerifyOutcome:
     if fmt != request.fmt:
         raise QwenEdgeError(f"{export} is a{' Core ML' if fmt == 'coreml' else 'n ONNX'} export; "
                             f"{'add --format coreml' if fmt == 'coreml' else 'drop --format coreml'} to score it")
+    if fmt == "coreml":
+        from exporter.coreml.backend import require_coremltools
+
+        require_coremltools("verify --format coreml")
     report = measure_quality(export, resolve_checkpoint(request.against),
                              list(request.variants) if request.variants else None, request.text, request.tokens,
                              gates=GateOverrides.parse(request.gates), runner=request.runner)
