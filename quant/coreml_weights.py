@@ -149,6 +149,7 @@ def compress_weights(mlmodel, scheme: Scheme, cfg: TextConfig):  # noqa: ANN001,
     from graphs.checkpoint import expected_shapes
 
     shapes = expected_shapes(cfg)  # the parameter's [out, in] (a converted const's value loads lazily)
+    shapes.setdefault("lm_head.weight", shapes["embed_tokens.weight"])  # tied: the head is the embedding's table
     chosen = {const: coreml_format(scheme, param, tuple(shapes[param]))
               for const, param in weight_constants(mlmodel, cfg).items()}
     chosen = {const: fmt for const, fmt in chosen.items() if fmt}
