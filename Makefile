@@ -26,8 +26,9 @@ $(JS_DEPS): tests/js/package.json tests/js/package-lock.json
 
 install: $(STAMP) $(JS_DEPS)
 
+# Two workers (pytest-xdist) on the two cores; the exports many tests share are built once (tests/conftest.py).
 test: $(STAMP) $(JS_DEPS)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(STAMP)
 	$(VENV)/bin/qwen-edge export default $(DEMO_OUT) --quant fp32,q4f16 --force

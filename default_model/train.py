@@ -23,7 +23,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from default_model.make_corpus import END, make_corpus
 from graphs.config import text_config_from_dict
 from graphs.qwen3_5 import Qwen35Decoder
-from graphs.random_checkpoint import random_tensor
+from graphs.random_checkpoint import random_block
 from graphs.recurrent_ops import REFERENCE
 
 HERE = Path(__file__).parent
@@ -111,7 +111,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(random_tensor(name, tuple(p.shape), cfg, gen))
+            p.copy_(random_block(name, tuple(p.shape), cfg, gen))
         model.embed_tokens.weight.mul_(0.25)  # start near uniform predictions
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))

@@ -7,7 +7,9 @@ import of a command's work happens inside the command.
 
 from __future__ import annotations
 
+import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -25,11 +27,23 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from graphs.errors import QwenEdgeError
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so that every `with` block cleans up as for Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
+    raise Interrupted(signum)
+
+
 class CliGroup(click.Group):
-    """Every user error is one clear line on stderr: ours exit 1, click's usage errors exit 2."""
+    """Every user error is one clear line on stderr: ours exit 1, click's usage errors exit 2.
+    SIGINT and SIGTERM remove partial output and exit 130 and 143 (128 + the signal number)."""
 
     def main(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
         kwargs.pop("standalone_mode", None)
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.Exit as exc:
@@ -52,18 +66,76 @@ class CliGroup(click.Group):
         except QwenEdgeError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt as exc:
+            signum = exc.args[0] if isinstance(exc, Interrupted) else signal.SIGINT
+            click.echo(f"error: interrupted by {signal.Signals(signum).name}; partial output was removed", err=True)
+            sys.exit(128 + signum)
 
 
-def _ints(text: str | None, option: str) -> tuple[int, ...] | None:
-    """'1,64,130' -> (1, 64, 130); every value a positive integer."""
+class FiniteFloat(click.ParamType):
+    """A finite number within [min, max] (min excluded with min_open): click's FloatRange lets nan and inf through."""
+
+    name = "number"
+
+    def __init__(self, min: float | None = None, max: float | None = None, min_open: bool = False) -> None:  # noqa: A002
+        self.min, self.max, self.min_open = min, max, min_open
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        low_ok = self.min is None or (number > self.min if self.min_open else number >= self.min)
+        if not low_ok or (self.max is not None and number > self.max):
+            low = "" if self.min is None else f"{'>' if self.min_open else '>='} {self.min:g}"
+            high = "" if self.max is None else f"<= {self.max:g}"
+            self.fail(f"{number:g} is not {' and '.join(x for x in (low, high) if x)}", param, ctx)
+        return number
+
+
+class ContextLength(click.IntRange):
+    """A context length from 1 to the longest one a config.json may declare (graphs/config.py LIMITS,
+    read when the option is parsed: the CLI module imports no command's work)."""
+
+    def _bounds(self) -> None:
+        from graphs.config import LIMITS
+
+        self.min, self.max = 1, LIMITS["max_position_embeddings"]
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        self._bounds()
+        return super().convert(value, param, ctx)
+
+    def _describe_range(self) -> str:
+        self._bounds()
+        return super()._describe_range()
+
+
+def _output_file(option: str, path: Path | None, *inputs: Path | str | None) -> None:
+    """Check an output file option (e.g. --json FILE) before any work is done."""
+    if path is not None:
+        from default_model import resolve_checkpoint
+        from exporter.atomic import check_output_file
+
+        check_output_file(path, option, [resolve_checkpoint(p) for p in inputs if p is not None])
+
+
+MAX_THREADS = 1024
+MAX_REPEATS = 1000
+
+
+def _ints(text: str | None, option: str, most: int = 1 << 24) -> tuple[int, ...] | None:
+    """'1,64,130' -> (1, 64, 130); every value an integer from 1 to `most`."""
     if text is None:
         return None
     try:
         values = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise QwenEdgeError(f"{option} {text!r}: give comma-separated integers, e.g. 1,64,130") from None
-    if not values or min(values) < 1:
-        raise QwenEdgeError(f"{option} {text!r}: give one or more positive integers")
+        raise QwenEdgeError(f"{option} {text!r:.60}: give comma-separated integers, e.g. 1,64,130") from None
+    if not values or min(values) < 1 or max(values) > most:
+        raise QwenEdgeError(f"{option} {text!r:.60}: give one or more integers from 1 to {most:,}")
     return values
 
 
@@ -95,8 +167,9 @@ COREML_ONLY = ("chunk", "context", "recurrent_state")
 @click.option("--quant", "quant_names", default="fp32", show_default=True,
               help="Comma-separated variants: fp32, fp16, q8, q4, q4f16 (file suffixes '', _fp16, _quantized, _q4, "
                    "_q4f16); Core ML also p4.")
-@click.option("--recurrent-ops", type=click.Choice(["standard", "contrib"]), default="standard", show_default=True,
-              help="ONNX: standard = opset 27 ops (ORT >= 1.32); contrib = com.microsoft ops (ORT >= 1.25, web, Android).")
+@click.option("--recurrent-ops", type=click.Choice(["standard", "contrib"]), default="contrib", show_default=True,
+              help="ONNX: contrib = com.microsoft ops (ORT >= 1.25, fused CPU kernels, web, Android); standard = "
+                   "opset 27 ops (ORT >= 1.32, whose CPU provider expands them into a slower Scan).")
 @click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
               help="ONNX: quantization block size along the input dimension.")
 @click.option("--asymmetric", is_flag=True, help="ONNX: per-block zero points (default: symmetric).")
@@ -104,7 +177,7 @@ COREML_ONLY = ("chunk", "context", "recurrent_state")
               help="ONNX: MatMulNBits compute: 4 = int8 activations (fastest on CPU), 1 = fp32, 0 = runtime default.")
 @click.option("--all-logits", is_flag=True, help="ONNX: logits for every position (default: last position only).")
 @click.option("--chunk", type=click.IntRange(min=1), default=64, show_default=True, help="Core ML: tokens per prefill call.")
-@click.option("--context", type=click.IntRange(min=1), default=4096, show_default=True,
+@click.option("--context", type=ContextLength(), default=4096, show_default=True,
               help="Core ML: KV-cache capacity (a multiple of --chunk).")
 @click.option("--recurrent-state", default="state", show_default=True,
               help="Core ML: 'state' (fp16 Core ML state) or 'io' (fp32 input/output the app carries).")
@@ -120,9 +193,13 @@ def export(ctx: click.Context, checkpoint: str, out: Path, fmt: str, quant_names
     Core ML --quant names: fp32, fp16, q8 (int8 per-channel), q4 (int4 block 32),
     q4f16 (int4, fp16 compute), p4 (4-bit palettization, fp16 compute).
     """
+    import time
+
     from exporter.pipeline import ExportRequest, run_export
+    from exporter.progress import peak_rss_bytes
     from quant.schemes import QuantOptions, parse_schemes
 
+    started = time.perf_counter()
     wrong = _given(ctx, *(ONNX_ONLY if fmt == "coreml" else COREML_ONLY))
     if wrong:
         other = "Core ML" if fmt == "onnx" else "ONNX"
@@ -140,7 +217,8 @@ def export(ctx: click.Context, checkpoint: str, out: Path, fmt: str, quant_names
                                           all_logits))
     run_export(request, backend)
     label = "Core ML: " if fmt == "coreml" else ""
-    click.echo(f"exported {checkpoint} -> {out} ({label}{', '.join(s.name for s in request.schemes)})")
+    click.echo(f"exported {checkpoint} -> {out} ({label}{', '.join(s.name for s in request.schemes)}) in "
+               f"{time.perf_counter() - started:.1f} s, peak memory {peak_rss_bytes() / 2**30:.2f} GiB")
 
 
 @main.command()
@@ -151,7 +229,7 @@ def export(ctx: click.Context, checkpoint: str, out: Path, fmt: str, quant_names
 @click.option("--decode-steps", type=click.IntRange(min=0), default=32, show_default=True,
               help="Parity: greedy decode steps after each prefill.")
 @click.option("--prompt-lengths", default=None, help="Parity: comma-separated prompt lengths [ONNX 1,63,64,65,130; Core ML 64,130].")
-@click.option("--rtol", type=click.FloatRange(min=0), default=None,
+@click.option("--rtol", type=FiniteFloat(min=0), default=None,
               help="Parity: logit tolerance relative to the logit scale [ONNX 1e-4; Core ML 1e-2 fp32 compute, 5e-2 fp16].")
 @click.option("--per-step", is_flag=True, help="Parity: print every step's difference.")
 @click.option("--variants", "variant_names", default=None, help="Quality: comma-separated variants (default: all).")
@@ -177,6 +255,12 @@ def verify(paths: tuple[Path, ...], against: Path | None, variant: str, decode_s
     """
     from exporter.verify.command import VerifyRequest, run_verify
 
+    for option, path in (("--json", json_path), ("--junit", junit_path)):
+        _output_file(option, path, *paths, against)
+    if junit_path is not None and against is None:
+        raise QwenEdgeError("--junit applies to quality checks (EXPORT --against REF)")
+    if text_path is not None and not text_path.is_file():
+        raise QwenEdgeError(f"--text {text_path}: not a regular file; give a UTF-8 text file of held-out text")
     outcome = run_verify(VerifyRequest(paths, against, fmt, variant, decode_steps,
                                        _ints(prompt_lengths, "--prompt-lengths"), rtol, per_step, runner,
                                        _names(variant_names), text_path, tokens, gate_items))
@@ -202,10 +286,10 @@ def verify(paths: tuple[Path, ...], against: Path | None, variant: str, decode_s
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object: prompt ids, generated ids, text (and reasoning, content, tool calls).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 is greedy.")
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
+@click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", type=FiniteFloat(min=0, max=1, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Sampling seed (reproducible output).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--variant", default=None, help="Which exported variant to run (default: the first one exported).")
 def generate(export_dir: Path, prompt: str | None, chat: bool, messages_path: Path | None, tools_path: Path | None,
              system: str | None, no_thinking: bool, as_json: bool, max_new_tokens: int, temperature: float,
@@ -229,7 +313,7 @@ def generate(export_dir: Path, prompt: str | None, chat: bool, messages_path: Pa
 @click.option("--threads", "threads_text", default=None, help="Comma-separated thread counts (default: 1 and all cores).")
 @click.option("--prompt-lengths", default="128,512", show_default=True)
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+@click.option("--repeats", type=click.IntRange(1, MAX_REPEATS), default=3, show_default=True,
               help="Measured repetitions after one warm-up.")
 @click.option("--contexts", default="1024,2048,4096,8192,16384,32768", show_default=True,
               help="Context lengths for the state-memory curve.")
@@ -242,7 +326,7 @@ def bench(export_dir: Path, variant: str | None, threads_text: str | None, promp
     from exporter.bench.command import BenchRequest, run_bench
     from runtime_py.bench import markdown_table
 
-    request = BenchRequest(export_dir, variant, _ints(threads_text, "--threads"),
+    request = BenchRequest(export_dir, variant, _ints(threads_text, "--threads", MAX_THREADS),
                            _ints(prompt_lengths, "--prompt-lengths"), decode_tokens, repeats,
                            _ints(contexts, "--contexts"), out_dir, compare_checkpoint)
     report, files = run_bench(request, lambda line: click.echo(line, err=True))
@@ -282,19 +366,32 @@ def package_build(export_dir: Path, out: Path, target: str, variant_names: str |
 
     names = _names(variant_names)
     manifest = package_export(export_dir, out, target, list(names) if names else None, force, coreml_dir)
+    from exporter.package.manifest import BUNDLE_MANIFEST, sha256
+
     click.echo(f"packaged {export_dir} -> {out} ({target}: {', '.join(manifest['variants'])}; "
-               f"{len(manifest['files'])} files, {manifest['total_bytes']:,} bytes)")
+               f"{len(manifest['files'])} files, {manifest['total_bytes']:,} bytes); "
+               f"manifest sha256 {sha256(out / BUNDLE_MANIFEST)}")
 
 
 @package.command("verify")
 @click.argument("bundle", type=click.Path(path_type=Path))
-def package_verify(bundle: Path) -> None:
-    """Re-check every file's size and SHA-256 against BUNDLE's manifest.json; exit 1 on any difference."""
-    from exporter.package.verify import verify_bundle
+@click.option("--manifest-sha256", "pinned", default=None, metavar="HEX",
+              help="The released manifest's SHA-256 (printed by package and verify): also catches a bundle whose "
+                   "files and manifest were rewritten together.")
+def package_verify(bundle: Path, pinned: str | None) -> None:
+    """Check BUNDLE against its manifest.json: every file listed with its size and SHA-256, nothing else
+    present, and the manifest's fields (graph I/O, opsets, model shape, state layout, quantization) as the
+    files say; exit 1 naming every difference."""
+    import re
 
-    manifest = verify_bundle(bundle)
+    from exporter.package.verify import check_bundle
+
+    if pinned is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", pinned):
+        raise click.BadParameter("give the 64 hexadecimal digits of a SHA-256", param_hint="'--manifest-sha256'")
+    manifest, digest = check_bundle(bundle, pinned)
     click.echo(f"ok: {bundle} ({manifest['target']}): {len(manifest['files'])} files, "
-               f"{manifest.get('total_bytes', 0):,} bytes match the manifest")
+               f"{manifest['total_bytes']:,} bytes match the manifest; manifest sha256 {digest}"
+               + (" (the pinned release)" if pinned else ""))
 
 
 @main.group()
@@ -312,9 +409,10 @@ def devices_list() -> None:
 
 @devices.command("fit")
 @click.argument("export_dir", type=click.Path(path_type=Path))
-@click.option("--context", type=click.IntRange(min=1), default=4096, show_default=True,
+@click.option("--context", type=ContextLength(), default=4096, show_default=True,
               help="Context length the state must hold.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for the calibration run on this machine.")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
+              help="Threads for the calibration run on this machine.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the estimates as JSON.")
 def devices_fit(export_dir: Path, context: int, threads: int | None, json_path: Path | None) -> None:
     """Per device and variant: does it fit, and an ESTIMATE of decode tok/s and joules per token."""
@@ -322,10 +420,13 @@ def devices_fit(export_dir: Path, context: int, threads: int | None, json_path: 
 
     from devices.fit import fit_export
 
+    _output_file("--json", json_path, export_dir)
     report = fit_export(export_dir, context, threads)
     click.echo(report.text())
     if json_path:
-        json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        from exporter.atomic import write_text_atomically
+
+        write_text_atomically(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
 
 
 if __name__ == "__main__":

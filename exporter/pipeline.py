@@ -1,8 +1,9 @@
 """`qwen-edge export`: the one skeleton both formats plug into.
 
     resolve the checkpoint -> refuse a bad destination -> open and check the checkpoint
-    -> in a temporary folder: load the weights, then per activation dtype prepare once (trace or
-       convert) and write each variant -> copy the support files -> write the manifest
+    -> in a temporary folder: load, then per activation dtype prepare once (trace or convert) and
+       write each variant, then finish (ONNX: the one pass that streams the weights into every
+       variant) -> copy the support files -> write the manifest
     -> move the folder into place
 
 A backend (`exporter/onnx/backend.py`, `exporter/coreml/backend.py`) supplies the format-specific
@@ -22,8 +23,10 @@ from exporter.progress import Stages
 from graphs.checkpoint import Checkpoint, open_checkpoint
 from graphs.config import TextConfig
 from graphs.errors import QwenEdgeError
+from graphs.file_checks import read_json
 from quant.schemes import SCHEMES, Scheme
 from runtime_py.export_format import EXPORT_FORMAT, SUPPORT_FILES, qwen_edge_version, write_manifest
+from runtime_py.tokenizer import check_support_files
 
 ACTIVATIONS = ("float32", "float16")  # groups are prepared in this order
 
@@ -47,11 +50,17 @@ class ExportBackend(Protocol):
     def check(self, schemes: tuple[Scheme, ...]) -> None:
         """Refuse, before any work, what this format cannot write."""
 
+    def check_config(self, cfg: TextConfig) -> None:
+        """Refuse, before any weight is read, options this model cannot take."""
+
     def prepare_stages(self, activations: str) -> list[str]:
         """Names of the stages `prepare` runs for one activation dtype."""
 
+    def finish_stages(self) -> list[str]:
+        """Names of the stages `finish` runs."""
+
     def load(self, checkpoint: Checkpoint) -> Any:
-        """The model to prepare from, with the checkpoint's weights."""
+        """What `prepare` starts from (a model, or the checkpoint itself)."""
 
     def prepare(self, model: Any, activations: str, folder: Path, stages: Stages) -> Any:
         """The traced or converted form of `model` in `activations`, shared by that dtype's variants."""
@@ -61,6 +70,9 @@ class ExportBackend(Protocol):
 
     def release(self, prepared: Any) -> None:
         """Drop what `prepare` left behind."""
+
+    def finish(self, folder: Path, stages: Stages) -> None:
+        """Complete every variant written (after all of them are)."""
 
     def manifest_fields(self, cfg: TextConfig) -> dict:
         """The format's own manifest entries (between `source_checkpoint` and `variants`)."""
@@ -73,15 +85,15 @@ def run_export(request: ExportRequest, backend: ExportBackend) -> Path:
     backend.check(request.schemes)
     folder = resolve_checkpoint(request.checkpoint)
     out = Path(request.out)
-    check_destination(out, request.force)
+    check_destination(out, request.force, [folder])
     groups = [(a, [s for s in request.schemes if s.activations == a]) for a in ACTIVATIONS]
     groups = [(a, members) for a, members in groups if members]
-    names = ["check checkpoint", "load weights"]
+    names = ["check checkpoint", "load"]
     for activations, members in groups:
         names += backend.prepare_stages(activations) + [f"write {s.name}" for s in members]
-    stages = Stages([*names, "copy tokenizer"], request.progress)
-    checkpoint = stages.run(lambda: open_checkpoint(folder))
-    with atomic_output_dir(out, request.force) as tmp:
+    stages = Stages([*names, *backend.finish_stages(), "copy tokenizer"], request.progress)
+    checkpoint = stages.run(lambda: _open_checked(folder, backend))
+    with atomic_output_dir(out, request.force, [folder]) as tmp:
         model = stages.run(lambda: backend.load(checkpoint))
         records = {}
         for activations, members in groups:
@@ -89,6 +101,7 @@ def run_export(request: ExportRequest, backend: ExportBackend) -> Path:
             for scheme in members:
                 records[scheme.name] = stages.run(lambda s=scheme: backend.write_variant(prepared, s, tmp))
             backend.release(prepared)
+        backend.finish(tmp, stages)
         copied = stages.run(lambda: copy_support_files(folder, tmp))
         write_manifest(tmp, {
             "export_format": EXPORT_FORMAT,
@@ -102,11 +115,25 @@ def run_export(request: ExportRequest, backend: ExportBackend) -> Path:
     return out
 
 
+def _open_checked(folder: Path, backend: ExportBackend) -> Checkpoint:
+    """The checkpoint, its options and every file `generate` will read, checked before the work starts."""
+    checkpoint = open_checkpoint(folder)
+    backend.check_config(checkpoint.config)
+    check_support_files(folder)
+    generation = folder / "generation_config.json"
+    if generation.exists() and not isinstance(read_json(generation, "fix it or remove it"), dict):
+        raise QwenEdgeError(f"{generation}: must hold a JSON object; fix it or remove it")
+    return checkpoint
+
+
 def copy_support_files(src: Path, dst: Path) -> list[str]:
-    """Tokenizer, chat template and configs a client needs beside the graphs."""
-    names = [n for n in SUPPORT_FILES if (src / n).is_file()]
+    """Tokenizer, chat template and configs a client needs beside the graphs (contents only: the
+    copies follow the user's umask, not the checkpoint's modes)."""
+    names = [n for n in SUPPORT_FILES if (src / n).exists()]
     for name in names:
-        shutil.copy2(src / name, dst / name)
+        if not (src / name).is_file():
+            raise QwenEdgeError(f"{src / name}: not a regular file; a checkpoint's support files must be plain files")
+        shutil.copyfile(src / name, dst / name)
     return names
 
 

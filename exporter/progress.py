@@ -1,7 +1,9 @@
 """Progress over the named stages of a long job, on stderr so stdout stays clean.
 
-On a terminal it is a progress bar; anywhere else (a CI log, a pipe) one line per finished stage with
-its elapsed time and the peak memory so far, so a log shows where the time went.
+On a terminal: one bar over the stages, naming the current one; a stage that streams (the weights of
+an export) shows tensors and bytes done and an estimate of the time left. Elsewhere (a log, CI): one
+line per finished stage with its elapsed time and the peak memory so far, so a log says where the
+time and memory went.
 """
 
 from __future__ import annotations
@@ -10,39 +12,54 @@ import resource
 import sys
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import IO, TypeVar
 
 import click
 
 T = TypeVar("T")
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+REDRAW_S = 0.2  # at most this often while a stage streams
 
 
 class Stages:
-    """Named stages run one after another; `run` executes the next one and reports it."""
+    """A progress display over named stages; `run` executes the next one."""
 
-    def __init__(self, names: list[str], enabled: bool, label: str = "export") -> None:
-        self.names, self.done, self.label = names, 0, label
-        self.enabled, self.start = enabled, time.perf_counter()
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            self.bar = click.progressbar(length=len(names), label=label, file=sys.stderr,
-                                         item_show_func=lambda _: self.current, show_eta=False)
-        self.current = names[0]
+    def __init__(self, names: list[str], enabled: bool, label: str = "export", stream: IO[str] | None = None) -> None:
+        self.names, self.done, self.enabled, self.label = names, 0, enabled, label
+        self.stream = stream or sys.stderr
+        self.current, self.detail = names[0], ""
+        tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.bar = click.progressbar(length=len(names), label=label, file=self.stream, show_eta=False,
+                                     item_show_func=lambda _: self._status()) if tty else None
+        self._drawn = 0.0
         if self.bar:
             self.bar.__enter__()
             self.bar.render_progress()
 
+    def _status(self) -> str:
+        return f"{self.current} ({self.detail})" if self.detail else self.current
+
     def run(self, fn: Callable[[], T]) -> T:
-        self.current = self.names[self.done]
+        return self._run(fn)
+
+    def run_with_progress(self, fn: Callable[[Callable[[int, int], None]], T], total_bytes: int, total_items: int,
+                          unit: str = "tensors") -> T:
+        """Run a stage that reports `(bytes done, items done)` as it goes; shows counts and an ETA."""
+        start = time.perf_counter()
+
+        def report(done_bytes: int, done_items: int) -> None:
+            elapsed = time.perf_counter() - start
+            self.detail = streaming_detail(done_bytes, total_bytes, done_items, total_items, elapsed, unit)
+            if self.bar and time.perf_counter() - self._drawn >= REDRAW_S:
+                self._drawn = time.perf_counter()
+                self.bar.render_progress()
+
+        return self._run(lambda: fn(report))
+
+    def _run(self, fn: Callable[[], T]) -> T:
+        self.current, self.detail = self.names[self.done], ""
+        start = time.perf_counter()
         if self.bar:
             self.bar.render_progress()
-        began = time.perf_counter()
         try:
             result = fn()
         except BaseException:
@@ -55,6 +72,28 @@ class Stages:
             if self.done == len(self.names):
                 self.bar.__exit__(None, None, None)
         elif self.enabled:
+            extra = f"; {self.detail}" if self.detail else ""
             click.echo(f"{self.label} [{self.done}/{len(self.names)}] {self.current}: "
-                       f"{time.perf_counter() - began:.1f} s (peak RSS {peak_rss_mib():,.0f} MiB)", err=True)
+                       f"{time.perf_counter() - start:.1f} s (peak RSS {peak_rss_bytes() / 2**20:,.0f} MiB{extra})",
+                       file=self.stream)
         return result
+
+
+def streaming_detail(done_bytes: int, total_bytes: int, done_items: int, total_items: int, elapsed: float,
+                     unit: str = "tensors") -> str:
+    """'312/1,200 tensors, 1.20/4.50 GB, 1m05s left' (time left from the bytes rate so far)."""
+    text = f"{done_items:,}/{total_items:,} {unit}, {done_bytes / 1e9:.2f}/{total_bytes / 1e9:.2f} GB"
+    if 0 < done_bytes < total_bytes and elapsed > 0:
+        text += f", {_duration(elapsed * (total_bytes - done_bytes) / done_bytes)} left"
+    return text
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (the kernel's maxrss)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes

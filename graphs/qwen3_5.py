@@ -203,6 +203,21 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+def layer_step(layer: DecoderLayer, x: torch.Tensor, token_mask: torch.Tensor, bias: torch.Tensor,
+               cos: torch.Tensor, sin: torch.Tensor, s0: torch.Tensor, s1: torch.Tensor,
+               kv_write: KVWrite | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decoder layer: hidden states and the layer's two state tensors, updated. (A function, not
+    the layer's forward: the exported graphs name nodes by the modules called, and the layer's own
+    residual adds belong to the decoder.)"""
+    h = layer.input_layernorm(x)
+    if layer.is_linear:
+        h, s0, s1 = layer.linear_attn(h, token_mask, s0, s1)
+    else:
+        h, s0, s1 = layer.self_attn(h, cos, sin, bias, s0, s1, kv_write)
+    x = x + h
+    return x + layer.mlp(layer.post_attention_layernorm(x)), s0, s1
+
+
 class Qwen35Decoder(nn.Module):
     """Embedding, decoder layers, final norm and LM head; forward takes embeddings and explicit state.
 
@@ -243,14 +258,7 @@ class Qwen35Decoder(nn.Module):
         """The layer stack: hidden states [B,T,hidden] and the new state, two tensors per layer."""
         new_state: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
-            s0, s1 = state[2 * i], state[2 * i + 1]
-            h = layer.input_layernorm(x)
-            if layer.is_linear:
-                h, s0, s1 = layer.linear_attn(h, token_mask, s0, s1)
-            else:
-                h, s0, s1 = layer.self_attn(h, cos, sin, bias, s0, s1, kv_write)
-            x = x + h
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x, s0, s1 = layer_step(layer, x, token_mask, bias, cos, sin, state[2 * i], state[2 * i + 1], kv_write)
             new_state += [s0, s1]
         return x, new_state
 

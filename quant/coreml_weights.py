@@ -23,7 +23,7 @@ from functools import lru_cache
 import numpy as np
 
 from graphs.config import TextConfig
-from quant.schemes import FAMILIES, Scheme, WeightFormat, family_of
+from quant.schemes import FAMILIES, QuantOptions, Scheme, WeightFormat, family_of
 
 PALETTE_GROUP = 16  # output channels sharing one LUT
 INT4_BLOCK = 32
@@ -63,7 +63,7 @@ def coreml_format(scheme: Scheme, param: str, shape: tuple[int, ...]) -> WeightF
     """How Core ML stores a decoder parameter of `shape` ([out, in]): int8 per output channel (block
     None), int4 per block of the scheme's size halved until it divides the input dimension, a palette
     per group of output channels (block None); None when it stays float."""
-    fmt = scheme.weight_format(param, INT4_BLOCK)
+    fmt = scheme.weight_format(param, QuantOptions(INT4_BLOCK))
     if fmt is None:
         return None
     if fmt.bits == 8 or scheme.coreml == "palette4":
@@ -110,10 +110,9 @@ def int4_blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]
     """(int4 values in -8..7 as int8 [N, K], scales [N, K/block] in the weight's dtype) of a weight
     [N, K] quantized in blocks along K by ONNX Runtime's packer (quant/onnx_weights.py)."""
     from quant.onnx_weights import pack_blockwise
-    from quant.schemes import QuantOptions
 
     n, k = weight.shape
-    packed = pack_blockwise(np.ascontiguousarray(weight.T), WeightFormat(4, block), QuantOptions())
+    packed = pack_blockwise(np.ascontiguousarray(weight.T), WeightFormat(4, block))
     nibbles = np.stack([packed.data & 0x0F, packed.data >> 4], axis=-1).reshape(n, -1)[:, :k]
     return nibbles.astype(np.int8) - 8, packed.scales  # symmetric: the stored zero point is 8
 

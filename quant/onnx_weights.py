@@ -3,8 +3,10 @@
 Which weights, in which format: the scheme's `weight_format` (quant/schemes.py, the one answer every
 format shares), asked with the parameter of the module path the torch exporter records on every
 node; its block defaults to `--block-size`. Those MatMuls become `MatMulNBits` with that format's
-bits and block; everything else stays float, and the recurrent state is untouched (fp32).
-Packing uses ONNX Runtime's own block quantizers, so the bytes are exactly what its kernels expect.
+bits and block; everything else stays float, and the recurrent state is untouched (fp32). Packing
+uses ONNX Runtime's own block quantizers, so the bytes are exactly what its kernels expect. A weight
+in memory is packed here; a streamed one (exporter/onnx/streamed.py) brings its own packed tensors,
+filled block by block when the weights are written.
 The token embedding becomes `GatherBlockQuantized`; with tied embeddings it reads the LM head's
 quantized bytes (same layout: [vocab, hidden] blocked along hidden), so the embedding is stored once.
 """
@@ -17,12 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx import helper, numpy_helper
+from onnx import helper
 from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
 from quant.schemes import QuantOptions, Scheme, WeightFormat
 
 CONTRIB = "com.microsoft"
+PARTS = ("data", "scales", "zero_points")
 
 
 def module_path(node: ir.Node) -> str | None:
@@ -41,46 +44,76 @@ class PackedWeight:
     data: np.ndarray  # uint8 [N, K/block, block*bits/8]
     scales: np.ndarray  # [N, K/block]
     zero_points: np.ndarray | None  # uint8, packed; None when symmetric
-    k: int
-    n: int
-    bits: int
-    block_size: int
 
 
-def packed_bytes(k: int, n: int, fmt: WeightFormat, scale_bytes: int = 4) -> int:
-    """Bytes of a [K, N] weight in MatMulNBits layout (symmetric): the packed blocks and one scale per
-    block (fp32 in fp32 graphs), as `pack_blockwise` writes them."""
-    blocks = -(-k // fmt.block_size)
-    return n * blocks * (fmt.block_size * fmt.bits // 8 + scale_bytes)
+def packed_shapes(k: int, n: int, fmt: WeightFormat, dtype: np.dtype) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of each MatMulNBits tensor of a [K, N] weight whose scales are `dtype`."""
+    k_blocks = -(-k // fmt.block_size)
+    return {"data": ((n, k_blocks, fmt.block_size * fmt.bits // 8), np.dtype(np.uint8)),
+            "scales": ((n, k_blocks), np.dtype(dtype)),
+            "zero_points": ((n, -(-k_blocks * fmt.bits // 8)), np.dtype(np.uint8))}
 
 
-def pack_blockwise(weight: np.ndarray, fmt: WeightFormat, opts: QuantOptions) -> PackedWeight:
-    """Quantize a MatMul weight [K, N] in `fmt` with ONNX Runtime's packers (computed in fp32).
+def packed_bytes(k: int, n: int, fmt: WeightFormat, scale_dtype: np.dtype = np.dtype(np.float32)) -> int:
+    """Bytes of a [K, N] weight in MatMulNBits layout, as `pack_blockwise` writes it (scales fp32 in
+    fp32 graphs; zero points only when asymmetric)."""
+    parts = ("data", "scales") if fmt.symmetric else PARTS
+    return sum(int(np.prod(shape)) * dtype.itemsize
+               for shape, dtype in (packed_shapes(k, n, fmt, scale_dtype)[part] for part in parts))
+
+
+def pack_blockwise(weight: np.ndarray, fmt: WeightFormat) -> PackedWeight:
+    """Quantize a MatMul weight [K, N] with ONNX Runtime's packers (computed in fp32). Output
+    channels are independent, so packing columns in groups gives the same bytes as all at once.
 
     The scales keep the weight's dtype: MatMulNBits and GatherBlockQuantized take scales in the
     activation dtype, which is the dtype the float graph was traced in.
     """
     k, n = weight.shape
-    bits, block = fmt.bits, fmt.block_size or opts.block_size
-    k_blocks = -(-k // block)
-    data = np.zeros((n, k_blocks, block * bits // 8), np.uint8)
-    scales = np.zeros((n, k_blocks), np.float32)
-    zero_points = np.zeros((n, -(-k_blocks * bits // 8)), np.uint8)
-    packer = {4: quantize_matmul_4bits, 8: quantize_matmul_8bits}[bits]
-    packer(data, np.ascontiguousarray(weight, dtype=np.float32), scales, zero_points, block, n, k, opts.symmetric)
-    return PackedWeight(data, scales.astype(weight.dtype), None if opts.symmetric else zero_points, k, n, bits, block)
+    shapes = packed_shapes(k, n, fmt, weight.dtype)
+    data = np.zeros(shapes["data"][0], np.uint8)
+    scales = np.zeros(shapes["scales"][0], np.float32)
+    zero_points = np.zeros(shapes["zero_points"][0], np.uint8)
+    packer = {4: quantize_matmul_4bits, 8: quantize_matmul_8bits}[fmt.bits]
+    packer(data, np.ascontiguousarray(weight, dtype=np.float32), scales, zero_points, fmt.block_size, n, k,
+           fmt.symmetric)
+    return PackedWeight(data, scales.astype(weight.dtype), None if fmt.symmetric else zero_points)
 
 
-def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.Tensor(array, name=name))
+def packed_tensors(weight: ir.TensorProtocol, fmt: WeightFormat, *, channels_first: bool = False
+                   ) -> dict[str, ir.TensorProtocol]:
+    """{part: tensor} of a [K, N] MatMul weight (or, channels_first, an [N, K] table such as the
+    embedding) in `fmt`: a streamed weight gives tensors filled when the weights are written; one in
+    memory is packed now."""
+    streamed = getattr(weight, "packed_parts", None)
+    if streamed is not None:
+        return streamed(fmt, channels_first)
+    array = weight.numpy()
+    packed = pack_blockwise(array.T if channels_first else array, fmt)
+    arrays = {"data": packed.data, "scales": packed.scales, "zero_points": packed.zero_points}
+    return {part: ir.tensor(array) for part, array in arrays.items() if array is not None}
+
+
+@dataclass
+class QuantizedHead:
+    """The LM head's packed tensors, which a tied embedding gathers from."""
+
+    parts: dict[str, ir.Value]
+    fmt: WeightFormat
+    vocab: int
+    hidden: int
+
+
+def _constant(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
+    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    tensor.name = name
     graph.register_initializer(value)
     return value
 
 
-def quantize_projections(model: ir.Model, scheme: Scheme, opts: QuantOptions) -> PackedWeight | None:
+def quantize_projections(model: ir.Model, scheme: Scheme, opts: QuantOptions) -> QuantizedHead | None:
     """Replace every MatMul whose weight the scheme compresses by MatMulNBits, in place. Returns the
-    packed LM head (None when the scheme leaves it float)."""
+    quantized LM head (None when the scheme leaves it float)."""
     graph = model.graph
     lm_head = None
     for node in list(graph):
@@ -89,19 +122,16 @@ def quantize_projections(model: ir.Model, scheme: Scheme, opts: QuantOptions) ->
         weight_value = node.inputs[1]
         weight = weight_value.const_value
         path = module_path(node)
-        fmt = None if path is None else scheme.weight_format(path + ".weight", opts.block_size)
+        fmt = None if path is None else scheme.weight_format(path + ".weight", opts)
         if weight is None or fmt is None:
             continue
-        array = weight.numpy()
-        packed = pack_blockwise(array, fmt, opts)
-        bits = packed.bits
-        inputs = [node.inputs[0], _constant(graph, f"{path}.weight_q{bits}", packed.data),
-                  _constant(graph, f"{path}.weight_scales", packed.scales)]
-        if packed.zero_points is not None:
-            inputs.append(_constant(graph, f"{path}.weight_zero_points", packed.zero_points))
-        attrs = {"K": packed.k, "N": packed.n, "bits": bits, "block_size": packed.block_size,
-                 "accuracy_level": opts.accuracy_level}
-        new = ir.Node(CONTRIB, "MatMulNBits", inputs, [ir.AttrInt64(k, v) for k, v in attrs.items()],
+        k, n = weight.shape
+        suffix = {"data": f"q{fmt.bits}", "scales": "scales", "zero_points": "zero_points"}
+        parts = {part: _constant(graph, f"{path}.weight_{suffix[part]}", tensor)
+                 for part, tensor in packed_tensors(weight, fmt).items()}
+        attrs = {"K": k, "N": n, "bits": fmt.bits, "block_size": fmt.block_size, "accuracy_level": opts.accuracy_level}
+        new = ir.Node(CONTRIB, "MatMulNBits", [node.inputs[0], *parts.values()],
+                      [ir.AttrInt64(key, v) for key, v in attrs.items()],
                       name=f"/{path.replace('.', '/')}/MatMulNBits", num_outputs=1,
                       metadata_props=dict(node.metadata_props))
         new.outputs[0].shape, new.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
@@ -109,22 +139,26 @@ def quantize_projections(model: ir.Model, scheme: Scheme, opts: QuantOptions) ->
         if not weight_value.uses() and weight_value.name in graph.initializers:
             graph.initializers.pop(weight_value.name)
         if path == "lm_head":
-            lm_head = packed
+            lm_head = QuantizedHead(parts, fmt, n, k)
     model.opset_imports[CONTRIB] = 1
     return lm_head
 
 
-def quantized_embed_graph(packed: PackedWeight, hidden: int, doc: str) -> onnx.ModelProto:
-    """input_ids -> GatherBlockQuantized over the [vocab, hidden] table packed in `packed`."""
-    vocab = packed.n
-    inits = [numpy_helper.from_array(packed.data.reshape(vocab, -1), "embed_tokens.weight_quantized"),
-             numpy_helper.from_array(packed.scales, "embed_tokens.weight_scales")]
-    if packed.zero_points is not None:
-        inits.append(numpy_helper.from_array(packed.zero_points, "embed_tokens.weight_zero_points"))
+EMBED_NAMES = {"data": "embed_tokens.weight_quantized", "scales": "embed_tokens.weight_scales",
+               "zero_points": "embed_tokens.weight_zero_points"}
+
+
+def quantized_embed_graph(parts: dict[str, ir.TensorProtocol], fmt: WeightFormat, vocab: int, hidden: int,
+                          doc: str) -> onnx.ModelProto:
+    """input_ids -> GatherBlockQuantized over the [vocab, hidden] table packed in `parts`. Its
+    initializers carry shapes and types only: the caller places their bytes (embedded_tensors)."""
+    inits = [onnx.TensorProto(name=EMBED_NAMES[part], data_type=int(tensor.dtype),
+                              dims=[vocab, int(np.prod(tensor.shape[1:]))] if part == "data" else list(tensor.shape))
+             for part, tensor in parts.items()]
     node = helper.make_node("GatherBlockQuantized", [inits[0].name, "input_ids", *[t.name for t in inits[1:]]],
                             ["inputs_embeds"], name="/embed_tokens/GatherBlockQuantized", domain=CONTRIB,
-                            gather_axis=0, quantize_axis=1, block_size=packed.block_size, bits=packed.bits)
-    out_type = helper.np_dtype_to_tensor_dtype(packed.scales.dtype)
+                            gather_axis=0, quantize_axis=1, block_size=fmt.block_size, bits=fmt.bits)
+    out_type = int(parts["scales"].dtype)
     graph = helper.make_graph(
         [node], "embed_tokens",
         [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["batch_size", "sequence_length"])],

@@ -58,11 +58,13 @@ def is_compressed(param: str) -> bool:
 
 @dataclass(frozen=True)
 class WeightFormat:
-    """How one compressed weight is stored: integer bits, and the block of input channels sharing a
-    scale (None: the export's default, `--block-size` for ONNX; Core ML stores int8 per output channel)."""
+    """How one compressed weight is stored: integer bits, the block of input channels sharing a scale,
+    and symmetry. In a recipe the block may be None (the export's default, `--block-size` for ONNX;
+    Core ML stores int8 per output channel) and the symmetry is the export's (`weight_format` sets both)."""
 
     bits: int
     block_size: int | None = None
+    symmetric: bool = True
 
     def __str__(self) -> str:
         return f"int{self.bits}" + (f"/b{self.block_size}" if self.block_size else "")
@@ -96,30 +98,31 @@ class Scheme:
         if unknown:
             raise ValueError(f"scheme {self.name}: unknown recipe families {unknown}; use {', '.join(FAMILIES)}")
 
-    def weight_format(self, param: str, block_size: int) -> WeightFormat | None:
-        """The one answer, for every format, to how a decoder parameter is stored: its format (the
-        recipe's block, else `block_size`, the format's default), or None when it stays float."""
+    def weight_format(self, param: str, opts: QuantOptions) -> WeightFormat | None:
+        """The one answer, for every format and every writer (in memory or streamed), to how a decoder
+        parameter is stored: its format (the recipe's block, else `opts.block_size`, the format's
+        default; `opts.symmetric`), or None when it stays float."""
         family = family_of(param)
         if not self.weight_bits or family is None:
             return None
         chosen = dict(self.recipe).get(family, WeightFormat(self.weight_bits))
         if chosen is None:
             return None
-        return WeightFormat(chosen.bits, chosen.block_size or block_size)
+        return WeightFormat(chosen.bits, chosen.block_size or opts.block_size, opts.symmetric)
 
-    def family_formats(self, params: Iterable[str], block_size: int) -> dict[str, dict | None]:
+    def family_formats(self, params: Iterable[str], opts: QuantOptions) -> dict[str, dict | None]:
         """{family: {"bits", "block_size"} or None (float)} for the families among `params`: what an
         export's manifest records."""
         formats = {}
         for param in params:
             if (family := family_of(param)) is not None:
-                fmt = self.weight_format(param, block_size)
+                fmt = self.weight_format(param, opts)
                 formats[family] = None if fmt is None else {"bits": fmt.bits, "block_size": fmt.block_size}
         return {family: formats[family] for family in FAMILIES if family in formats}
 
     def bits_for(self, param: str) -> int | None:
         """Stored bits of one decoder parameter's compressed weight, or None when it stays float."""
-        fmt = self.weight_format(param, 0)
+        fmt = self.weight_format(param, QuantOptions())
         return fmt.bits if fmt else None
 
     def gate_for(self, fmt: str) -> QualityGate:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from graphs.errors import QwenEdgeError
 from runtime_py.session import OnnxModel, SequenceState
 
 BENCH_SCHEMA_VERSION = 1
@@ -132,13 +133,16 @@ def state_bytes(model: OnnxModel, context: int, batch: int = 1) -> dict[str, int
 def run_benchmark(export_dir: Path, variant: str, thread_counts: list[int], prompt_lengths: list[int],
                   decode_tokens: int, repeats: int, contexts: list[int]) -> dict:
     """Every thread count in its own process, then the power mode and the state-memory curve."""
+    model = OnnxModel(export_dir, variant, threads=1)  # a damaged export fails here, with its own message
     configs = []
     for threads in thread_counts:
         cmd = [sys.executable, "-m", "runtime_py.bench", str(export_dir), variant, str(threads),
                ",".join(map(str, prompt_lengths)), str(decode_tokens), str(repeats)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ))
+        out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        if out.returncode != 0:
+            detail = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1][:300]
+            raise QwenEdgeError(f"{export_dir}: the benchmark run with {threads} threads failed ({detail})")
         configs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    model = OnnxModel(export_dir, variant, threads=1)
     return {
         "schema_version": BENCH_SCHEMA_VERSION,
         "export": str(export_dir),

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from graphs.errors import QwenEdgeError
+from graphs.file_checks import member, read_json
 
 MANIFEST = "qwen_edge.json"
 EXPORT_FORMAT = 1  # version of the manifest's schema
@@ -61,17 +62,81 @@ def opset_imports(model: Any) -> dict[str, int]:
 
 
 def read_manifest(export_dir: Path) -> dict:
-    """The export's `qwen_edge.json`; a folder without one was not written by `qwen-edge export`."""
+    """The export's `qwen_edge.json`, checked (see `check_manifest`); a folder without one was not
+    written by `qwen-edge export`."""
     path = Path(export_dir) / MANIFEST
-    if not path.is_file():
+    if not path.exists():
         raise QwenEdgeError(f"{export_dir}: no {MANIFEST}; pass a folder written by 'qwen-edge export'")
-    try:
-        manifest = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise QwenEdgeError(f"{path}: not valid JSON ({exc}); re-run 'qwen-edge export'") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("variants", {}), dict):
-        raise QwenEdgeError(f"{path}: not a qwen-edge export manifest; re-run 'qwen-edge export'")
+    manifest = read_json(path, "re-run 'qwen-edge export'", strict=True)
+    check_manifest(Path(export_dir), manifest)
     return manifest
+
+
+FORMATS = ("onnx", "coreml")
+_VARIANT_FILES = {"onnx": (("embed_tokens", ".onnx"), ("decoder", ".onnx")), "coreml": (("package", ".mlpackage"),)}
+_FIELD_TYPES = {  # optional variant fields and their JSON types, as readers use them
+    "activations": str, "compute_precision": str, "weight_bits": int, "block_size": int, "symmetric": bool,
+    "accuracy_level": int, "bytes_on_disk": int, "opset_imports": dict,
+}
+
+
+def check_manifest(export_dir: Path, manifest: object) -> None:
+    """Refuse a manifest whose fields readers would trip over, or whose paths leave the export folder."""
+    path = export_dir / MANIFEST
+
+    def bad(problem: str) -> QwenEdgeError:
+        return QwenEdgeError(f"{path}: {problem}; this is not a manifest 'qwen-edge export' wrote, so re-export")
+
+    if not isinstance(manifest, dict):
+        raise bad("not a JSON object")
+    if manifest.get("export_format", EXPORT_FORMAT) != EXPORT_FORMAT:
+        raise QwenEdgeError(f"{path}: export_format {manifest.get('export_format')!r:.20} is not {EXPORT_FORMAT}; "
+                            "re-export with this qwen-edge version")
+    fmt = manifest.get("format", "onnx")
+    if fmt not in FORMATS:
+        raise bad(f"format {fmt!r:.40} is not one of {', '.join(FORMATS)}")
+    if fmt == "onnx" and manifest.get("recurrent_ops", "standard") not in tuple(RECURRENT_FORMS):
+        raise bad(f"recurrent_ops {manifest.get('recurrent_ops')!r:.40} is not one of {', '.join(RECURRENT_FORMS)}")
+    variants = manifest.get("variants")
+    if not isinstance(variants, dict) or not variants:
+        raise bad("'variants' must be a non-empty object")
+    for name, record in variants.items():
+        if not isinstance(record, dict):
+            raise bad(f"variant {name!r:.40} is not an object")
+        for key, suffix in _VARIANT_FILES[fmt]:
+            where = f"{path} (variant {name!r:.40}, {key})"
+            if not isinstance(record.get(key), str) or not record[key].endswith(suffix):
+                raise bad(f"variant {name!r:.40} needs '{key}', a {suffix} path")
+            member(export_dir, record[key], where)
+        for key, kind in _FIELD_TYPES.items():
+            if key in record and (type(record[key]) is not kind):
+                raise bad(f"variant {name!r:.40}: '{key}' must be {kind.__name__}")
+        precision = record.get("activations" if fmt == "onnx" else "compute_precision")
+        if precision not in ("float32", "float16") or record.get("bytes_on_disk", -1) < 0:
+            raise bad(f"variant {name!r:.40} needs its precision (float32 or float16) and bytes_on_disk")
+    support = manifest.get("support_files", [])
+    if (not isinstance(support, list) or len(set(map(str, support))) != len(support)
+            or not all(isinstance(n, str) and n in SUPPORT_FILES for n in support)):
+        raise bad(f"'support_files' must list distinct names among {', '.join(SUPPORT_FILES)}")
+    for name in support:
+        member(export_dir, name, f"{path} (support_files)")
+    if fmt == "coreml":
+        _check_coreml_fields(manifest, bad)
+
+
+def _check_coreml_fields(manifest: dict, bad) -> None:  # noqa: ANN001
+    for key in ("prefill_chunk", "context_capacity"):
+        if type(manifest.get(key)) is not int or manifest[key] < 1:
+            raise bad(f"'{key}' must be a positive integer")
+    if manifest.get("recurrent_state") not in ("state", "io"):
+        raise bad("'recurrent_state' must be 'state' or 'io'")
+    try:
+        inputs = manifest["functions"]["decode"]["inputs"]
+        shape = inputs["recurrent_in"] if manifest["recurrent_state"] == "io" else [1]
+        if not isinstance(inputs, dict) or not all(type(d) is int and d >= 0 for d in shape):
+            raise TypeError
+    except (KeyError, TypeError):
+        raise bad("'functions.decode.inputs' must describe the decode function's inputs") from None
 
 
 def write_manifest(folder: Path, manifest: dict) -> Path:
@@ -85,12 +150,12 @@ def write_manifest(folder: Path, manifest: dict) -> Path:
 
 def export_variants(export_dir: Path) -> list[str]:
     """Variant names an export folder holds, in the order they were exported."""
-    return list(read_manifest(export_dir).get("variants", {}))
+    return list(read_manifest(export_dir)["variants"])
 
 
 def variant_record(export_dir: Path, variant: str) -> dict:
     """One variant's entry of the manifest, or a clear error naming what the export holds."""
-    variants = read_manifest(export_dir).get("variants", {})
+    variants = read_manifest(export_dir)["variants"]
     if variant not in variants:
         raise QwenEdgeError(f"{export_dir}: has no '{variant}' variant (it has {', '.join(variants)}); "
                             f"pick one of those or export with --quant {variant}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphs.config import declared_token_ids
+from graphs.config import declared_token_ids, load_text_config
 from graphs.errors import QwenEdgeError
 from runtime_py.chat import parse_assistant
 from runtime_py.export_format import export_variants
@@ -97,10 +97,13 @@ class GenerateResult:
 def generate_chat(model: OnnxModel, tokenizer: TextTokenizer, messages: list[dict], max_new_tokens: int,
                   sampling: Sampling = Sampling(), *, tools: list[dict] | None = None,
                   enable_thinking: bool | None = None, stop_ids: Iterable[int] = (),
-                  on_token: Callable[[int], None] | None = None) -> GenerateResult:
-    """Render `messages` with the model's chat template (as transformers does), generate, parse the reply."""
+                  on_token: Callable[[int], None] | None = None, context: int | None = None) -> GenerateResult:
+    """Render `messages` with the model's chat template (as transformers does), generate, parse the reply.
+    `context` (the model's positions) refuses a longer prompt and ends generation there."""
     prompt = tokenizer.apply_chat_template(messages, tools=tools, enable_thinking=enable_thinking)
     prompt_ids = tokenizer.encode(prompt)
+    if context is not None:
+        max_new_tokens = room_for(prompt_ids, max_new_tokens, context)
     ids = generate(model, prompt_ids, max_new_tokens, sampling, stop_ids, on_token)
     raw = tokenizer.decode(ids, skip_special_tokens=False)
     reply = parse_assistant(raw, thinking=prompt.rstrip().endswith("<think>"), tools=tools)
@@ -146,6 +149,18 @@ class GenerateRequest:
         return messages
 
 
+def room_for(prompt_ids: list[int], max_new_tokens: int, context: int) -> int:
+    """How many tokens may follow the prompt: refuse an empty prompt or one that leaves no room in the
+    model's context; generation ends at the context, as transformers' max_length does."""
+    if not prompt_ids:
+        raise QwenEdgeError("the prompt is empty; give at least one token of text")
+    if len(prompt_ids) + 1 > context:
+        raise QwenEdgeError(f"the prompt: {len(prompt_ids):,} tokens is longer than the model's context allows "
+                            f"({context:,} positions, config.json max_position_embeddings, with room for one new "
+                            "token); give a shorter prompt")
+    return min(max_new_tokens, context - len(prompt_ids))
+
+
 def generate_text(request: GenerateRequest, on_text: Callable[[str], None] | None = None) -> GenerateResult:
     """Generate for `request`, streaming the text through `on_text` (a plain prompt is echoed first)."""
     messages = request.conversation()
@@ -155,11 +170,13 @@ def generate_text(request: GenerateRequest, on_text: Callable[[str], None] | Non
     stream = StreamDecoder(tokenizer)
     on_token = None if on_text is None else (lambda t: on_text(stream.push(t)))
     stops = stop_ids(request.export_dir)
+    context = load_text_config(request.export_dir).max_position_embeddings
     if messages is not None:
         return generate_chat(model, tokenizer, messages, request.max_new_tokens, request.sampling, tools=request.tools,
-                             enable_thinking=request.thinking, stop_ids=stops, on_token=on_token)
+                             enable_thinking=request.thinking, stop_ids=stops, on_token=on_token, context=context)
+    prompt_ids = tokenizer.encode(request.prompt)
+    max_new_tokens = room_for(prompt_ids, request.max_new_tokens, context)
     if on_text is not None:
         on_text(request.prompt)
-    prompt_ids = tokenizer.encode(request.prompt)
-    ids = generate(model, prompt_ids, request.max_new_tokens, request.sampling, stops, on_token)
+    ids = generate(model, prompt_ids, max_new_tokens, request.sampling, stops, on_token)
     return GenerateResult(prompt_ids, ids, tokenizer.decode(ids))

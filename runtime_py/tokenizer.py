@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
 
 from graphs.errors import QwenEdgeError
+from graphs.file_checks import read_json
 from runtime_py.chat_template import render_chat, special_tokens_from_config
+
+# What `check_support_files` renders to prove a chat template works.
+SAMPLE_CONVERSATION = [{"role": "user", "content": "What is 12 plus 7?"}]
 
 
 class TextTokenizer:
@@ -18,15 +21,25 @@ class TextTokenizer:
     def __init__(self, folder: Path | str) -> None:
         folder = Path(folder)
         path = folder / "tokenizer.json"
-        if not path.is_file():
+        if not path.exists():
             raise QwenEdgeError(f"{folder}: tokenizer.json not found; export from a checkpoint that has one")
-        self.tokenizer = Tokenizer.from_file(str(path))
+        read_json(path, "re-download the checkpoint's tokenizer.json")  # a clear error for a damaged file
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the tokenizers library raises plain Exceptions for files it cannot read
+            raise QwenEdgeError(f"{path}: not a tokenizer the tokenizers library can load "
+                                f"({str(exc)[:160]}); re-download the checkpoint's tokenizer.json") from None
         cfg_path = folder / "tokenizer_config.json"
-        self.config: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        config = read_json(cfg_path, "re-download the checkpoint's tokenizer_config.json") if cfg_path.exists() else {}
+        if not isinstance(config, dict):
+            raise QwenEdgeError(f"{cfg_path}: must hold a JSON object; re-download the checkpoint's tokenizer_config.json")
+        self.config: dict[str, Any] = config
         template_file = folder / "chat_template.jinja"
-        self.chat_template: str | None = (
-            template_file.read_text() if template_file.is_file() else self.config.get("chat_template")
-        )
+        try:
+            template = template_file.read_bytes().decode("utf-8") if template_file.is_file() else config.get("chat_template")
+        except (OSError, UnicodeDecodeError):
+            raise QwenEdgeError(f"{template_file}: not readable UTF-8 text; re-download the checkpoint's chat template") from None
+        self.chat_template: Any = template
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -65,3 +78,16 @@ class StreamDecoder:
         piece = text[self.emitted :]
         self.emitted = len(text)
         return piece
+
+
+def check_support_files(folder: Path) -> None:
+    """Refuse, at export, tokenizer files that `generate` could not use: tokenizer.json must load,
+    tokenizer_config.json must be an object, a chat template must render a sample conversation into
+    text the tokenizer encodes. A checkpoint without tokenizer.json is accepted (random test
+    checkpoints have none), and so is one without a chat template."""
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").exists():
+        return
+    tokenizer = TextTokenizer(folder)
+    if tokenizer.chat_template:
+        tokenizer.encode(tokenizer.apply_chat_template(SAMPLE_CONVERSATION))

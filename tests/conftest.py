@@ -7,15 +7,27 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as exporter/cli.py: before NumPy loads
 
 import copy  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import pytest
 import torch
+from filelock import FileLock
+from hypothesis import HealthCheck, settings
 
 from default_model import CHECKPOINT_DIR
 from exporter.onnx.backend import OnnxOptions, export_onnx
 from quant.schemes import QuantOptions
 from graphs.random_checkpoint import write_random_checkpoint
+
+# Property-based tests (tests/test_fuzz.py): 200 examples each by default; a long run sets
+# QWEN_EDGE_FUZZ_EXAMPLES=10000. No deadline: the machine is shared, and a slow example is not a bug.
+settings.register_profile("qwen-edge", max_examples=int(os.environ.get("QWEN_EDGE_FUZZ_EXAMPLES", "200")),
+                          deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                HealthCheck.too_slow])
+settings.load_profile("qwen-edge")
 
 TINY_TEXT = {
     "model_type": "qwen3_5_text",
@@ -53,6 +65,34 @@ def tiny_config(*, value_heads: int = 2, tie: bool = True, multimodal: bool = Fa
             "tie_word_embeddings": tie, "text_config": text}
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # `make test` runs two workers on two cores: one thread each, no oversubscription
+
+Built = TypeVar("Built", Path, dict)
+
+
+def built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Built]) -> Built:
+    """Build a session artifact in its own folder, once per test run.
+
+    Under pytest-xdist each worker is a process with its own session fixtures; the exports below take
+    minutes, so the first worker to ask builds under a lock in the run's shared temp folder and the others
+    read its result. Without xdist this is a plain mktemp."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build(factory.mktemp(name))
+    root = factory.getbasetemp().parent / "built_once" / name
+    root.parent.mkdir(exist_ok=True)
+    record = root.parent / f"{name}.json"
+    with FileLock(str(root.parent / f"{name}.lock")):
+        if not record.exists():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            result = build(root)
+            as_json = {k: str(v) for k, v in result.items()} if isinstance(result, dict) else str(result)
+            record.write_text(json.dumps(as_json))
+    stored = json.loads(record.read_text())
+    return {k: Path(v) for k, v in stored.items()} if isinstance(stored, dict) else Path(stored)
+
+
 LAYOUTS = {
     # name: (config kwargs, checkpoint writer kwargs)
     "kv_equal_tied": (dict(value_heads=2, tie=True), dict(multimodal_names=False)),
@@ -62,33 +102,45 @@ LAYOUTS = {
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("checkpoints")
-    out = {}
-    for name, (cfg_kwargs, writer_kwargs) in LAYOUTS.items():
-        out[name] = write_random_checkpoint(tiny_config(**cfg_kwargs), root / name, seed=7,
-                                            dtype=torch.float32, **writer_kwargs)
-    return out
+    def build(root: Path) -> dict[str, Path]:
+        return {name: write_random_checkpoint(tiny_config(**cfg_kwargs), root / name, seed=7, dtype=torch.float32,
+                                              **writer_kwargs)
+                for name, (cfg_kwargs, writer_kwargs) in LAYOUTS.items()}
+    return built_once(tmp_path_factory, "checkpoints", build)
 
 
 @pytest.fixture(scope="session")
 def tiny_exports(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Each tiny layout exported; the Hv = 2·Hk one with contrib ops, so both forms are exercised."""
-    root = tmp_path_factory.mktemp("exports")
     forms = {"kv_equal_tied": "standard", "kv_double_untied": "contrib"}
-    return {name: export_onnx(ck, root / name, options=OnnxOptions(forms[name], all_logits=True), progress=False)
-            for name, ck in tiny_checkpoints.items()}
+    return built_once(tmp_path_factory, "exports", lambda root: {
+        name: export_onnx(ck, root / name, options=OnnxOptions(forms[name], all_logits=True), progress=False)
+        for name, ck in tiny_checkpoints.items()})
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_exports: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An Android bundle of a tiny contrib export; tests that change it restore it."""
+    from exporter.package.build import package_export
+
+    out = tmp_path_factory.mktemp("tiny-bundle") / "bundle"
+    package_export(tiny_exports["kv_double_untied"], out, "android")
+    return out
 
 
 @pytest.fixture(scope="session")
 def default_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_onnx("default", tmp_path_factory.mktemp("default") / "export", progress=False)
+    """The default model, fp32, with the opset-27 recurrent ops (`--recurrent-ops standard`; the packagers
+    convert it); default_contrib_export is the default form."""
+    return built_once(tmp_path_factory, "default", lambda root: export_onnx(
+        "default", root / "export", options=OnnxOptions("standard"), progress=False))
 
 
 @pytest.fixture(scope="session")
 def default_contrib_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model, fp32 and q4, with the com.microsoft recurrent ops that app runtimes load."""
-    return export_onnx("default", tmp_path_factory.mktemp("contrib") / "export", "fp32,q4", OnnxOptions("contrib"),
-                       progress=False)
+    return built_once(tmp_path_factory, "contrib", lambda root: export_onnx(
+        "default", root / "export", "fp32,q4", OnnxOptions("contrib"), progress=False))
 
 
 @pytest.fixture(scope="session")
@@ -103,13 +155,15 @@ DEFAULT_VARIANTS = ALL_SCHEMES + ",q4mix"  # and the mixed recipe, held to the q
 @pytest.fixture(scope="session")
 def default_all_variants(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model in every scheme, written by one export call."""
-    return export_onnx("default", tmp_path_factory.mktemp("variants") / "export", DEFAULT_VARIANTS, progress=False)
+    return built_once(tmp_path_factory, "variants", lambda root: export_onnx(
+        "default", root / "export", DEFAULT_VARIANTS, progress=False))
 
 
 @pytest.fixture(scope="session")
 def tiny_untied_quantized(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_onnx(tiny_checkpoints["kv_double_untied"], tmp_path_factory.mktemp("untied") / "export",
-                       ALL_SCHEMES, OnnxOptions("contrib", QuantOptions(64, False, 4), all_logits=True), progress=False)
+    return built_once(tmp_path_factory, "untied", lambda root: export_onnx(
+        tiny_checkpoints["kv_double_untied"], root / "export", ALL_SCHEMES,
+        OnnxOptions("contrib", QuantOptions(64, False, 4), all_logits=True), progress=False))
 
 
 COREML_CONTEXT = 256
@@ -120,5 +174,5 @@ def default_coreml(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model as Core ML packages (fp32 and int4), context 256; shared by the Core ML and ios tests."""
     from exporter.coreml.backend import CoreMLOptions, export_coreml
 
-    return export_coreml("default", tmp_path_factory.mktemp("coreml") / "default", "fp32,q4",
-                         CoreMLOptions(context=COREML_CONTEXT), progress=False)
+    return built_once(tmp_path_factory, "coreml", lambda root: export_coreml(
+        "default", root / "default", "fp32,q4", CoreMLOptions(context=COREML_CONTEXT), progress=False))

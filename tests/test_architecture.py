@@ -17,7 +17,7 @@ PACKAGES = ("graphs", "quant", "runtime_py", "devices", "default_model", "export
 
 # layer -> module patterns; the first layer whose patterns match a module is its layer
 LAYERS = {
-    "facts": ["graphs", "graphs.errors", "graphs.config", "graphs.state", "graphs.io_spec", "quant", "quant.schemes",
+    "facts": ["graphs", "graphs.errors", "graphs.file_checks", "graphs.config", "graphs.state", "graphs.io_spec", "quant", "quant.schemes",
               "runtime_py.export_format", "default_model", "exporter"],
     "runtime": ["runtime_py", "runtime_py.*", "devices", "devices.*"],
     "formats": ["exporter.onnx", "exporter.onnx.forms", "exporter.onnx.external_data", "exporter.onnx.norms",

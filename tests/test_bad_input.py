@@ -105,9 +105,11 @@ def test_existing_output_is_refused_without_force(tmp_path):
 
 
 def test_force_replaces_existing_output(tmp_path):
+    """--force replaces a folder qwen-edge wrote (it holds our manifest), stale files and all."""
     ck = _checkpoint(tmp_path)
     out = tmp_path / "export"
     out.mkdir()
+    (out / "qwen_edge.json").write_text("{}")
     (out / "stale.txt").write_text("old")
     result = CliRunner().invoke(main, ["export", str(ck), str(out), "--quiet", "--force"])
     assert result.exit_code == 0, result.output

@@ -15,7 +15,7 @@ from exporter.coreml.check import load_program
 from exporter.onnx.backend import OnnxOptions, export_onnx
 from graphs.config import load_text_config
 from quant.coreml_weights import param_of_constant
-from quant.schemes import FAMILIES, SCHEMES, family_of
+from quant.schemes import FAMILIES, SCHEMES, QuantOptions, family_of
 
 MIX = SCHEMES["q4mix"]
 
@@ -29,12 +29,14 @@ def _attrs(node: onnx.NodeProto) -> dict[str, int]:
 
 
 def test_recipe_is_defined_once_and_differs_from_q4():
-    formats = {f: MIX.weight_format("lm_head.weight" if f == "lm_head" else f"layers.0.x.{f}.weight", 32)
-               for f in FAMILIES}
-    assert len({(fmt.bits, fmt.block_size) if fmt else None for fmt in formats.values()}) > 1  # really mixed
-    assert formats != {f: SCHEMES["q4"].weight_format("lm_head.weight" if f == "lm_head" else f"layers.0.x.{f}.weight",
-                                                      32) for f in FAMILIES}
-    assert MIX.weight_format("layers.0.linear_attn.in_proj_a.weight", 32) is None  # small projections stay float
+    def formats(scheme: str) -> dict:
+        return {f: SCHEMES[scheme].weight_format("lm_head.weight" if f == "lm_head" else f"layers.0.x.{f}.weight",
+                                                 QuantOptions()) for f in FAMILIES}
+
+    mix = formats("q4mix")
+    assert len({(fmt.bits, fmt.block_size) if fmt else None for fmt in mix.values()}) > 1  # really mixed
+    assert mix != formats("q4")
+    assert MIX.weight_format("layers.0.linear_attn.in_proj_a.weight", QuantOptions()) is None  # small ones stay float
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +114,4 @@ def test_coreml_package_stores_the_recorded_formats(tiny_mix_coreml: Path):
                 assert family not in stored, family
             else:
                 assert stored[family] == {(fmt["bits"], fmt["block_size"])}, (function, family)
+

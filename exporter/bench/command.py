@@ -8,7 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from default_model import resolve_checkpoint
+from exporter.atomic import overlap
 from exporter.bench.report import write_report
+from graphs.config import check_within_context, load_text_config
+from graphs.errors import QwenEdgeError
 from runtime_py.bench import run_benchmark
 from runtime_py.export_format import export_variants
 
@@ -30,6 +33,13 @@ def run_bench(request: BenchRequest, note: Callable[[str], None]) -> tuple[dict,
     """The report and the files written; `note` receives one line per skipped optional part (a peer, the plots)."""
     threads = list(request.threads or sorted({1, os.cpu_count() or 1}))
     variant = request.variant or export_variants(request.export_dir)[0]
+    inputs = [request.export_dir] + ([resolve_checkpoint(request.compare)] if request.compare is not None else [])
+    how = overlap(request.out_dir, inputs)
+    if how is not None:
+        raise QwenEdgeError(f"--out {request.out_dir}: the output folder {how}; an input is never written to, "
+                            "so choose an output path outside it")
+    check_within_context(load_text_config(request.export_dir),
+                         max(request.prompt_lengths) + request.decode_tokens, "--prompt-lengths + --decode-tokens")
     report = run_benchmark(request.export_dir, variant, threads, list(request.prompt_lengths), request.decode_tokens,
                            request.repeats, list(request.contexts))
     if request.compare is not None:

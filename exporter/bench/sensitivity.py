@@ -22,18 +22,20 @@ import argparse
 import datetime as dt
 import shutil
 import tempfile
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
 from default_model import CHECKPOINT_DIR, HELDOUT_TEXT
 from exporter.bench.export import ROOT, machine, replace_section
-from exporter.onnx.backend import OnnxBackend, OnnxOptions
+from exporter.onnx.backend import OnnxBackend, OnnxOptions, Traced
 from exporter.pipeline import ExportRequest, run_export
+from exporter.progress import Stages
 from exporter.verify.quality import Scorer, VariantQuality, checkpoint_scorer, score_variants, variant_scorer
-from graphs.checkpoint import expected_shapes
+from graphs.checkpoint import Checkpoint, expected_shapes
 from graphs.config import preset_config_dict, text_config_from_dict
 from quant.onnx_weights import packed_bytes
-from quant.schemes import FAMILIES, HEAD_FAMILY, SCHEMES, Scheme, WeightFormat, family_of
+from quant.schemes import FAMILIES, HEAD_FAMILY, SCHEMES, QuantOptions, Scheme, WeightFormat, family_of
 from runtime_py.tokenizer import TextTokenizer
 
 SIZE_PRESET = "qwen3.5-0.8b"
@@ -45,22 +47,22 @@ Recipe = dict[str, WeightFormat | None]
 
 
 class TracedOnce(OnnxBackend):
-    """The ONNX backend with the float trace made once and copied into every later export (only the
-    int transform differs between recipes)."""
+    """The ONNX backend with the float graphs traced once, in memory, and reused by every later
+    export (only the int transform differs between recipes; `write_variant` works on a copy)."""
 
-    def __init__(self, options: OnnxOptions, cache: Path) -> None:
-        super().__init__(options)
-        self.cache = cache
+    def __init__(self, options: OnnxOptions) -> None:
+        super().__init__(replace(options, stream_weights=False))
+        self.traced: dict[str, Traced] = {}
 
-    def prepare(self, model, activations: str, folder: Path, stages) -> Path:  # noqa: ANN001
-        cached = self.cache / activations
-        if not cached.is_dir():
-            traced = super().prepare(model, activations, folder, stages)
-            shutil.copytree(traced, cached)
-            return traced
-        float_dir = folder / f".float-{activations}"
-        shutil.copytree(cached, float_dir)
-        return float_dir
+    def prepare(self, checkpoint: Checkpoint, activations: str, folder: Path, stages: Stages) -> Traced:
+        if activations not in self.traced:
+            self.traced[activations] = super().prepare(checkpoint, activations, folder, stages)
+        else:
+            stages.run(lambda: None)  # the trace stage, already done
+        return self.traced[activations]
+
+    def release(self, traced: Traced) -> None:
+        """Kept for the next recipe."""
 
 
 def family_shapes(cfg_dict: dict) -> dict[str, list[tuple[int, int]]]:
@@ -96,7 +98,7 @@ class Measurer:
 
     def __init__(self, ids: list[int], work: Path, greedy_prompts: int = 0) -> None:
         self.ids, self.work, self.greedy_prompts, self.rounds = ids, work, greedy_prompts, 0
-        self.backend = TracedOnce(OnnxOptions("contrib", all_logits=True), work / "trace")
+        self.backend = TracedOnce(OnnxOptions("contrib", all_logits=True))
         logits, greedy = checkpoint_scorer(CHECKPOINT_DIR)
         self.reference: Scorer = (lru_cache(maxsize=None)(lambda w: logits(list(w))),
                                   lru_cache(maxsize=None)(lambda p, n: greedy(list(p), n)))
@@ -170,7 +172,8 @@ def write_section(doc: Path, tokens: int, sweep_results: dict, shapes: dict, tra
     search_rows = "\n".join(f"| {n} | {step['change']} | {step['bytes'] / 1e6:.1f} | {_row(step['quality'])} | "
                             f"{'pass' if step['quality'].passed else 'fail'} |" for n, step in enumerate(trace))
     in_table = SCHEMES.get("q4mix")
-    matches = in_table is not None and {f: in_table.weight_format(_any_param(f), 32) for f in FAMILIES} == recipe
+    matches = in_table is not None and recipe == {f: in_table.weight_format(_any_param(f), QuantOptions(32))
+                                                  for f in FAMILIES}
     gate = SCHEMES["q4"].gate
     body = f"""## Int4 sensitivity per weight family, and the q4mix recipe
 

@@ -14,7 +14,9 @@ once.
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,8 +71,21 @@ class CoreMLBackend:
         """Every scheme has a Core ML form; coremltools must be installed."""
         require_coremltools("--format coreml")
 
+    def check_config(self, cfg: TextConfig) -> None:
+        """The KV-cache capacity is allocated in full: no more than the model's context."""
+        if self.options.context > cfg.max_position_embeddings:
+            raise QwenEdgeError(f"--context {self.options.context} is longer than the model's context "
+                                f"({cfg.max_position_embeddings:,} positions, config.json max_position_embeddings); "
+                                "pass a smaller --context")
+
     def prepare_stages(self, activations: str) -> list[str]:
         return [f"convert {f} ({activations})" for f in FUNCTIONS]
+
+    def finish_stages(self) -> list[str]:
+        return []
+
+    def finish(self, folder: Path, stages: Stages) -> None:
+        """Every package is complete when written."""
 
     def load(self, checkpoint: Checkpoint) -> CoreMLStep:
         self.cfg = checkpoint.config
@@ -175,6 +190,26 @@ def merge_functions(parts: dict[str, Path], out: Path) -> None:
         desc.add_function(str(path), src_function_name="main", target_function_name=name)
     desc.default_function_name = DEFAULT_FUNCTION
     ct.utils.save_multifunction(desc, str(out))
+    make_reproducible(out)
+
+
+def make_reproducible(package: Path) -> None:
+    """Give a saved package the same bytes on every export of the same checkpoint. coremltools names the
+    package's items (model spec, weights folder) by random UUIDs in Manifest.json: they are named by
+    their paths instead (UUID version 5; only keys within the package). And it serializes the spec's
+    protobuf maps (the functions, metadata) in arbitrary order: the spec is rewritten with sorted maps."""
+    from coremltools.proto import Model_pb2
+
+    path = package / "Manifest.json"
+    manifest = json.loads(path.read_text())
+    entries, root = manifest["itemInfoEntries"], manifest["rootModelIdentifier"]
+    renamed = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, f"qwen-edge:{item['path']}")) for old, item in entries.items()}
+    manifest["itemInfoEntries"] = {renamed[old]: item for old, item in entries.items()}
+    manifest["rootModelIdentifier"] = renamed[root]
+    path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
+    spec_path = package / "Data" / entries[root]["path"]
+    spec = Model_pb2.Model.FromString(spec_path.read_bytes())
+    spec_path.write_bytes(spec.SerializeToString(deterministic=True))
 
 
 def io_record(cfg: TextConfig, options: CoreMLOptions) -> dict:

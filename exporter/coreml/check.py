@@ -21,7 +21,7 @@ from default_model import resolve_checkpoint
 from exporter.coreml.mil_interpreter import HANDLERS, SUPPORTED_OPS, builtin_np_dtype, run_function
 from exporter.coreml.sequence import CoreMLRunner
 from exporter.verify.parity import VerifyReport, prompt_ids, teacher_forced
-from exporter.verify.runners import ReferenceRunner
+from exporter.verify.runners import LayerwiseReference
 from graphs.config import TextConfig
 from graphs.errors import QwenEdgeError
 from runtime_py.export_format import read_manifest, variant_record
@@ -215,9 +215,9 @@ def verify_coreml(checkpoint: str | Path, export_dir: Path, variant: str = "fp32
     package_spec = read_package_spec(Path(export_dir) / record["package"])
     if rtol is None:
         rtol = DEFAULT_RTOL[record["compute_precision"]]
-    model = open_checkpoint(resolve_checkpoint(checkpoint)).build_decoder()
-    prompts = [prompt_ids(length, model.cfg.vocab_size, seed=n) for n, length in enumerate(prompt_lengths)]
-    reports = teacher_forced(ReferenceRunner(model), target, prompts, decode_steps, rtol)
+    ck = open_checkpoint(resolve_checkpoint(checkpoint))
+    prompts = [prompt_ids(length, ck.config.vocab_size, seed=n) for n, length in enumerate(prompt_lengths)]
+    reports = teacher_forced(LayerwiseReference(ck), target, prompts, decode_steps, rtol)
     return VerifyReport(str(checkpoint), str(export_dir), rtol, decode_steps, reports), package_spec
 
 

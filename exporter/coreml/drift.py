@@ -3,8 +3,8 @@
     python -m exporter.coreml.drift [--checkpoint default] [--steps 2048] [--prompt 64]
 
 Core ML states are fp16. The step (graphs/coreml_step.CoreMLStep, run eagerly in fp32 compute so
-only state precision differs) is compared with the reference decoder, teacher-forced with the
-reference's greedy tokens, in both recurrent-state modes: `state` (fp16 Core ML state) and `io`
+only state precision differs) runs greedily and is compared with the reference decoder,
+teacher-forced with the step's tokens (exporter/verify/parity.py), in both recurrent-state modes: `state` (fp16 Core ML state) and `io`
 (fp32 input/output carried by the caller). Conv state and KV cache are fp16 in both.
 """
 

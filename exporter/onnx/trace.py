@@ -1,22 +1,26 @@
 """Export the embedding and the stateful decoder to ONNX (onnx-community Qwen3.5 layout).
 
 Recipe per graph: wrap, trace with `torch.onnx.export(dynamo=True)` with the recurrent custom ops
-translated to single nodes, name every input and output from the I/O spec, place the recurrent ops
-in the chosen domain, fuse each norm into one node, save with weights as external data beside the graph.
+translated to single nodes, optimize as the exporter does, name every input and output from the I/O
+spec, place the recurrent ops in the chosen domain, fuse each norm into one node. A model built by
+`Checkpoint.build_skeleton` traces with its large matrices as streamed weights (exporter/onnx/streamed.py):
+the graph is the same as with real values, and no weight is in memory.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import onnx_ir as ir
 import torch
 from torch.export import Dim
+from torch.onnx._internal._lazy_import import onnxscript_apis
 
 from exporter.onnx.norms import fuse_norms
 from exporter.onnx.recurrent import place_recurrent_ops, translation_table
+from exporter.onnx.streamed import RowReader, adopt_folded, adopt_placeholders
 from graphs.io_spec import GraphSpec, decoder_spec, embed_spec
 from graphs.qwen3_5 import EmbedTokens, Qwen35Decoder
 from graphs.state import TOTAL_LENGTH, state_tensors
@@ -86,7 +90,18 @@ def _describe(model: ir.Model, spec: GraphSpec, doc: str) -> None:
     model.producer_name = "qwen-edge"
 
 
-def _trace(module: torch.nn.Module, args: tuple, spec: GraphSpec, dynamic: list) -> ir.Model:
+@dataclass(frozen=True)
+class StreamedWeights:
+    """The placeholders of a skeleton model: {parameter name: (checkpoint tensor, shape)}, read from `reader`."""
+
+    reader: RowReader
+    sources: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+
+
+def _trace(module: torch.nn.Module, args: tuple, spec: GraphSpec, dynamic: list,
+           weights: StreamedWeights | None) -> ir.Model:
+    """torch.onnx.export, with its optimizer run here (the same call it makes) so that streamed
+    weights are in place before anything is folded."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -100,8 +115,14 @@ def _trace(module: torch.nn.Module, args: tuple, spec: GraphSpec, dynamic: list)
             custom_translation_table=translation_table(),
             opset_version=TRACE_OPSET,
             verbose=False,
+            optimize=False,
         )
     model = program.model
+    if weights is not None:
+        adopt_placeholders(model, weights.reader, weights.sources)
+    onnxscript_apis.optimize(model)
+    if weights is not None:
+        adopt_folded(model, weights.reader, dict(weights.sources.values()))
     got_inputs = [v.name for v in model.graph.inputs]
     if got_inputs != spec.input_names:
         raise RuntimeError(f"exported inputs {got_inputs} differ from the I/O spec {spec.input_names}")
@@ -123,31 +144,33 @@ def name_nodes_and_strip_trace_metadata(model: ir.Model) -> None:
         node.metadata_props.clear()
 
 
-def save_graph(model: ir.Model, path: Path) -> Path:
-    """Save with every weight in one external data file beside the graph (`<name>.onnx_data`)."""
-    ir.save(model, path, external_data=path.name + "_data")
-    return path
-
-
 def _dtype_name(model: Qwen35Decoder) -> str:
     return {torch.float32: "float32", torch.float16: "float16"}[activation_dtype(model)]
 
 
-def trace_embed(model: Qwen35Decoder) -> ir.Model:
+def trace_embed(model: Qwen35Decoder, weights: StreamedWeights | None = None) -> ir.Model:
     spec = embed_spec(model.cfg, _dtype_name(model))
     ids = torch.zeros(TRACE_BATCH, TRACE_SEQ, dtype=torch.int64)
-    graph = _trace(EmbedTokens(model.embed_tokens), (ids,), spec, _dims(spec))
+    graph = _trace(EmbedTokens(model.embed_tokens), (ids,), spec, _dims(spec), _prefixed(weights, "embed."))
     _describe(graph, spec, "Qwen3.5 token embedding (qwen-edge)")
     return graph
 
 
-def trace_decoder(model: Qwen35Decoder, recurrent_ops: str) -> ir.Model:
+def _prefixed(weights: StreamedWeights | None, prefix: str) -> StreamedWeights | None:
+    """The embedding module traced alone names its table `embed.weight`."""
+    if weights is None:
+        return None
+    return StreamedWeights(weights.reader, {prefix + k.removeprefix("embed_tokens."): v
+                                            for k, v in weights.sources.items() if k.startswith("embed_tokens.")})
+
+
+def trace_decoder(model: Qwen35Decoder, recurrent_ops: str, weights: StreamedWeights | None = None) -> ir.Model:
     """The stateful decoder graph; logits as the model was built to give them (all or last position)."""
     spec = decoder_spec(model.cfg, _dtype_name(model), model.logits_mode == "all")
     dims = _dims(spec)
     fixed = len(spec.inputs) - len(state_tensors(model.cfg))
     dynamic = [*dims[:fixed], tuple(dims[fixed:])]  # the state arrives as forward's *state varargs
-    graph = _trace(model, _sample_inputs(model), spec, dynamic)
+    graph = _trace(model, _sample_inputs(model), spec, dynamic, weights)
     place_recurrent_ops(graph, recurrent_ops)
     fuse_norms(graph, recurrent_ops)
     _describe(graph, spec, f"Qwen3.5 hybrid decoder, prefill and decode, recurrent ops: {recurrent_ops} (qwen-edge)")

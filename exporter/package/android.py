@@ -33,6 +33,7 @@ import onnxruntime as ort
 
 from exporter.onnx.external_data import relocate
 from exporter.onnx.forms import to_contrib
+from exporter.package.manifest import load_graph
 from graphs.config import TextConfig, TokenIds, declared_token_ids
 from graphs.errors import QwenEdgeError
 from graphs.state import name_patterns
@@ -58,8 +59,7 @@ def merge_embedding(embed_path: Path, decoder_path: Path, out_path: Path) -> boo
     and tensors that already share bytes (a tied embedding reading the LM head) still share them.
     Returns True when the recurrent ops had to be moved to com.microsoft.
     """
-    embed = onnx.load(str(embed_path), load_external_data=False)
-    decoder = onnx.load(str(decoder_path), load_external_data=False)
+    embed, decoder = (load_graph(p, "re-run 'qwen-edge export'") for p in (embed_path, decoder_path))
     if "inputs_embeds" not in [i.name for i in decoder.graph.input]:
         raise QwenEdgeError(f"{decoder_path}: has no 'inputs_embeds' input; package a folder written by 'qwen-edge export'")
     converted = to_contrib(decoder)

@@ -23,24 +23,19 @@ another domain) rather than refused, since the conversion is lossless and checke
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
-import onnx
-
 from exporter.atomic import atomic_output_dir, check_destination
-from exporter.onnx.forms import CONTRIB_DOMAIN, to_contrib
-from exporter.package.verify import BUNDLE_FORMAT, BUNDLE_MANIFEST, file_records
+from exporter.onnx.forms import CONTRIB_DOMAIN
+from exporter.package.manifest import BUNDLE_FORMAT, BUNDLE_MANIFEST, derived_fields, file_records, quantization_claim
+from exporter.package.verify import bundle_entries
 from graphs.config import load_text_config
 from graphs.errors import QwenEdgeError
-from graphs.state import layer_state_layout
-from runtime_py.export_format import (MANIFEST as EXPORT_MANIFEST, MIN_IOS, RECURRENT_FORMS, opset_imports,
-                                      qwen_edge_version, read_manifest, write_manifest)
+from graphs.file_checks import read_json
+from runtime_py.export_format import MANIFEST as EXPORT_MANIFEST, qwen_edge_version, read_manifest
+from runtime_py.tokenizer import check_support_files
 
 TARGETS = ("android", "ios", "web")
 COREML_DIR = "coreml"
@@ -60,10 +55,12 @@ def package_export(export_dir: Path, out: Path, target: str, variants: list[str]
         raise QwenEdgeError(f"--coreml applies to the ios target only, not {target}; drop it")
     export = read_manifest(export_dir)
     names = _pick_variants(export, export_dir, variants)
+    check_support_files(export_dir)  # a bundle whose tokenizer or chat template the app cannot use is refused
     coreml = _coreml_source(export_dir, Path(coreml_dir) if coreml_dir else None) if target == "ios" else None
-    check_destination(out, force)
+    inputs = [export_dir] + ([Path(coreml_dir)] if coreml_dir else [])
+    check_destination(out, force, inputs)
     writers = {"android": _write_android, "ios": partial(_write_ios, coreml=coreml), "web": _write_web}
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, inputs) as tmp:
         details = writers[target](export_dir, tmp, export, names)
         manifest = _manifest(export_dir, tmp, export, target, names, details)
         (tmp / BUNDLE_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -109,6 +106,8 @@ def _coreml_source(export_dir: Path, coreml_dir: Path | None) -> tuple[list[Path
     if record.get("format") != "coreml":
         raise QwenEdgeError(f"{coreml_dir}: is not a Core ML export (format {record.get('format')!r}); "
                             "pass a folder written by 'qwen-edge export --format coreml'")
+    if not (coreml_dir / "config.json").is_file() or not (export_dir / "config.json").is_file():
+        raise QwenEdgeError(f"{coreml_dir}: both exports need their config.json; re-export the checkpoint")
     if (coreml_dir / "config.json").read_bytes() != (export_dir / "config.json").read_bytes():
         raise QwenEdgeError(f"{coreml_dir}: was exported from another model than {export_dir} (config.json differs); "
                             "export both from the same checkpoint")
@@ -124,6 +123,7 @@ def _write_ios(export_dir: Path, out: Path, export: dict, names: list[str],
     packages, coreml_record = coreml
     (out / COREML_DIR).mkdir()
     for package in packages:
+        _check_plain_tree(package)
         shutil.copytree(package, out / COREML_DIR / package.name, copy_function=shutil.copyfile)
     graphs = write_merged_graphs(export_dir, out, {n: export["variants"][n] for n in names},
                                  load_text_config(export_dir), _generation_defaults(export_dir),
@@ -132,11 +132,20 @@ def _write_ios(export_dir: Path, out: Path, export: dict, names: list[str],
             "coreml": {"packages": [f"{COREML_DIR}/{p.name}" for p in packages], "export_record": coreml_record}}
 
 
+def _check_plain_tree(folder: Path) -> None:
+    """A Core ML package is copied whole: it must hold only folders and regular files (a link could
+    bring any file of the machine into the bundle)."""
+    _, _, others = bundle_entries(folder)
+    if folder.is_symlink() or others:
+        others = others or ["(the package itself)"]
+        raise QwenEdgeError(f"{folder}: holds {others[0]!r}, a link or special file; a package holds regular files "
+                            "only, so re-export it with 'qwen-edge export --format coreml'")
+
+
 def _write_web(export_dir: Path, out: Path, export: dict, names: list[str]) -> dict:
     from exporter.package.web import write_web_layout
 
-    with contrib_view(export_dir, export) as source:
-        write_web_layout(source, out, names)
+    write_web_layout(export_dir, out, names, convert=export.get("recurrent_ops") != "contrib")
     graphs = {n: {"embed_tokens": export["variants"][n]["embed_tokens"], "decoder": export["variants"][n]["decoder"],
                   "converted_to_contrib": export.get("recurrent_ops") != "contrib"} for n in names}
     support = sorted(p.name for p in out.iterdir() if p.is_file())
@@ -145,108 +154,45 @@ def _write_web(export_dir: Path, out: Path, export: dict, names: list[str]) -> d
 
 def _context_length(export_dir: Path) -> int:
     """The model's context window (config.json), the length genai allocates for."""
-    config = json.loads((export_dir / "config.json").read_text())
-    text = config.get("text_config", config)
-    return int(text.get("max_position_embeddings", config.get("max_position_embeddings", 4096)))
-
-
-@contextmanager
-def contrib_view(export_dir: Path, export: dict) -> Iterator[Path]:
-    """The export itself when its recurrent ops are contrib; otherwise a temporary view of it whose
-    graphs are converted (exporter/onnx/forms.to_contrib) and whose other files are links."""
-    if export.get("recurrent_ops") == "contrib":
-        yield export_dir
-        return
-    with tempfile.TemporaryDirectory(prefix="qwen-edge-contrib-") as tmp:
-        view = Path(tmp) / export_dir.name
-        for src in sorted(export_dir.rglob("*")):
-            if src.relative_to(export_dir).as_posix() == EXPORT_MANIFEST:
-                continue  # written below, as the view's own file
-            dst = view / src.relative_to(export_dir)
-            if src.is_dir():
-                dst.mkdir(parents=True, exist_ok=True)
-                continue
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if src.suffix == ".onnx":
-                model = onnx.load(str(src), load_external_data=False)
-                to_contrib(model)
-                onnx.save(model, str(dst))
-            else:
-                _link_or_copy(src, dst)
-        contrib = RECURRENT_FORMS["contrib"]
-        write_manifest(view, dict(export, recurrent_ops=contrib.name, recurrent_ops_domain=contrib.domain,
-                                  min_onnxruntime=contrib.min_onnxruntime))
-        yield view
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """A hard link (free; ONNX Runtime loads weights through it), else a symbolic link (the temporary
-    folder may be on another file system; file readers follow it, though ONNX Runtime refuses weight
-    data behind one), else a copy."""
-    for link in (os.link, os.symlink):
-        try:
-            link(src.resolve(), dst)
-            return
-        except OSError:
-            continue
-    shutil.copyfile(src, dst)
+    return load_text_config(export_dir).max_position_embeddings
 
 
 def _generation_defaults(export_dir: Path) -> dict:
     path = export_dir / "generation_config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.exists():
+        return {}
+    value = read_json(path, "re-run 'qwen-edge export'")
+    if not isinstance(value, dict):
+        raise QwenEdgeError(f"{path}: must hold a JSON object; re-run 'qwen-edge export'")
+    return value
 
 
-def _graph_record(path: Path) -> dict:
-    """Inputs, outputs (name, dims, dtype) and opset imports, read from the graph itself."""
-    model = onnx.load(str(path), load_external_data=False)
-
-    def tensors(values) -> list[dict]:  # noqa: ANN001
-        return [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
-                 "dims": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
-
-    return {"inputs": tensors(model.graph.input), "outputs": tensors(model.graph.output),
-            "opset_imports": opset_imports(model)}
-
-
-def _model_record(export_dir: Path, export: dict) -> dict:
-    cfg = load_text_config(export_dir)
-    shape = {k: getattr(cfg, k) for k in (
-        "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
-        "num_key_value_heads", "head_dim", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
-        "linear_value_head_dim", "linear_conv_kernel_dim", "tie_word_embeddings")}
-    shape["layer_types"] = list(cfg.layer_types)
-    return {"name": export.get("source_checkpoint", export_dir.name), "architecture": "qwen3_5", "shape": shape}
+def _model_record(export: dict, export_dir: Path) -> dict:
+    return {"name": export.get("source_checkpoint", export_dir.name), "architecture": "qwen3_5"}
 
 
 def _manifest(export_dir: Path, root: Path, export: dict, target: str, names: list[str], details: dict) -> dict:
-    graph_files = sorted(p for p in root.rglob("*.onnx") if p.is_file())
-    graphs = {p.relative_to(root).as_posix(): _graph_record(p) for p in graph_files}
-    opsets: dict[str, int] = {}
-    for record in graphs.values():
-        for domain, version in record["opset_imports"].items():
-            opsets[domain] = max(opsets.get(domain, 0), version)
-    runtime = {"onnxruntime": RECURRENT_FORMS["contrib"].min_onnxruntime, "opset_imports": dict(sorted(opsets.items()))}
-    if "coreml" in details:
-        runtime["ios"] = MIN_IOS
-    quant_keys = ("activations", "weight_bits", "block_size", "symmetric", "accuracy_level")
-    variants = {n: {"quantization": {k: export["variants"][n][k] for k in quant_keys if k in export["variants"][n]},
-                    **details["graphs"][n]} for n in names}
+    """The claims only the build knows (versions, provenance, quantization options) plus every field
+    that follows from the bundle's files (exporter/package/manifest.py), computed as `verify` does."""
+    files, _, _ = bundle_entries(root)
+    files = [f for f in files if f != BUNDLE_MANIFEST]
+    derived = derived_fields(root, [f for f in files if f.endswith(".onnx")], "coreml" in details)
+    variants = {n: {"quantization": quantization_claim(export["variants"][n]), **details["graphs"][n]} for n in names}
     manifest = {
         "bundle_format": BUNDLE_FORMAT,
         "target": target,
         "format": details["format"],
         "qwen_edge_version": qwen_edge_version(),
-        "model": _model_record(export_dir, export),
-        "logits": export.get("logits"),
+        "model": {**_model_record(export, export_dir), "shape": derived["model.shape"]},
+        "logits": derived["logits"],
         "recurrent_ops": {"form": "contrib", "domain": CONTRIB_DOMAIN, "exported_as": export.get("recurrent_ops")},
         "variants": variants,
-        "graphs": graphs,
-        "state_layout": layer_state_layout(load_text_config(export_dir)),
-        "generation_defaults": _generation_defaults(export_dir),
+        "graphs": derived["graphs"],
+        "state_layout": derived["state_layout"],
+        "generation_defaults": derived["generation_defaults"],
         "support_files": details["support_files"],
-        "min_runtime": runtime,
-        "files": file_records(root),
+        "min_runtime": derived["min_runtime"],
+        "files": file_records(root, files),
     }
     if "coreml" in details:
         manifest["coreml"] = details["coreml"]

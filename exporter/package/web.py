@@ -22,7 +22,9 @@ from pathlib import Path
 import onnx
 
 from exporter.onnx.external_data import relocate, stored_tensors
+from exporter.onnx.forms import to_contrib
 from graphs.errors import QwenEdgeError
+from graphs.file_checks import read_json
 from runtime_py.export_format import read_manifest
 
 # Below 2 GiB: a browser's ArrayBuffer and onnxruntime-web's fetch of one external data file.
@@ -32,16 +34,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 TOP_LEVEL_KEYS = ("tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def write_web_layout(export_dir: Path, out_dir: Path, variants: list[str]) -> None:
+def write_web_layout(export_dir: Path, out_dir: Path, variants: list[str], convert: bool = False) -> None:
     """Fill `out_dir` with config, generation config, tokenizer files and `onnx/*` for `variants`.
 
-    `export_dir` is a `qwen-edge export --recurrent-ops contrib` folder. The first variant is the
-    default dtype transformers.js loads when the app does not pass one.
+    `export_dir` is a `qwen-edge export --recurrent-ops contrib` folder, or (convert=True) a standard
+    one whose graphs are converted on the way (exporter/onnx/forms.to_contrib, in memory: the export
+    is only read). The first variant is the default dtype transformers.js loads when the app does not
+    pass one.
     """
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     manifest = read_manifest(export_dir)
     ops = manifest.get("recurrent_ops", "standard")
-    if ops != "contrib":
+    if ops != "contrib" and not convert:
         raise QwenEdgeError(f"{export_dir}: graphs use the {ops} recurrent ops, which transformers.js's "
                             "onnxruntime cannot run; re-export with --recurrent-ops contrib")
     if not variants:
@@ -59,7 +63,7 @@ def write_web_layout(export_dir: Path, out_dir: Path, variants: list[str]) -> No
     data_chunks: dict[str, int] = {}
     for variant in dict.fromkeys(variants):
         for rel in (exported[variant]["embed_tokens"], exported[variant]["decoder"]):
-            chunks = rehome_external_data(export_dir / rel, out_dir / rel)
+            chunks = rehome_external_data(export_dir / rel, out_dir / rel, convert=convert)
             if chunks:
                 data_chunks[Path(rel).name] = chunks
     if data_chunks:
@@ -90,8 +94,9 @@ def web_config(config: dict, default_dtype: str) -> dict:
     return web
 
 
-def rehome_external_data(src: Path, dst: Path, chunk_bytes: int = DATA_CHUNK_BYTES) -> int:
-    """Save graph `src` as `dst` with its external tensors copied into `dst`'s own data files.
+def rehome_external_data(src: Path, dst: Path, chunk_bytes: int = DATA_CHUNK_BYTES, convert: bool = False) -> int:
+    """Save graph `src` as `dst` with its external tensors copied into `dst`'s own data files
+    (convert: in the contrib form).
 
     Returns the number of data files written (0 when every tensor is stored inside the graph).
     Tensors sharing the same source bytes share them in the output too.
@@ -101,7 +106,9 @@ def rehome_external_data(src: Path, dst: Path, chunk_bytes: int = DATA_CHUNK_BYT
     try:
         model = onnx.load(str(src), load_external_data=False)
     except Exception as exc:  # onnx raises protobuf DecodeError or its own errors on a damaged file
-        raise QwenEdgeError(f"{src}: not a readable ONNX graph ({exc}); re-run 'qwen-edge export'") from None
+        raise QwenEdgeError(f"{src}: not a readable ONNX graph ({str(exc)[:200]}); re-run 'qwen-edge export'") from None
+    if convert:
+        to_contrib(model)
     files = relocate([(t, src.parent) for t in stored_tensors(model.graph)], dst.parent, dst.name + "_data",
                      chunk_bytes=chunk_bytes)
     dst.write_bytes(model.SerializeToString())
@@ -128,13 +135,9 @@ def _write_tokenizer_files(export_dir: Path, out_dir: Path) -> None:
 
 def _read_json(folder: Path, name: str) -> dict:
     path = folder / name
-    if not path.is_file():
+    if not path.exists():
         raise QwenEdgeError(f"{folder}: {name} missing; pass a folder written by 'qwen-edge export'")
-    try:
-        value = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise QwenEdgeError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); "
-                            "re-run 'qwen-edge export'") from None
+    value = read_json(path, "re-run 'qwen-edge export'")
     if not isinstance(value, dict):
         raise QwenEdgeError(f"{path}: expected a JSON object; re-run 'qwen-edge export'")
     return value

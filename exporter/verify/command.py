@@ -44,7 +44,9 @@ class VerifyOutcome:
     quality: object | None = field(default=None)  # the QualityReport, for --junit
 
     def write_json(self, path: Path) -> None:
-        path.write_text(json.dumps(self.report, indent=2) + "\n")
+        from exporter.atomic import write_text_atomically
+
+        write_text_atomically(path, json.dumps(self.report, indent=2) + "\n")
 
     def write_junit(self, path: Path) -> None:
         from exporter.verify.quality import write_junit
@@ -61,9 +63,25 @@ def run_verify(request: VerifyRequest) -> VerifyOutcome:
         return _quality(request)
     if len(request.paths) != 2:
         raise QwenEdgeError("give CHECKPOINT and EXPORT (parity), or EXPORT with --against REF (quality)")
+    _check_prompt_room(request)
     if request.fmt == "coreml":
         return _coreml_parity(request)
     return _onnx_parity(request)
+
+
+def _check_prompt_room(request: VerifyRequest) -> None:
+    """Every prompt and its decode steps fit the context (the model's, or a Core ML export's KV capacity)."""
+    from graphs.config import check_within_context, load_text_config
+    from runtime_py.export_format import read_manifest
+
+    lengths = request.prompt_lengths or (COREML_PROMPT_LENGTHS if request.fmt == "coreml" else ONNX_PROMPT_LENGTHS)
+    cfg = load_text_config(resolve_checkpoint(request.paths[0]))
+    check_within_context(cfg, max(lengths) + request.decode_steps, "--prompt-lengths + --decode-steps")
+    if request.fmt == "coreml":
+        capacity = read_manifest(request.paths[1]).get("context_capacity")
+        if isinstance(capacity, int) and max(lengths) + request.decode_steps > capacity:
+            raise QwenEdgeError(f"--prompt-lengths + --decode-steps: {max(lengths) + request.decode_steps:,} tokens do "
+                                f"not fit the export's KV cache ({capacity:,}, its --context); ask for fewer")
 
 
 def _onnx_parity(request: VerifyRequest) -> VerifyOutcome:

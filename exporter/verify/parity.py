@@ -1,10 +1,14 @@
 """Parity of an export against the PyTorch reference decoder built from the same checkpoint.
 
-`teacher_forced` is the one parity loop, for any runner (exporter/verify/runners.py: ONNX here, the
-MIL interpreter or Core ML in exporter/coreml/check.py). For each prompt: one prefill call, then
-greedy decode steps. Both sides are fed the reference's greedy token (teacher forcing), so every
-step compares logits for the same history; if all greedy choices agree, the free-running greedy
-sequences are identical.
+`teacher_forced` is the one parity loop, for any target runner (exporter/verify/runners.py: ONNX
+here, the MIL interpreter or Core ML in exporter/coreml/check.py) and any reference scorer. For each
+prompt the target runs as an app would: one prefill call, then greedy decode steps, each fed the
+target's own greedy token. The reference is then teacher-forced with that sequence (prompt + the
+target's tokens): it gives the logits of every position, and each call of the target is compared with
+the reference's logits at the same positions, so every comparison is for the same history; if every
+greedy choice agrees, the free-running greedy sequences are identical. Scoring whole sequences lets
+the reference run layer by layer over all prompts with each weight read once (graphs/layerwise.py),
+so a 9B export is checked in the memory of one layer.
 
 Tolerance: max |logits_onnx - logits_ref| <= rtol * max(1, max |logits_ref|) per call, i.e. relative
 to the logit scale of that call (fp32 default rtol 1e-4). A greedy disagreement fails unless it is a
@@ -19,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from default_model import resolve_checkpoint
-from exporter.verify.runners import OnnxRunner, ReferenceRunner, SequenceRunner
+from exporter.verify.runners import LayerwiseReference, OnnxRunner, SequenceRunner, SequenceScorer
 from graphs.checkpoint import open_checkpoint
 from runtime_py.session import OnnxModel
 
@@ -92,21 +96,27 @@ def prompt_ids(length: int, vocab: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(0, vocab, size=length).tolist()
 
 
-def teacher_forced(reference: SequenceRunner, target: SequenceRunner, prompts: list[list[int]], decode_steps: int,
+def teacher_forced(reference: SequenceScorer, target: SequenceRunner, prompts: list[list[int]], decode_steps: int,
                    rtol: float) -> list[PromptReport]:
-    """Per prompt: prefill, then `decode_steps` steps fed the reference's greedy token; every call compared."""
-    reports = []
+    """Per prompt: the target's prefill, then `decode_steps` steps fed its greedy token; then the
+    reference scores every sequence at once, and each target call is compared with it."""
+    calls, sequences = [], []
     for ids in prompts:
-        reference.start()
         target.start()
+        got = [target.prefill(ids)]
+        tokens = []
+        for _ in range(decode_steps):
+            tokens.append(int(got[-1][-1].argmax()))
+            got.append(target.decode(tokens[-1]))
+        calls.append(got)
+        sequences.append(list(ids) + tokens)
+    reports = []
+    for ids, got, ref in zip(prompts, calls, reference.score(sequences)):
         report = PromptReport(len(ids))
-        ref, got = reference.prefill(ids), target.prefill(ids)
-        for step in range(decode_steps + 1):
-            result = compare_step(step, ref, got, rtol)
-            report.steps.append(result)
-            if step == decode_steps:
-                break
-            ref, got = reference.decode(result.ref_token), target.decode(result.ref_token)
+        t = len(ids)
+        report.steps.append(compare_step(0, ref[:t], got[0], rtol))
+        for step in range(1, decode_steps + 1):
+            report.steps.append(compare_step(step, ref[t + step - 1 : t + step], got[step], rtol))
         reports.append(report)
     return reports
 
@@ -119,12 +129,13 @@ def verify_export(
     rtol: float = 1e-4,
     variant: str = "fp32",
 ) -> VerifyReport:
-    """Parity of one ONNX variant: each prompt in one graph call, then decode steps."""
+    """Parity of one ONNX variant: each prompt in one graph call, then decode steps; the reference
+    runs layer by layer from the checkpoint (graphs/layerwise.py)."""
     folder = resolve_checkpoint(checkpoint)
-    model = open_checkpoint(folder).build_decoder()
+    ck = open_checkpoint(folder)
     target = OnnxRunner(OnnxModel(export_dir, variant, prefill_chunk=SINGLE_CALL))
-    prompts = [prompt_ids(length, model.cfg.vocab_size, seed=n) for n, length in enumerate(prompt_lengths)]
-    reports = teacher_forced(ReferenceRunner(model), target, prompts, decode_steps, rtol)
+    prompts = [prompt_ids(length, ck.config.vocab_size, seed=n) for n, length in enumerate(prompt_lengths)]
+    reports = teacher_forced(LayerwiseReference(ck), target, prompts, decode_steps, rtol)
     return VerifyReport(str(folder), str(export_dir), rtol, decode_steps, reports)
 
 

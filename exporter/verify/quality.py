@@ -269,4 +269,6 @@ def write_junit(report: QualityReport, path: Path) -> None:
                 ET.SubElement(case, "failure", message=check.junit_message)
     suite.set("tests", str(cases))
     suite.set("failures", str(failures))
-    ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
+    from exporter.atomic import write_text_atomically
+
+    write_text_atomically(path, ET.tostring(suite, encoding="unicode", xml_declaration=True))

@@ -1,11 +1,16 @@
-"""What the parity loop drives: anything that runs a sequence as one prefill, then one token per call.
+"""What the parity loop drives.
+
+A target runs a sequence as one prefill, then one token per call:
 
     start()            a fresh sequence
     prefill(ids)       logits of the prompt: [T, V], or [1, V] for last-position graphs
     decode(token)      logits of one more token: [1, V]
 
-`ReferenceRunner` is the PyTorch decoder (the oracle), `OnnxRunner` an ONNX export through
-runtime_py; the Core ML runners are in exporter/coreml/check.py.
+A reference scores whole sequences: `score(sequences)` gives the logits of every position of each.
+
+`OnnxRunner` is an ONNX export through runtime_py (the Core ML runners are in exporter/coreml/check.py).
+`LayerwiseReference` is the PyTorch decoder run layer by layer from the checkpoint (graphs/layerwise.py);
+`ReferenceRunner` is the decoder in memory, driven like the runtime (it is also a reference).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from graphs.checkpoint import Checkpoint
+from graphs.layerwise import score_sequences
 from graphs.qwen3_5 import Qwen35Decoder
 from runtime_py.session import OnnxModel
 
@@ -25,6 +32,20 @@ class SequenceRunner(Protocol):
     def prefill(self, ids: list[int]) -> np.ndarray: ...
 
     def decode(self, token: int) -> np.ndarray: ...
+
+
+class SequenceScorer(Protocol):
+    def score(self, sequences: list[list[int]]) -> list[np.ndarray]: ...
+
+
+class LayerwiseReference:
+    """The reference decoder, layer by layer from the checkpoint: each weight read once per `score`."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+
+    def score(self, sequences: list[list[int]]) -> list[np.ndarray]:
+        return score_sequences(self.checkpoint, sequences)
 
 
 class ReferenceRunner:
@@ -53,6 +74,14 @@ class ReferenceRunner:
 
     def decode(self, token: int) -> np.ndarray:
         return self.forward([token])
+
+    def score(self, sequences: list[list[int]]) -> list[np.ndarray]:
+        """Each sequence as one call from a fresh state (the model must give every position's logits)."""
+        out = []
+        for ids in sequences:
+            self.start()
+            out.append(self.forward(ids))
+        return out
 
 
 class OnnxRunner:
