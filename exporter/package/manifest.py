@@ -115,7 +115,7 @@ def quantization_claim(record: dict) -> dict:
     claim = {k: record[k] for k in QUANT_KEYS if k in record}
     formats = [f for f in record.get("weight_formats", {}).values() if f]
     for key, field in (("weight_bits", "bits"), ("block_size", "block_size")):
-        values = sorted({f[field] for f in formats})
+        values = sorted({f[field] for f in formats}, key=str)  # as quantization_of orders them
         if values and key in claim:
             claim[key] = values[0] if len(values) == 1 else values
     return claim
