@@ -12,6 +12,11 @@ import signal
 import sys
 from pathlib import Path
 
+# NumPy's BLAS serves only the Core ML interpreter's small matmuls here, where threads cost more than
+# they give (a 64x128x352 matmul: 1 ms on one thread, 40 ms on two on a busy 2-core machine). Set
+# before NumPy loads; ONNX Runtime and PyTorch keep their own thread pools.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import click
 
 # Library progress bars (coremltools' pass-by-pass tqdm bars) would flood logs; our own stages report

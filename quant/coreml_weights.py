@@ -2,10 +2,18 @@
 
     q8      int8 per output channel          q4, q4f16   int4 per block of 32 input channels
     p4      4-bit palettization: a 16-entry k-means LUT per group of 16 output channels
+    q4mix   per family, as its recipe says: int8 per output channel, int4 per block of its size
 
-Which weights: the scheme's `bits_for`, the predicate the ONNX exporter uses too, asked with the
-decoder parameter each weight constant of the program was converted from (coremltools names those
-constants after the exported program's parameters). Everything else stays float.
+Which weights, in which format: the scheme's `weight_format`, the one answer the ONNX exporter uses
+too, asked with the decoder parameter each weight constant of the program was converted from
+(coremltools names those constants after the exported program's parameters). Everything else stays
+float. Core ML's blocks must divide the input dimension (coremltools skips the weight otherwise), so
+a block that does not is halved until it does (the default model's 352-wide MLP: 64 -> 32).
+
+int4 blocks are rounded by ONNX Runtime's symmetric quantizer, not coremltools' own: the block's
+largest-magnitude weight maps to -8, so all 16 levels are used (coremltools' symmetric mode uses
+-7..7, a 14 % coarser step that measured KL 3.6e-3 against 2.1e-3 on the default model). Core ML
+and ONNX then store the same integers and scales for a weight of the same format.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from functools import lru_cache
 import numpy as np
 
 from graphs.config import TextConfig, VisionConfig
-from quant.schemes import Scheme
+from quant.schemes import FAMILIES, QuantOptions, Scheme, WeightFormat, family_of
 
 PALETTE_GROUP = 16  # output channels sharing one LUT
 INT4_BLOCK = 32
@@ -51,6 +59,37 @@ def weight_constants(mlmodel, cfg: TextConfig) -> dict[str, str]:  # noqa: ANN00
     return found
 
 
+def coreml_format(scheme: Scheme, param: str, shape: tuple[int, ...]) -> WeightFormat | None:
+    """How Core ML stores a decoder parameter of `shape` ([out, in]): int8 per output channel (block
+    None), int4 per block of the scheme's size halved until it divides the input dimension, a palette
+    per group of output channels (block None); None when it stays float."""
+    return _coreml_storage(scheme, scheme.weight_format(param, QuantOptions(INT4_BLOCK)), shape)
+
+
+def _coreml_storage(scheme: Scheme, fmt: WeightFormat | None, shape: tuple[int, ...]) -> WeightFormat | None:
+    """A weight format as Core ML stores it for a weight of `shape` (see `coreml_format`)."""
+    if fmt is None:
+        return None
+    if fmt.bits == 8 or scheme.coreml == "palette4":
+        return WeightFormat(fmt.bits)
+    block = fmt.block_size
+    while shape[-1] % block:
+        block //= 2
+    return WeightFormat(fmt.bits, block)
+
+
+def family_formats(scheme: Scheme, cfg: TextConfig) -> dict[str, dict | None]:
+    """{family: {"bits", "block_size"} or None} as this scheme's package stores them (the manifest's record)."""
+    from graphs.checkpoint import expected_shapes
+
+    formats = {}
+    for param, shape in expected_shapes(cfg).items():
+        if (family := family_of(param)) is not None:
+            fmt = coreml_format(scheme, param, shape)
+            formats[family] = None if fmt is None else {"bits": fmt.bits, "block_size": fmt.block_size}
+    return {family: formats[family] for family in FAMILIES if family in formats}
+
+
 def kmeans_lut(values: np.ndarray, nbits: int = 4, iterations: int = 12) -> tuple[np.ndarray, np.ndarray]:
     """1-D k-means (Lloyd, quantile start) of a weight group: (LUT [2^nbits], indices like values).
 
@@ -71,35 +110,76 @@ def kmeans_lut(values: np.ndarray, nbits: int = 4, iterations: int = 12) -> tupl
     return centroids.astype(values.dtype), labels.reshape(values.shape).astype(np.uint8)
 
 
+def int4_blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int4 values in -8..7 as int8 [N, K], scales [N, K/block] in the weight's dtype) of a weight
+    [N, K] quantized in blocks along K by ONNX Runtime's packer (quant/onnx_weights.py)."""
+    from quant.onnx_weights import pack_blockwise
+
+    n, k = weight.shape
+    packed = pack_blockwise(np.ascontiguousarray(weight.T), WeightFormat(4, block))
+    nibbles = np.stack([packed.data & 0x0F, packed.data >> 4], axis=-1).reshape(n, -1)[:, :k]
+    return nibbles.astype(np.int8) - 8, packed.scales  # symmetric: the stored zero point is 8
+
+
+def _full_range_int4_pass(config):  # noqa: ANN001, ANN202
+    """coremltools' weight quantization pass, with int4 blocks rounded by `int4_blocks`."""
+    from coremltools.converters.mil.mil import types
+    from coremltools.converters.mil.mil.passes.graph_pass import PassOption
+    from coremltools.optimize import _utils as optimize_utils
+    from coremltools.optimize.coreml._quantization_passes import linear_quantize_weights
+
+    class FullRangeInt4(linear_quantize_weights):
+        @classmethod
+        def blockwise_compress_by_dtype(cls, original_data, dtype, mode, block_sizes):  # noqa: ANN001, ANN206
+            dtype = types.string_to_builtin(dtype) if isinstance(dtype, str) else dtype
+            if dtype == types.int4 and mode == "LINEAR_SYMMETRIC" and original_data.ndim == 2 and block_sizes[0] == 1:
+                data, scale = int4_blocks(original_data, block_sizes[1])
+                return optimize_utils.QuantParams(data=data.astype(types.nptype_from_builtin(types.int4)),
+                                                  scale=scale, offset=None, nbits=np.uint8(4))
+            return super().blockwise_compress_by_dtype(original_data, dtype, mode, block_sizes)
+
+    quantizer = FullRangeInt4()
+    quantizer.set_options([PassOption("config", config), PassOption("joint_compression", False)])
+    return quantizer
+
+
 def compress_weights(mlmodel, scheme: Scheme, cfg: TextConfig):  # noqa: ANN001, ANN201
     """The scheme's weight compression applied to a converted mlprogram (float schemes: unchanged)."""
     if scheme.coreml == "float":
         return mlmodel
-    chosen = {const: scheme.bits_for(param) for const, param in weight_constants(mlmodel, cfg).items()}
-    return _compress(mlmodel, scheme, {const: bits for const, bits in chosen.items() if bits})
+    from graphs.checkpoint import expected_shapes
+
+    shapes = expected_shapes(cfg)  # the parameter's [out, in] (a converted const's value loads lazily)
+    shapes.setdefault("lm_head.weight", shapes["embed_tokens.weight"])  # tied: the head is the embedding's table
+    chosen = {const: coreml_format(scheme, param, tuple(shapes[param]))
+              for const, param in weight_constants(mlmodel, cfg).items()}
+    chosen = {const: fmt for const, fmt in chosen.items() if fmt}
+    return _compress(mlmodel, scheme, chosen)
 
 
-def _compress(mlmodel, scheme: Scheme, chosen: dict[str, int]):  # noqa: ANN001, ANN202
-    """Compress the named weight constants (const op name -> bits) as the scheme says."""
+def _compress(mlmodel, scheme: Scheme, chosen: dict[str, WeightFormat]):  # noqa: ANN001, ANN202
+    """Compress the named weight constants (const op name -> storage format) as the scheme says."""
     from coremltools.optimize import coreml as cto
 
     if scheme.coreml == "float" or not chosen:
         return mlmodel
 
-    def op_config(bits: int) -> object:  # weight_threshold 1: the predicate, not the size, decides
+    def op_config(fmt: WeightFormat) -> object:  # weight_threshold 1: the scheme, not the size, decides
         if scheme.coreml == "palette4":
             return cto.OpPalettizerConfig(mode="custom", lut_function=kmeans_lut, granularity="per_grouped_channel",
                                           group_size=PALETTE_GROUP, weight_threshold=1)
-        if bits == 8:
+        if fmt.bits == 8:
             return cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
                                                weight_threshold=1)
         return cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block",
-                                           block_size=INT4_BLOCK, weight_threshold=1)
+                                           block_size=fmt.block_size, weight_threshold=1)
 
-    config = cto.OptimizationConfig(op_name_configs={const: op_config(bits) for const, bits in chosen.items()})
+    config = cto.OptimizationConfig(op_name_configs={const: op_config(fmt) for const, fmt in chosen.items()})
     if scheme.coreml == "palette4":
         return cto.palettize_weights(mlmodel, config)
-    return cto.linear_quantize_weights(mlmodel, config)
+    from coremltools.models import utils as model_utils
+
+    return model_utils._apply_graph_pass(mlmodel, _full_range_int4_pass(config))
 
 
 # The vision tower's parameters as the fixed-size wrapper lifts them: `encoder.X.Y` -> `p_encoder_X_Y`.
@@ -124,5 +204,10 @@ def vision_weight_constants(mlmodel, cfg: VisionConfig) -> dict[str, str]:  # no
 
 def compress_vision_weights(mlmodel, scheme: Scheme, cfg: VisionConfig):  # noqa: ANN001, ANN201
     """The scheme's compression of a converted vision function, under the vision predicate."""
-    chosen = {const: scheme.vision_bits_for(param) for const, param in vision_weight_constants(mlmodel, cfg).items()}
-    return _compress(mlmodel, scheme, {const: bits for const, bits in chosen.items() if bits})
+    from graphs.vision import vision_parameter_shapes
+
+    shapes = vision_parameter_shapes(cfg)
+    chosen = {const: _coreml_storage(scheme, scheme.vision_weight_format(param, QuantOptions(INT4_BLOCK)),
+                                     tuple(shapes[param]))
+              for const, param in vision_weight_constants(mlmodel, cfg).items()}
+    return _compress(mlmodel, scheme, {const: fmt for const, fmt in chosen.items() if fmt})

@@ -1,11 +1,12 @@
 """Block-wise int4/int8 weights for an exported ONNX decoder: a graph transform.
 
-Which weights, and how: the scheme's `weight_format` (quant/schemes.py, built on the predicate every
+Which weights, in which format: the scheme's `weight_format` (quant/schemes.py, the one answer every
 format shares), asked with the parameter of the module path the torch exporter records on every
-node. Those MatMuls become `MatMulNBits`; everything else stays float, and the recurrent state is
-untouched (fp32). Packing uses ONNX Runtime's own block quantizers, so the bytes are exactly what its
-kernels expect. A weight in memory is packed here; a streamed one (exporter/onnx/streamed.py) brings
-its own packed tensors, filled block by block when the weights are written.
+node; its block defaults to `--block-size`. Those MatMuls become `MatMulNBits` with that format's
+bits and block; everything else stays float, and the recurrent state is untouched (fp32). Packing
+uses ONNX Runtime's own block quantizers, so the bytes are exactly what its kernels expect. A weight
+in memory is packed here; a streamed one (exporter/onnx/streamed.py) brings its own packed tensors,
+filled block by block when the weights are written.
 The token embedding becomes `GatherBlockQuantized`; with tied embeddings it reads the LM head's
 quantized bytes (same layout: [vocab, hidden] blocked along hidden), so the embedding is stored once.
 """
@@ -52,6 +53,14 @@ def packed_shapes(k: int, n: int, fmt: WeightFormat, dtype: np.dtype) -> dict[st
     return {"data": ((n, k_blocks, fmt.block_size * fmt.bits // 8), np.dtype(np.uint8)),
             "scales": ((n, k_blocks), np.dtype(dtype)),
             "zero_points": ((n, -(-k_blocks * fmt.bits // 8)), np.dtype(np.uint8))}
+
+
+def packed_bytes(k: int, n: int, fmt: WeightFormat, scale_dtype: np.dtype = np.dtype(np.float32)) -> int:
+    """Bytes of a [K, N] weight in MatMulNBits layout, as `pack_blockwise` writes it (scales fp32 in
+    fp32 graphs; zero points only when asymmetric)."""
+    parts = ("data", "scales") if fmt.symmetric else PARTS
+    return sum(int(np.prod(shape)) * dtype.itemsize
+               for shape, dtype in (packed_shapes(k, n, fmt, scale_dtype)[part] for part in parts))
 
 
 def pack_blockwise(weight: np.ndarray, fmt: WeightFormat) -> PackedWeight:

@@ -2,7 +2,7 @@
 
 A scheme is an activation (compute) dtype plus an optional weight compression, with a quality gate.
 Which weights a scheme compresses is decided by one predicate on the parameter name,
-`is_compressed`, for every format. File suffixes follow the onnx-community convention, so clients
+`is_compressed` (its weight family, `family_of`), for every format. File suffixes follow the onnx-community convention, so clients
 that know it pick the files by name.
 
     name    activations  weights                         ONNX               Core ML
@@ -12,10 +12,16 @@ that know it pick the files by name.
     q4      float32      int4                            MatMulNBits 4-bit  int4 per block of 32
     q4f16   float16      int4                            MatMulNBits 4-bit  int4 per block of 32
     p4      float16      4-bit palette (16-entry LUT)    -                  k-means LUT per 16 channels
+    q4mix   float32      int4/int8 per family (recipe)   MatMulNBits 4/8    int4 per block / int8 per channel
+
+A scheme's `recipe` gives some weight families another format than its default (`q4mix`: measured
+by exporter/bench/sensitivity.py, results in BENCHMARKS.md); `weight_format` is the one answer both
+exporters ask, and each export records the answer per family in its manifest (`weight_formats`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from graphs.errors import QwenEdgeError
@@ -23,21 +29,32 @@ from graphs.errors import QwenEdgeError
 # Every large projection, by its module name; with the LM head and the token embedding these are
 # the compressed weights. The small ones (in_proj_a, in_proj_b), norms, the conv, A_log and dt_bias
 # stay float in every scheme, and the recurrent state stays fp32.
-LARGE_PROJECTIONS = frozenset({
+DECODER_PROJECTIONS = (
     "in_proj_qkv", "in_proj_z", "out_proj",  # Gated DeltaNet
     "q_proj", "k_proj", "v_proj", "o_proj",  # gated attention
     "gate_proj", "up_proj", "down_proj",  # MLP
-    "fc",  # the MTP head's input projection (mtp.fc, [hidden, 2·hidden])
-})
+)
+LARGE_PROJECTIONS = (*DECODER_PROJECTIONS, "fc")  # and the MTP head's input projection (mtp.fc, [hidden, 2·hidden])
 EMBEDDING_AND_HEAD = frozenset({"embed_tokens.weight", "lm_head.weight"})
+# The units a recipe assigns storage formats to: the LM head with the token embedding (one table when
+# tied, so one format for both) and each large projection by its module name, in every layer.
+HEAD_FAMILY = "lm_head"
+FAMILIES = (HEAD_FAMILY, *DECODER_PROJECTIONS)  # what recipes name; the MTP head's fc takes the default
+
+
+def family_of(param: str) -> str | None:
+    """The family of a decoder parameter (e.g. `layers.3.mlp.up_proj.weight` -> `up_proj`), or None
+    for a weight no scheme compresses."""
+    if param in EMBEDDING_AND_HEAD:
+        return HEAD_FAMILY
+    module, _, leaf = param.rpartition(".")
+    name = module.rsplit(".", 1)[-1]
+    return name if leaf == "weight" and name in LARGE_PROJECTIONS else None
 
 
 def is_compressed(param: str) -> bool:
-    """Does a scheme with weight compression compress this decoder parameter (e.g. `layers.3.mlp.up_proj.weight`)?"""
-    if param in EMBEDDING_AND_HEAD:
-        return True
-    module, _, leaf = param.rpartition(".")
-    return leaf == "weight" and module.rsplit(".", 1)[-1] in LARGE_PROJECTIONS
+    """Does a scheme with weight compression compress this decoder parameter?"""
+    return family_of(param) is not None
 
 
 # The vision tower's large matmuls (graphs/vision.py): attention qkv and output, the block MLPs and
@@ -60,11 +77,16 @@ VISION_FALLBACK_BITS = 8
 
 @dataclass(frozen=True)
 class WeightFormat:
-    """How one compressed tensor is stored: integer bits, block size along the input dimension, symmetry."""
+    """How one compressed weight is stored: integer bits, the block of input channels sharing a scale,
+    and symmetry. In a recipe the block may be None (the export's default, `--block-size` for ONNX;
+    Core ML stores int8 per output channel) and the symmetry is the export's (`weight_format` sets both)."""
 
     bits: int
-    block_size: int
-    symmetric: bool
+    block_size: int | None = None
+    symmetric: bool = True
+
+    def __str__(self) -> str:
+        return f"int{self.bits}" + (f"/b{self.block_size}" if self.block_size else "")
 
 
 @dataclass(frozen=True)
@@ -86,16 +108,45 @@ class Scheme:
     doc: str
     onnx: bool  # the ONNX exporter writes it
     coreml: str  # how Core ML stores the compressed weights (the manifest's "weights")
+    # Per-family formats where they differ from `weight_bits` at the default block (None: stays float).
+    recipe: tuple[tuple[str, WeightFormat | None], ...] = ()
+    coreml_gate: QualityGate | None = None  # Core ML's gate where it differs from `gate`
+
+    def __post_init__(self) -> None:
+        unknown = [family for family, _ in self.recipe if family not in FAMILIES]
+        if unknown:
+            raise ValueError(f"scheme {self.name}: unknown recipe families {unknown}; use {', '.join(FAMILIES)}")
+
+    def weight_format(self, param: str, opts: QuantOptions) -> WeightFormat | None:
+        """The one answer, for every format and every writer (in memory or streamed), to how a decoder
+        parameter is stored: its format (the recipe's block, else `opts.block_size`, the format's
+        default; `opts.symmetric`), or None when it stays float."""
+        family = family_of(param)
+        if not self.weight_bits or family is None:
+            return None
+        chosen = dict(self.recipe).get(family, WeightFormat(self.weight_bits))
+        if chosen is None:
+            return None
+        return WeightFormat(chosen.bits, chosen.block_size or opts.block_size, opts.symmetric)
+
+    def family_formats(self, params: Iterable[str], opts: QuantOptions) -> dict[str, dict | None]:
+        """{family: {"bits", "block_size"} or None (float)} for the families among `params`: what an
+        export's manifest records."""
+        formats = {}
+        for param in params:
+            if (family := family_of(param)) is not None:
+                fmt = self.weight_format(param, opts)
+                formats[family] = None if fmt is None else {"bits": fmt.bits, "block_size": fmt.block_size}
+        return {family: formats[family] for family in FAMILIES if family in formats}
 
     def bits_for(self, param: str) -> int | None:
         """Stored bits of one decoder parameter's compressed weight, or None when it stays float."""
-        return self.weight_bits if self.weight_bits and is_compressed(param) else None
+        fmt = self.weight_format(param, QuantOptions())
+        return fmt.bits if fmt else None
 
-    def weight_format(self, param: str, opts: "QuantOptions") -> WeightFormat | None:
-        """How the ONNX export stores one decoder parameter (None: float). Every ONNX writer, in memory
-        or streamed, asks this one function, so a per-tensor recipe changes here only."""
-        bits = self.bits_for(param)
-        return None if bits is None else WeightFormat(bits, opts.block_size, opts.symmetric)
+    def gate_for(self, fmt: str) -> QualityGate:
+        """The default gate of this scheme's variants in `fmt` ("onnx" | "coreml")."""
+        return self.coreml_gate if fmt == "coreml" and self.coreml_gate else self.gate
 
     @property
     def files(self) -> tuple[str, str]:
@@ -149,6 +200,14 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("p4", "_p4", "float16", 4, QualityGate(0.90, 0.1, 0.05),
                "4-bit palettization (16-entry k-means LUT per group of 16 output channels), fp16 compute",
                False, "palette4"),
+        # Measured (BENCHMARKS.md, "Int4 sensitivity"): the LM head with the tied embedding carries most of
+        # int4's loss (alone at block 32: KL 1.9e-3 of q4's 2.2e-3; at block 128 it fails the gate alone),
+        # the projections cost little at block 128. Cheapest candidate that meets the q4 gate: 423 MB of
+        # compressed weights on the 0.8B shape against 470 MB for q4.
+        Scheme("q4mix", "_q4mix", "float32", 4, QualityGate(0.90, 0.1, 0.05),
+               "int4: LM head and embedding in blocks of 32, every projection in blocks of 128", True, "int4-mixed",
+               recipe=((HEAD_FAMILY, WeightFormat(4, 32)),
+                       *((family, WeightFormat(4, 128)) for family in LARGE_PROJECTIONS))),
     )
 }
 BLOCK_SIZES = (32, 64, 128)
@@ -189,8 +248,8 @@ class GateOverrides:
 
     values: dict[str, dict[str, float]] = field(default_factory=dict)
 
-    def gate_for(self, scheme: Scheme) -> QualityGate:
-        base = scheme.gate
+    def gate_for(self, scheme: Scheme, fmt: str = "onnx") -> QualityGate:
+        base = scheme.gate_for(fmt)
         over = self.values.get(scheme.name, {})
         return QualityGate(over.get("min_top1", base.min_top1), over.get("max_kl", base.max_kl),
                            over.get("max_ppl_increase", base.max_ppl_increase))

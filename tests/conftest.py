@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import copy
-import json
 import os
-import shutil
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as exporter/cli.py: before NumPy loads
+
+import copy  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -168,13 +171,14 @@ def default_checkpoint() -> Path:
 
 
 ALL_SCHEMES = "fp32,fp16,q8,q4,q4f16"
+DEFAULT_VARIANTS = ALL_SCHEMES + ",q4mix"  # and the mixed recipe, held to the q4 gate on the trained model
 
 
 @pytest.fixture(scope="session")
 def default_all_variants(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model in every scheme, written by one export call (standard ops: the Android test converts them)."""
     return built_once(tmp_path_factory, "variants", lambda root: export_onnx(
-        "default", root / "export", ALL_SCHEMES, OnnxOptions("standard"), progress=False))
+        "default", root / "export", DEFAULT_VARIANTS, OnnxOptions("standard"), progress=False))
 
 
 @pytest.fixture(scope="session")

@@ -221,3 +221,29 @@ def test_cli_verify_coreml(default_coreml: Path, tmp_path: Path):
     assert "prefill:" in result.output and "PASS" in result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report["package"]["functions"]) == {"prefill", "decode"}
+
+
+def test_quality_gates_through_the_interpreter(default_coreml: Path, tmp_path: Path):
+    """`verify --format coreml OUT --against REF`: q4 holds its default gate on held-out text, run token
+    by token through the MIL interpreter; an impossible gate (fp32 top-1 above 100 %) fails the command.
+    256 tokens keep it fast; BENCHMARKS.md has every option on 1,024."""
+    import xml.etree.ElementTree as ET
+
+    json_path, junit_path = tmp_path / "q.json", tmp_path / "q.xml"
+    result = CliRunner().invoke(main, ["verify", "--format", "coreml", str(default_coreml), "--against", "default",
+                                       "--tokens", "256", "--gate", "fp32.min_top1=1.01",
+                                       "--json", str(json_path), "--junit", str(junit_path)])
+    assert result.exit_code == 1, result.output
+    report = json.loads(json_path.read_text())
+    assert report["format"] == "coreml" and report["runner"] == "mil"
+    by_name = {v["variant"]: v for v in report["variants"]}
+    assert by_name["q4"]["passed"], by_name["q4"]
+    assert by_name["q4"]["gate"] == vars(SCHEMES["q4"].gate_for("coreml"))
+    assert by_name["fp32"]["failures"] == ["top-1 agreement 100.00% < 101.00%"]
+    assert by_name["fp32"]["mean_kl"] < 1e-6 and by_name["q4"]["mean_kl"] > by_name["fp32"]["mean_kl"]
+    assert [f.get("message").split()[-1] for f in ET.parse(junit_path).getroot().findall(".//failure")] == ["1.01"]
+
+
+def test_quality_of_an_onnx_export_asks_for_the_right_format(default_coreml: Path):
+    result = CliRunner().invoke(main, ["verify", str(default_coreml), "--against", "default"])
+    assert result.exit_code == 1 and "add --format coreml" in result.output

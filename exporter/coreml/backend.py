@@ -39,7 +39,7 @@ from graphs.errors import QwenEdgeError
 from graphs.recurrent_ops import MATMUL_ONLY
 from graphs.state import state_tensors
 from graphs.vision import VisionEncoder
-from quant.coreml_weights import compress_weights
+from quant.coreml_weights import compress_weights, family_formats
 from quant.schemes import Scheme
 from runtime_py.export_format import COREML_MIN_DEPLOYMENT
 
@@ -134,7 +134,10 @@ class CoreMLBackend:
         shutil.rmtree(parts_dir)
         converted["vision"] = vision
         record = {"package": scheme.coreml_package, "compute_precision": scheme.activations, "weights": scheme.coreml,
-                  "weight_bits": scheme.stored_bits, "bytes_on_disk": files_bytes(folder, [scheme.coreml_package])}
+                  "weight_bits": scheme.stored_bits}
+        if scheme.weight_bits:
+            record["weight_formats"] = family_formats(scheme, self.cfg)
+        record["bytes_on_disk"] = files_bytes(folder, [scheme.coreml_package])
         if vision:
             package = write_vision_package(vision, scheme, self.vision.cfg, folder)
             record.update(vision_package=package, vision_bytes_on_disk=files_bytes(folder, [package]))
@@ -192,9 +195,28 @@ def convert_function(step: CoreMLStep, tokens: int, compute: str):  # noqa: ANN2
     outputs = [ct.TensorType(name="logits", dtype=np.float32)]
     if step.recurrent_io:
         outputs.append(ct.TensorType(name="recurrent_out", dtype=np.float32))
-    precision = ct.precision.FLOAT16 if compute == "float16" else ct.precision.FLOAT32
+    precision = ct.precision.FLOAT32
+    if compute == "float16":
+        precision = ct.transform.FP16ComputePrecision(op_selector=lambda op: not in_norm_statistic(op))
     return ct.convert(program, outputs=outputs, minimum_deployment_target=ct.target.iOS18,
                       compute_precision=precision, convert_to="mlprogram", skip_model_load=True)
+
+
+# Ops that may carry a norm's sum of squares: from a square through its reduction, + eps and rsqrt.
+_STATISTIC_OPS = ("reduce_mean", "reduce_sum", "add", "rsqrt", "sqrt", "real_div")
+
+
+def in_norm_statistic(op) -> bool:  # noqa: ANN001
+    """Is this op part of a norm's sum of squares (x², its mean or sum, + eps, rsqrt)? Those stay fp32
+    in fp16-compute packages: x² overflows fp16 above |x| = 256, and the default model's final norm
+    already sees |x| = 316 (real checkpoints more), which turned its output to zero. The decoder
+    computes its norms in fp32; coremltools' fp16 pass would otherwise drop those casts."""
+    kind = op.op_type
+    if kind == "pow" or (kind == "mul" and op.inputs.get("x") is op.inputs.get("y")):
+        return True
+    if kind not in _STATISTIC_OPS:
+        return False
+    return any(getattr(v, "op", None) is not None and in_norm_statistic(v.op) for v in op.inputs.values())
 
 
 def merge_functions(parts: dict[str, Path], out: Path) -> None:

@@ -191,28 +191,34 @@ class CoreMLPredictor:
         return self.models[function].predict(feeds, state=self.state)
 
 
+def coreml_runner(export_dir: Path, variant: str, runner: str = "mil") -> CoreMLRunner:
+    """One Core ML variant of an export as a sequence runner (exporter/verify/runners.py): its package
+    run by the NumPy MIL interpreter ("mil") or by Core ML ("coreml", macOS), driven as an app drives it."""
+    manifest = read_manifest(export_dir)
+    if manifest.get("format") != "coreml":
+        raise QwenEdgeError(f"{export_dir}: not a Core ML export (format {manifest.get('format')!r}); "
+                            "export with --format coreml")
+    package = Path(export_dir) / variant_record(export_dir, variant)["package"]
+    target = InterpretedPackage(package) if runner == "mil" else CoreMLPredictor(package)
+    inputs = manifest["functions"]["decode"]["inputs"]
+    io_shape = tuple(inputs["recurrent_in"]) if manifest["recurrent_state"] == "io" else None
+    return CoreMLRunner(target.call, target.reset, manifest["prefill_chunk"], manifest["context_capacity"], io_shape)
+
+
 def verify_coreml(checkpoint: str | Path, export_dir: Path, variant: str = "fp32",
                   prompt_lengths: tuple[int, ...] = COREML_PROMPT_LENGTHS, decode_steps: int = 32,
                   rtol: float | None = None, runner: str = "mil") -> tuple[VerifyReport, PackageSpec]:
     """Parity of one Core ML variant against the PyTorch reference (exporter/verify/parity.py)."""
     from graphs.checkpoint import open_checkpoint
 
-    manifest = read_manifest(export_dir)
-    if manifest.get("format") != "coreml":
-        raise QwenEdgeError(f"{export_dir}: not a Core ML export (format {manifest.get('format')!r}); "
-                            "export with --format coreml")
+    target = coreml_runner(export_dir, variant, runner)
     record = variant_record(export_dir, variant)
-    package = Path(export_dir) / record["package"]
-    package_spec = read_package_spec(package)
+    package_spec = read_package_spec(Path(export_dir) / record["package"])
     if rtol is None:
         rtol = DEFAULT_RTOL[record["compute_precision"]]
-    target = InterpretedPackage(package) if runner == "mil" else CoreMLPredictor(package)
     ck = open_checkpoint(resolve_checkpoint(checkpoint))
-    inputs = manifest["functions"]["decode"]["inputs"]
-    io_shape = tuple(inputs["recurrent_in"]) if manifest["recurrent_state"] == "io" else None
-    runner = CoreMLRunner(target.call, target.reset, manifest["prefill_chunk"], manifest["context_capacity"], io_shape)
     prompts = [prompt_ids(length, ck.config.vocab_size, seed=n) for n, length in enumerate(prompt_lengths)]
-    reports = teacher_forced(LayerwiseReference(ck), runner, prompts, decode_steps, rtol)
+    reports = teacher_forced(LayerwiseReference(ck), target, prompts, decode_steps, rtol)
     return VerifyReport(str(checkpoint), str(export_dir), rtol, decode_steps, reports), package_spec
 
 

@@ -11,6 +11,7 @@ QwenEdgeError naming it, never skipped.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,8 +21,20 @@ Op = object  # a coremltools pymil Operation
 Handler = Callable[[dict], object]
 
 
+# fp32 copies of the program's fp16 constants (weights, decoded weights), made once: {id: (array, copy)}
+_CONSTANT_F32: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
 def _f32(x: np.ndarray) -> np.ndarray:
+    if id(x) in _CONSTANT_F32:
+        return _CONSTANT_F32[id(x)][1]
     return np.asarray(x, dtype=np.float32) if np.asarray(x).dtype == np.float16 else np.asarray(x)
+
+
+def _register_constant(x: object) -> None:
+    """Widen an fp16 constant once (op results are cast to their declared dtype, so it computes the same)."""
+    if isinstance(x, np.ndarray) and x.dtype == np.float16 and x.size >= 1024:
+        _CONSTANT_F32[id(x)] = (x, x.astype(np.float32))
 
 
 def _axes(axes: object, rank: int) -> tuple[int, ...] | None:
@@ -126,7 +139,8 @@ def _matmul(a: dict) -> np.ndarray:
 
 
 def _linear(a: dict) -> np.ndarray:
-    out = np.matmul(_f32(a["x"]), _f32(a["weight"]).T)
+    x, w = _f32(a["x"]), _f32(a["weight"])
+    out = (x.reshape(-1, x.shape[-1]) @ w.T).reshape(*x.shape[:-1], w.shape[0])  # 2-D: NumPy's BLAS path
     return out + _f32(a["bias"]) if a.get("bias") is not None else out
 
 
@@ -302,59 +316,109 @@ def np_dtype(var: object) -> np.dtype:
     return builtin_np_dtype(var.dtype)
 
 
+@dataclass(frozen=True)
+class _Step:
+    """One op of a function, its inputs and outputs resolved once (pymil attribute access is slow)."""
+
+    kind: str
+    name: str
+    handler: Handler | None
+    inputs: dict[str, object]  # input name -> _Ref, or a list of them
+    outputs: tuple[tuple[str, tuple[int | None, ...], np.dtype], ...]  # (name, declared shape, dtype)
+    cache_key: int  # id of the op: constexpr results are cached under it
+
+
+@dataclass(frozen=True)
+class _Ref:
+    name: str
+    computed: bool  # a function input or an op's output (else a constant: `value`)
+    value: object = None
+
+
+def _compile(function: object) -> tuple[list[_Step], dict[str, np.dtype], list[tuple[str, object]]]:
+    """(steps, input dtypes, outputs as (name, constant value)) of a MIL function."""
+    computed = set(function.inputs)
+    steps = []
+
+    def ref(var: object) -> object:
+        if isinstance(var, (list, tuple)):
+            return [ref(v) for v in var]
+        if var.name in computed:
+            return _Ref(var.name, True)
+        _register_constant(var.val)
+        return _Ref(var.name, False, var.val)
+
+    for op in function.operations:
+        if op.op_type == "const":
+            continue
+        inputs = {k: ref(v) for k, v in op.inputs.items()}
+        outputs = tuple((var.name, tuple(d if isinstance(d, (int, np.integer)) else None for d in var.shape),
+                         np_dtype(var)) for var in op.outputs)
+        steps.append(_Step(op.op_type, op.name, HANDLERS.get(op.op_type), inputs, outputs, id(op)))
+        computed.update(var.name for var in op.outputs)
+    input_dtypes = {name: np_dtype(var) for name, var in function.inputs.items()}
+    return steps, input_dtypes, [(var.name, var.val) for var in function.outputs]
+
+
+_PLANS: dict[int, tuple[object, tuple]] = {}  # id(function) -> (function, its compiled form)
+
+
 def run_function(function: object, feeds: dict[str, np.ndarray], states: dict[str, np.ndarray],
                  constants: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
     """Execute one MIL function. `states` is read and updated in place; `constants` caches decoded
     weights across calls (keyed by op identity)."""
+    if id(function) not in _PLANS or _PLANS[id(function)][0] is not function:
+        _PLANS[id(function)] = (function, _compile(function))
+    steps, input_dtypes, outputs = _PLANS[id(function)][1]
     env: dict[str, object] = {}
-    for name, placeholder in function.inputs.items():
+    for name, dtype in input_dtypes.items():
         if name in states:
             continue
         if name not in feeds:
             raise QwenEdgeError(f"MIL interpreter: input {name!r} was not given")
-        env[name] = np.asarray(feeds[name]).astype(np_dtype(placeholder), copy=False)
+        env[name] = np.asarray(feeds[name]).astype(dtype, copy=False)
 
-    def value(var: object) -> object:
-        if isinstance(var, (list, tuple)):
-            return [value(v) for v in var]
-        if var.name in env:
-            return env[var.name]
-        if var.val is not None:
-            return var.val
-        raise QwenEdgeError(f"MIL interpreter: value {var.name!r} used before it was computed")
+    def value(r: object) -> object:
+        if isinstance(r, list):
+            return [value(v) for v in r]
+        if not r.computed:
+            if r.value is None:
+                raise QwenEdgeError(f"MIL interpreter: value {r.name!r} has no value")
+            return r.value
+        if r.name not in env:
+            raise QwenEdgeError(f"MIL interpreter: value {r.name!r} used before it was computed")
+        return env[r.name]
 
-    for op in function.operations:
-        kind = op.op_type
-        if kind == "const":
-            continue
+    for step in steps:
+        kind = step.kind
         if kind == "read_state":
-            env[op.outputs[0].name] = states[op.inputs["input"].name]
+            env[step.outputs[0][0]] = states[step.inputs["input"].name]
             continue
         if kind == "coreml_update_state":
-            new = np.asarray(value(op.inputs["value"])).astype(states[op.inputs["state"].name].dtype)
-            states[op.inputs["state"].name] = new
-            env[op.outputs[0].name] = new
+            state = step.inputs["state"].name
+            new = np.asarray(value(step.inputs["value"])).astype(states[state].dtype)
+            states[state] = new
+            env[step.outputs[0][0]] = new
             continue
-        handler = HANDLERS.get(kind)
-        if handler is None:
-            raise QwenEdgeError(f"MIL interpreter: op type {kind!r} (op {op.name!r}) is not implemented; "
+        if step.handler is None:
+            raise QwenEdgeError(f"MIL interpreter: op type {kind!r} (op {step.name!r}) is not implemented; "
                                 "add it to exporter/coreml/mil_interpreter.py")
-        if kind.startswith("constexpr_") and id(op) in constants:
-            results = [constants[id(op)]]
+        if kind.startswith("constexpr_") and step.cache_key in constants:
+            results = [constants[step.cache_key]]
         else:
-            args = {k: value(v) for k, v in op.inputs.items()}
-            out = handler(args)
+            args = {k: value(v) for k, v in step.inputs.items()}
+            out = step.handler(args)
             results = out if isinstance(out, list) else [out]
             if kind.startswith("constexpr_"):
-                constants[id(op)] = results[0] = np.asarray(results[0]).astype(np_dtype(op.outputs[0]))
-        for var, result in zip(op.outputs, results):
+                constants[step.cache_key] = results[0] = np.asarray(results[0]).astype(step.outputs[0][2])
+                _register_constant(results[0])
+        for (name, declared, dtype), result in zip(step.outputs, results):
             result = np.asarray(result)
-            declared = tuple(d if isinstance(d, (int, np.integer)) else None for d in var.shape)
             if kind == "reshape":
                 result = result.reshape([-1 if d is None else d for d in declared] if declared.count(None) <= 1
                                         else [int(d) for d in args["shape"]])
             elif len(result.shape) != len(declared) or any(d is not None and d != r for d, r in zip(declared, result.shape)):
-                raise QwenEdgeError(f"MIL interpreter: {kind} {op.name!r} gave shape {result.shape}, "
-                                    f"the program declares {tuple(var.shape)}")
-            env[var.name] = result.astype(np_dtype(var), copy=False)
-    return {var.name: env[var.name] if var.name in env else var.val for var in function.outputs}
+                raise QwenEdgeError(f"MIL interpreter: {kind} {step.name!r} gave shape {result.shape}, "
+                                    f"the program declares {declared}")
+            env[name] = result.astype(dtype, copy=False)
+    return {name: env[name] if name in env else val for name, val in outputs}

@@ -39,7 +39,7 @@ from exporter.onnx.trace import (StreamedWeights, name_nodes_and_strip_trace_met
 from exporter.onnx.vision import FLOAT_NAME as VISION_FLOAT, trace_vision, write_vision_variant
 from exporter.pipeline import files_bytes
 from exporter.progress import Stages
-from graphs.checkpoint import Checkpoint, is_placeholder
+from graphs.checkpoint import Checkpoint, expected_shapes, is_placeholder
 from graphs.config import TextConfig
 from graphs.errors import QwenEdgeError
 from graphs.mtp import MTPDraftStep
@@ -151,7 +151,7 @@ class OnnxBackend:
         head = quantize_projections(decoder, scheme, self.options.quant) if scheme.weight_bits else None
         name_nodes_and_strip_trace_metadata(decoder)
         decoder_path = save_graph(decoder, folder / decoder_name, self.sinks)
-        if scheme.weight_bits is None:
+        if scheme.weight_format("embed_tokens.weight", self.options.quant) is None:  # float, or a float table
             embed = traced.embed.clone()
             name_nodes_and_strip_trace_metadata(embed)
             save_graph(embed, folder / embed_name, self.sinks)
@@ -163,7 +163,7 @@ class OnnxBackend:
                 quantize_projections(mtp, scheme, self.options.quant)
             name_nodes_and_strip_trace_metadata(mtp)
             save_graph(mtp, folder / scheme.mtp_file, self.sinks)
-        record = _variant_record(scheme, self.options.quant, folder)
+        record = _variant_record(scheme, self.options.quant, folder, self.cfg)
         if traced.vision_dir is not None:
             patch_dim = self.checkpoint.vision.patch_dim
             record.update(write_vision_variant(traced.vision_dir, scheme, folder, self.options.quant, patch_dim))
@@ -235,7 +235,7 @@ def _share_lm_head_bytes(embed: onnx.ModelProto, decoder_path: Path, head: Quant
         set_external(tensor, info["location"], int(info.get("offset", 0)), int(info["length"]))
 
 
-def _variant_record(scheme: Scheme, quant: QuantOptions, root: Path) -> dict:
+def _variant_record(scheme: Scheme, quant: QuantOptions, root: Path, cfg: TextConfig) -> dict:
     embed, decoder = scheme.files
     mtp = {"mtp": scheme.mtp_file} if (root / scheme.mtp_file).is_file() else {}
     record = {"embed_tokens": embed, "decoder": decoder, **mtp,
@@ -243,7 +243,8 @@ def _variant_record(scheme: Scheme, quant: QuantOptions, root: Path) -> dict:
               "opset_imports": opset_imports(onnx.load(str(root / decoder), load_external_data=False))}
     if scheme.weight_bits:
         record.update(weight_bits=scheme.weight_bits, block_size=quant.block_size, symmetric=quant.symmetric,
-                      accuracy_level=quant.accuracy_level)
+                      accuracy_level=quant.accuracy_level,
+                      weight_formats=scheme.family_formats(expected_shapes(cfg), quant))
     return record
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from exporter.atomic import atomic_output_dir, check_destination
 from exporter.onnx.forms import CONTRIB_DOMAIN
-from exporter.package.manifest import BUNDLE_FORMAT, BUNDLE_MANIFEST, derived_fields, file_records
+from exporter.package.manifest import BUNDLE_FORMAT, BUNDLE_MANIFEST, derived_fields, file_records, quantization_claim
 from exporter.package.verify import bundle_entries
 from graphs.config import load_text_config
 from graphs.errors import QwenEdgeError
@@ -178,9 +178,7 @@ def _manifest(export_dir: Path, root: Path, export: dict, target: str, names: li
     files, _, _ = bundle_entries(root)
     files = [f for f in files if f != BUNDLE_MANIFEST]
     derived = derived_fields(root, [f for f in files if f.endswith(".onnx")], "coreml" in details)
-    quant_keys = ("activations", "weight_bits", "block_size", "symmetric", "accuracy_level")
-    variants = {n: {"quantization": {k: export["variants"][n][k] for k in quant_keys if k in export["variants"][n]},
-                    **details["graphs"][n]} for n in names}
+    variants = {n: {"quantization": quantization_claim(export["variants"][n]), **details["graphs"][n]} for n in names}
     manifest = {
         "bundle_format": BUNDLE_FORMAT,
         "target": target,

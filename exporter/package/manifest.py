@@ -108,6 +108,19 @@ def quantization_of(model: onnx.ModelProto) -> dict:
     return {k: next(iter(v)) if len(v) == 1 else sorted(v, key=str) for k, v in found.items() if v}
 
 
+def quantization_claim(record: dict) -> dict:
+    """A bundle variant's `quantization`, from its ONNX export record: a recipe with several formats
+    (`weight_formats`, quant/schemes.py) claims every bits and block size its MatMulNBits nodes use,
+    as `quantization_of` reads them (the record's `block_size` is only the default block)."""
+    claim = {k: record[k] for k in QUANT_KEYS if k in record}
+    formats = [f for f in record.get("weight_formats", {}).values() if f]
+    for key, field in (("weight_bits", "bits"), ("block_size", "block_size")):
+        values = sorted({f[field] for f in formats}, key=str)  # as quantization_of orders them
+        if values and key in claim:
+            claim[key] = values[0] if len(values) == 1 else values
+    return claim
+
+
 def activations_of(model: onnx.ModelProto, cfg: TextConfig) -> str | None:
     """The activation dtype a graph computes in: that of its state inputs held in the activation dtype
     (graphs/state.py; logits are float32 in every variant)."""

@@ -2,7 +2,7 @@
 
     parity   CHECKPOINT EXPORT            PyTorch reference vs an ONNX variant (exporter/verify/parity.py)
     Core ML  --format coreml CHECKPOINT EXPORT   the same loop through the MIL interpreter or Core ML
-    quality  EXPORT --against REF          every variant vs a float export or checkpoint (quality.py)
+    quality  [--format coreml] EXPORT --against REF   every variant vs a float export or checkpoint (quality.py)
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class VerifyOutcome:
 
 def run_verify(request: VerifyRequest) -> VerifyOutcome:
     if request.against is not None:
-        if len(request.paths) != 1 or request.fmt != "onnx":
+        if len(request.paths) != 1:
             raise QwenEdgeError("give EXPORT alone with --against REF (quality), or CHECKPOINT and EXPORT (parity)")
         return _quality(request)
     if len(request.paths) != 2:
@@ -109,8 +109,18 @@ def _coreml_parity(request: VerifyRequest) -> VerifyOutcome:
 def _quality(request: VerifyRequest) -> VerifyOutcome:
     from exporter.verify.quality import format_quality, measure_quality
     from quant.schemes import GateOverrides
+    from runtime_py.export_format import read_manifest
 
-    report = measure_quality(request.paths[0], resolve_checkpoint(request.against),
+    export = request.paths[0]
+    fmt = read_manifest(export).get("format", "onnx")
+    if fmt != request.fmt:
+        raise QwenEdgeError(f"{export} is a{' Core ML' if fmt == 'coreml' else 'n ONNX'} export; "
+                            f"{'add --format coreml' if fmt == 'coreml' else 'drop --format coreml'} to score it")
+    if fmt == "coreml":
+        from exporter.coreml.backend import require_coremltools
+
+        require_coremltools("verify --format coreml")
+    report = measure_quality(export, resolve_checkpoint(request.against),
                              list(request.variants) if request.variants else None, request.text, request.tokens,
-                             gates=GateOverrides.parse(request.gates))
+                             gates=GateOverrides.parse(request.gates), runner=request.runner)
     return VerifyOutcome(format_quality(report), report.passed, report.to_dict(), report)

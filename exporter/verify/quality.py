@@ -3,8 +3,10 @@
 Per variant: top-1 agreement with the reference's next-token choice, mean KL(reference ‖ variant)
 over positions, perplexity of the true next tokens (and its change against the reference), and
 greedy-sequence agreement (the share of greedy tokens, from short prompts, produced before the
-first divergence). Variants run token by token, the decode path a phone app uses. Each scheme has
-a default gate (`quant/schemes.py`); a missed gate fails the run.
+first divergence). Variants run token by token, the decode path a phone app uses: ONNX variants
+through runtime_py, Core ML variants through the NumPy MIL interpreter (or Core ML on macOS) with
+the host logic an app mirrors (greedy prompts go through the chunked `prefill` function). Each
+scheme has a default gate per format (`quant/schemes.py`); a missed gate fails the run.
 """
 
 from __future__ import annotations
@@ -17,16 +19,19 @@ from pathlib import Path
 import numpy as np
 
 from default_model import HELDOUT_TEXT
-from exporter.verify.runners import ReferenceRunner, greedy_reference
+from exporter.verify.runners import ReferenceRunner, SequenceRunner, greedy_reference
+from exporter.verify.runners import greedy_tokens as greedy_continuation
 from graphs.checkpoint import open_checkpoint
 from graphs.errors import QwenEdgeError
 from quant.schemes import SCHEMES, GateOverrides, QualityGate
-from runtime_py.export_format import MANIFEST, export_variants
+from runtime_py.export_format import MANIFEST, export_variants, read_manifest
 from runtime_py.generate import generate
 from runtime_py.session import OnnxModel
 from runtime_py.tokenizer import TextTokenizer
+
 PositionLogits = Callable[[list[int]], np.ndarray]  # ids [T] -> logits [T, V] (row t predicts ids[t+1])
 Greedy = Callable[[list[int], int], list[int]]
+Scorer = tuple[PositionLogits, Greedy]
 
 
 @dataclass
@@ -90,6 +95,8 @@ class QualityReport:
     reference: str
     text: str
     variants: list[VariantQuality]
+    format: str = "onnx"  # of the scored export; Core ML variants ran through `runner`
+    runner: str = "onnxruntime"
 
     @property
     def passed(self) -> bool:
@@ -124,7 +131,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def _onnx_runner(model: OnnxModel) -> tuple[PositionLogits, Greedy]:
+def _onnx_runner(model: OnnxModel) -> Scorer:
     def logits(ids: list[int]) -> np.ndarray:
         state = model.new_state(1)
         if model.all_logits:
@@ -134,19 +141,38 @@ def _onnx_runner(model: OnnxModel) -> tuple[PositionLogits, Greedy]:
     return logits, lambda prompt, n: generate(model, prompt, n)
 
 
-def _checkpoint_runner(folder: Path) -> tuple[PositionLogits, Greedy]:
+def _sequence_scorer(runner: SequenceRunner) -> Scorer:
+    """A runner scored token by token (its decode function); greedy prompts go through its prefill."""
+    def logits(ids: list[int]) -> np.ndarray:
+        runner.start()
+        return np.concatenate([runner.decode(t) for t in ids])
+
+    return logits, lambda prompt, n: greedy_continuation(runner, prompt, n)
+
+
+def variant_scorer(export_dir: Path, variant: str, runner: str = "mil") -> Scorer:
+    """One variant of an export, ONNX or Core ML (`runner`: "mil" interpreter or "coreml" on macOS)."""
+    if read_manifest(export_dir).get("format") == "coreml":
+        from exporter.coreml.check import coreml_runner
+
+        return _sequence_scorer(coreml_runner(export_dir, variant, runner))
+    return _onnx_runner(OnnxModel(export_dir, variant))
+
+
+def checkpoint_scorer(folder: Path) -> Scorer:
+    """The PyTorch reference of a checkpoint folder."""
     model = open_checkpoint(folder).build_decoder()
     return (lambda ids: ReferenceRunner(model).forward(ids)), (lambda prompt, n: greedy_reference(model, prompt, n))
 
 
-def _reference(against: Path) -> tuple[PositionLogits, Greedy, str]:
-    """A float export (its fp32 variant, else its first) or a checkpoint (the PyTorch reference)."""
+def _reference(against: Path, runner: str) -> tuple[PositionLogits, Greedy, str]:
+    """A float export (its fp32 variant, else its first; ONNX or Core ML) or a checkpoint (the PyTorch reference)."""
     if (against / MANIFEST).is_file():
         names = export_variants(against)
         variant = "fp32" if "fp32" in names else names[0]
-        return (*_onnx_runner(OnnxModel(against, variant)), f"{against} ({variant})")
+        return (*variant_scorer(against, variant, runner), f"{against} ({variant})")
     if (against / "config.json").is_file():
-        return (*_checkpoint_runner(against), f"{against} (PyTorch reference)")
+        return (*checkpoint_scorer(against), f"{against} (PyTorch reference)")
     raise QwenEdgeError(f"--against {against}: neither an export folder ({MANIFEST}) nor a checkpoint (config.json)")
 
 
@@ -168,11 +194,14 @@ def measure_quality(
     greedy_tokens: int = 32,
     gates: GateOverrides = GateOverrides(),
     token_ids: list[int] | None = None,
+    runner: str = "mil",
 ) -> QualityReport:
-    """Score `variants` of `export_dir` against `against` on held-out text (or on `token_ids` directly)."""
+    """Score `variants` of `export_dir` (ONNX or Core ML) against `against` on held-out text (or on
+    `token_ids` directly), each held to its scheme's gate for that format."""
     text_path = text_path or HELDOUT_TEXT
     if token_ids is None and not text_path.is_file():
         raise QwenEdgeError(f"--text {text_path}: file not found; give a UTF-8 text file of held-out text")
+    fmt = read_manifest(export_dir).get("format", "onnx")
     names = variants or export_variants(export_dir)
     unknown = [v for v in names if v not in SCHEMES]
     if unknown:
@@ -180,34 +209,43 @@ def measure_quality(
     ids = (token_ids if token_ids is not None else TextTokenizer(export_dir).encode(text_path.read_text()))[:tokens]
     if len(ids) < 2 * window:
         raise QwenEdgeError(f"{text_path}: only {len(ids)} tokens; need at least {2 * window} of held-out text")
+    reference = _reference(against, runner)
+    scorers = {name: variant_scorer(export_dir, name, runner) for name in names}
+    results = score_variants(reference[:2], scorers, {n: gates.gate_for(SCHEMES[n], fmt) for n in names}, ids,
+                             window, greedy_prompts, greedy_tokens)
+    return QualityReport(str(export_dir), reference[2], "given token ids" if token_ids is not None else str(text_path),
+                         results, fmt, runner if fmt == "coreml" else "onnxruntime")
+
+
+def score_variants(reference: Scorer, scorers: dict[str, Scorer], gates: dict[str, QualityGate], ids: list[int],
+                   window: int = 128, greedy_prompts: int = 4, greedy_tokens: int = 32) -> list[VariantQuality]:
+    """Each scorer against the reference on `ids` in windows of `window` tokens, held to its gate."""
+    ref_logits, ref_greedy = reference
     windows = [ids[i : i + window] for i in range(0, len(ids) - window + 1, window)]
-    ref_logits, ref_greedy, ref_name = _reference(against)
-    runners = {name: _onnx_runner(OnnxModel(export_dir, name)) for name in names}
-    stats = {name: _Accumulator() for name in names}
-    agreement = {name: [] for name in names}
+    stats = {name: _Accumulator() for name in scorers}
+    agreement: dict[str, list[float]] = {name: [] for name in scorers}
     for n, w in enumerate(windows):
         ref = ref_logits(w)[:-1]
         targets = np.array(w[1:])
-        for name, (logits, greedy) in runners.items():
+        ref_continuation = ref_greedy(w[:16], greedy_tokens) if n < greedy_prompts else None
+        for name, (logits, greedy) in scorers.items():
             stats[name].add(ref, logits(w)[:-1], targets)
-            if n < greedy_prompts:
-                prompt = w[:16]
-                agreement[name].append(_common_prefix(ref_greedy(prompt, greedy_tokens), greedy(prompt, greedy_tokens))
-                                       / greedy_tokens)
+            if ref_continuation is not None:
+                agreement[name].append(_common_prefix(ref_continuation, greedy(w[:16], greedy_tokens)) / greedy_tokens)
     results = []
-    for name in names:
+    for name in scorers:
         s = stats[name]
         ppl, ref_ppl = float(np.exp(s.nll / s.count)), float(np.exp(s.ref_nll / s.count))
-        gate = gates.gate_for(SCHEMES[name])
         q = VariantQuality(name, s.count, s.agree / s.count, s.kl / s.count, ppl, ref_ppl, ppl / ref_ppl - 1,
-                           float(np.mean(agreement[name])), gate)
+                           float(np.mean(agreement[name])) if agreement[name] else float("nan"), gates[name])
         q.failures.extend(c.message for c in gate_checks(q) if not c.ok)
         results.append(q)
-    return QualityReport(str(export_dir), ref_name, "given token ids" if token_ids is not None else str(text_path), results)
+    return results
 
 
 def format_quality(report: QualityReport) -> str:
-    lines = [f"reference: {report.reference}", f"text: {report.text}",
+    scored = f"{report.export} ({report.format}" + (f", {report.runner} runner)" if report.format == "coreml" else ")")
+    lines = [f"export: {scored}", f"reference: {report.reference}", f"text: {report.text}",
              f"{'variant':>8}  {'top-1':>7}  {'mean KL':>9}  {'ppl':>8}  {'Δppl':>7}  {'greedy':>7}  result"]
     for v in report.variants:
         lines.append(f"{v.variant:>8}  {v.top1_agreement:>7.2%}  {v.mean_kl:>9.2e}  {v.perplexity:>8.3f}  "
