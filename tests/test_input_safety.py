@@ -23,7 +23,7 @@ from exporter.cli import main
 from graphs.errors import QwenEdgeError
 from graphs.random_checkpoint import write_random_checkpoint
 from runtime_py.export_format import MANIFEST
-from tests.conftest import tiny_config
+from tests.conftest import COREML_CONTEXT, tiny_config
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "default_model" / "checkpoint"
 
@@ -351,10 +351,22 @@ def test_exporting_the_default_model_twice_gives_identical_files(default_export:
     assert records[0] == records[1]
 
 
+def test_exporting_the_default_model_to_core_ml_twice_gives_identical_packages(default_coreml: Path,
+                                                                               tmp_path: Path) -> None:
+    """A second, separate Core ML export of the default checkpoint (its q4 package alone, same context)
+    writes the q4 package byte for byte as the shared export did, and records it the same way."""
+    from exporter.coreml.backend import CoreMLOptions, export_coreml
+
+    again = export_coreml("default", tmp_path / "again", "q4", CoreMLOptions(context=COREML_CONTEXT), progress=False)
+    package = "coreml/model_q4.mlpackage"
+    assert _hashes(again / package) and _hashes(again / package) == _hashes(default_coreml / package)
+    records = [json.loads((d / MANIFEST).read_text())["variants"]["q4"] for d in (default_coreml, again)]
+    assert records[0] == records[1]
+
+
 def test_core_ml_packages_are_written_reproducibly(default_coreml: Path, tmp_path: Path) -> None:
     """The export names the package's items by their paths and writes the spec with sorted maps
-    (exporter/coreml/backend.make_reproducible): doing it again changes no byte. (Two full Core ML
-    exports of the default model compared byte for byte: BENCHMARKS.md.)"""
+    (exporter/coreml/backend.make_reproducible): doing it again changes no byte."""
     import uuid
 
     from exporter.coreml.backend import make_reproducible
