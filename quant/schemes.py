@@ -158,6 +158,7 @@ class Scheme:
         """The MTP head's ONNX graph inside an export folder (exports of checkpoints with a head)."""
         return f"onnx/mtp{self.suffix}.onnx"
 
+    @property
     def vision_file(self) -> str:
         """The vision encoder's ONNX graph path inside an export folder."""
         return f"onnx/vision_encoder{self.suffix}.onnx"

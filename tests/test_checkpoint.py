@@ -79,7 +79,7 @@ def test_vision_tower_is_loaded_and_shape_checked(tmp_path):
     del tensors["model.visual.merger.linear_fc2.weight"]
     tensors["model.visual.blocks.0.attn.qkv.weight"] = torch.zeros(96, 32)
     save_file(tensors, ck / "model.safetensors")
-    with pytest.raises(QwenEdgeError, match="vision tower tensor 'merger.linear_fc2.weight' is missing"):
+    with pytest.raises(QwenEdgeError, match="tensor 'merger.linear_fc2.weight' is missing from the weights; the vision tower"):
         open_checkpoint(ck)
 
 
