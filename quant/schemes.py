@@ -39,7 +39,8 @@ EMBEDDING_AND_HEAD = frozenset({"embed_tokens.weight", "lm_head.weight"})
 # The units a recipe assigns storage formats to: the LM head with the token embedding (one table when
 # tied, so one format for both) and each large projection by its module name, in every layer.
 HEAD_FAMILY = "lm_head"
-FAMILIES = (HEAD_FAMILY, *DECODER_PROJECTIONS)  # what recipes name; the MTP head's fc takes the default
+FAMILIES = (HEAD_FAMILY, *DECODER_PROJECTIONS)  # the decoder's (swept, recorded per variant)
+RECIPE_FAMILIES = (HEAD_FAMILY, *LARGE_PROJECTIONS)  # and the MTP head's fc: what a recipe may name
 
 
 def family_of(param: str) -> str | None:
@@ -113,9 +114,9 @@ class Scheme:
     coreml_gate: QualityGate | None = None  # Core ML's gate where it differs from `gate`
 
     def __post_init__(self) -> None:
-        unknown = [family for family, _ in self.recipe if family not in FAMILIES]
+        unknown = [family for family, _ in self.recipe if family not in RECIPE_FAMILIES]
         if unknown:
-            raise ValueError(f"scheme {self.name}: unknown recipe families {unknown}; use {', '.join(FAMILIES)}")
+            raise ValueError(f"scheme {self.name}: unknown recipe families {unknown}; use {', '.join(RECIPE_FAMILIES)}")
 
     def weight_format(self, param: str, opts: QuantOptions) -> WeightFormat | None:
         """The one answer, for every format and every writer (in memory or streamed), to how a decoder
