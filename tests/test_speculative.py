@@ -113,3 +113,17 @@ def test_generate_speculative_cli_gives_the_plain_text(tiny_mtp_export):
         assert spec.output == plain.output
     bad = CliRunner().invoke(main, args + ["--draft-tokens", "2"])
     assert bad.exit_code == 1 and "error: --draft-tokens applies to speculative decoding" in bad.output
+
+
+@pytest.mark.parametrize("option", [["--speculative", "mtp"], ["--save-state", "state.safetensors"],
+                                    ["--load-state", "state.safetensors"]])
+def test_images_with_speculative_decoding_or_state_are_one_clear_error(tiny_mtp_export, tmp_path, option):
+    """Image and video prompts decode plainly for now: asking for both is refused before any output."""
+    image = tmp_path / "x.png"
+    image.write_bytes(b"not read")
+    option = [str(tmp_path / o) if o.endswith(".safetensors") else o for o in option]
+    result = CliRunner().invoke(main, ["generate", str(tiny_mtp_export), "--prompt", "a b", "--image", str(image),
+                                       *option])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "images and video run with plain decoding only" in result.output
+    assert not (tmp_path / "state.safetensors").exists()
