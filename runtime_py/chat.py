@@ -24,7 +24,8 @@ _PART_TYPES = ("text", "image", "image_url", "video")
 def load_messages(obj: Any) -> list[dict]:
     """Check a conversation read from JSON, and return a copy ready for `render_chat`.
 
-    `obj`: the parsed JSON, a JSON string, or a path (`os.PathLike`) of a JSON file. It must be a
+    `obj`: the parsed JSON, a JSON string, or a path (`os.PathLike`) of a JSON file (whose image and
+    video parts then name files inside its folder, resolved against it). It must be a
     non-empty list of {"role": str, "content": ...} objects; content is a string, a list of parts
     ({"type": "text", "text": str}, {"type": "image", ...}, {"type": "video", ...}, or OpenAI's
     {"type": "image_url", ...}), or null in an assistant turn that carries tool_calls. Optional:
@@ -32,9 +33,9 @@ def load_messages(obj: Any) -> list[dict]:
     {"name", "arguments"}; arguments given as a JSON string are parsed into an object, which is what
     the Qwen3.5 template needs), and any other key, which goes to the template as it is.
     """
-    where = "messages"
+    where, folder = "messages", None
     if isinstance(obj, os.PathLike):
-        where = str(obj)
+        where, folder = str(obj), Path(obj).parent
         try:
             text = Path(obj).read_text(encoding="utf-8")
         except OSError as e:
@@ -69,6 +70,10 @@ def load_messages(obj: Any) -> list[dict]:
         if reasoning is not None and not isinstance(reasoning, str):
             raise QwenEdgeError(f"{at}.reasoning_content: expected a string, got {_json_type(reasoning)}")
         out.append(message)
+    if folder is not None:  # a file's image and video names are read inside its folder
+        from runtime_py.vision import anchor_visual_sources
+
+        anchor_visual_sources(out, folder, where)
     return out
 
 

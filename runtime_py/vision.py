@@ -16,6 +16,7 @@ token k sits at max(position) + 1 + k in all three rows (= prompt length + k + d
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ import onnxruntime as ort
 
 from graphs.config import VisionConfig, vision_config_from_dict
 from graphs.errors import QwenEdgeError
+from graphs.file_checks import member
 from runtime_py.export_format import onnx_vision_file
 from runtime_py.session import OnnxModel
 from runtime_py.tokenizer import TextTokenizer
@@ -224,18 +226,22 @@ def with_visuals(messages: list[dict], request: VisualRequest) -> list[dict]:
     return out
 
 
+def _source_slot(part: dict) -> tuple[dict, str]:
+    """Where an image / video message part names its file: (the dict holding it, its key)."""
+    if part["type"] == "video":
+        return part, "video" if part.get("video") else "path"
+    if part["type"] == "image_url" and isinstance(part.get("image_url"), dict):
+        return part["image_url"], "url"
+    keys = ("image_url",) if part["type"] == "image_url" else ("image", "path", "url")
+    return part, next((k for k in keys if part.get(k)), keys[0])
+
+
 def _part_source(part: dict, where: str) -> tuple[str, Path, float | None]:
     """(kind, file or folder, fps) of one image / video message part."""
-    if part["type"] == "video":
-        source = part.get("video") or part.get("path")
-        fps = part.get("fps")
-        kind = "video"
-    else:
-        source = part.get("image") or part.get("path") or part.get("url")
-        if part["type"] == "image_url":
-            url = part.get("image_url")
-            source = url.get("url") if isinstance(url, dict) else url
-        fps, kind = None, "image"
+    kind = "video" if part["type"] == "video" else "image"
+    fps = part.get("fps") if kind == "video" else None
+    holder, key = _source_slot(part)
+    source = holder.get(key)
     if not isinstance(source, str) or not source:
         raise QwenEdgeError(f"{where}: {'a video' if kind == 'video' else 'an image'} part names no file; give "
                             + ('{"type": "video", "video": "FRAMES_DIR", "fps": N}' if kind == "video"
@@ -245,6 +251,24 @@ def _part_source(part: dict, where: str) -> tuple[str, Path, float | None]:
     elif "://" in source or source.startswith("data:"):
         raise QwenEdgeError(f"{where}: {source[:40]!r} is not a local file; qwen-edge reads images from disk")
     return kind, Path(source), fps
+
+
+def anchor_visual_sources(messages: list[dict], folder: Path, where: str) -> None:
+    """Resolve the image and video files a message file names against that file's folder, in place;
+    a name that leads outside the folder is refused (only what the user handed over is read; an image
+    from elsewhere goes on the command line, `--image FILE`)."""
+    for i, part in enumerate(visual_parts(messages)):
+        at = f"{where} (image/video part {i + 1})"
+        _, source, _ = _part_source(part, at)
+        if source.is_absolute():  # e.g. a file:// URL: fine if it is inside the folder
+            try:
+                source = Path(os.path.abspath(source)).relative_to(os.path.abspath(folder))
+            except ValueError:
+                raise QwenEdgeError(f"{at}: names a file outside {folder}: {str(source)!r:.80}; a message file's "
+                                    "images and video must be inside its folder (or give them with --image / "
+                                    "--video)") from None
+        holder, key = _source_slot(part)
+        holder[key] = str(member(folder, source.as_posix(), at, follow_links=True))
 
 
 def context_length(export_dir: Path) -> int:

@@ -6,6 +6,7 @@ vision encoder's variants; and the errors a user can cause."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
+from exporter.cli import main
 from tests.hf_vision_oracle import hf_features, hf_greedy, hf_inputs, hf_positions, hf_vl_model
 from runtime_py.export_format import onnx_vision_file
 from runtime_py.generate import Sampling, generate
@@ -167,9 +170,13 @@ def test_generate_cli_json_with_images(tiny_vl_checkpoint: Path, tiny_vl_export:
 
 def test_generate_cli_messages_with_image_parts(tiny_vl_checkpoint: Path, tiny_vl_export: Path, hf_model,  # noqa: ANN001
                                                 test_images: dict[str, Path], tmp_path: Path) -> None:
-    """`--messages` with image parts (a path, and OpenAI's image_url with a file:// URL) takes the same path."""
-    messages = [{"role": "user", "content": [{"type": "image", "image": str(test_images["square"])},
-                                             {"type": "image_url", "image_url": {"url": "file://" + str(test_images["wide"])}},
+    """`--messages` with image parts (a name inside the file's folder, and OpenAI's image_url with a
+    file:// URL there) takes the same path."""
+    (tmp_path / "pictures").mkdir()
+    shutil.copyfile(test_images["square"], tmp_path / "pictures" / "square.png")
+    shutil.copyfile(test_images["wide"], tmp_path / "wide.png")
+    messages = [{"role": "user", "content": [{"type": "image", "image": "pictures/square.png"},
+                                             {"type": "image_url", "image_url": {"url": "file://" + str(tmp_path / "wide.png")}},
                                              {"type": "text", "text": PROMPT}]}]
     (tmp_path / "m.json").write_text(json.dumps(messages))
     run = subprocess.run([sys.executable, "-m", "exporter.cli", "generate", str(tiny_vl_export), "--messages",
@@ -179,6 +186,17 @@ def test_generate_cli_messages_with_image_parts(tiny_vl_checkpoint: Path, tiny_v
     result = json.loads(run.stdout)
     assert result["prompt_ids"] == inputs["input_ids"][0].tolist()
     assert result["generated_ids"] == hf_greedy(hf_model, inputs)
+
+
+@pytest.mark.parametrize("name", ["../outside.png", "/etc/hostname", "file:///etc/hostname", "a/../../outside.png"])
+def test_a_message_file_reads_images_only_inside_its_folder(tiny_vl_export: Path, tmp_path: Path, name: str) -> None:
+    (tmp_path / "outside.png").write_bytes(b"secret")
+    (tmp_path / "chat").mkdir()
+    (tmp_path / "chat" / "m.json").write_text(json.dumps([{"role": "user", "content": [
+        {"type": "image", "image": name}, {"type": "text", "text": PROMPT}]}]))
+    result = CliRunner().invoke(main, ["generate", str(tiny_vl_export), "--messages", str(tmp_path / "chat" / "m.json")])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert "outside" in result.output and "m.json" in result.output
 
 
 @pytest.mark.parametrize("variant,limit", [("q8", 2e-2), ("q4", 0.1)])
