@@ -259,6 +259,9 @@ def anchor_visual_sources(messages: list[dict], folder: Path, where: str) -> Non
     from elsewhere goes on the command line, `--image FILE`)."""
     for i, part in enumerate(visual_parts(messages)):
         at = f"{where} (image/video part {i + 1})"
+        holder, key = _source_slot(part)
+        if not isinstance(holder.get(key), str) or not holder.get(key):
+            continue  # names no file: reported where the part is used (or that the export has no tower)
         _, source, _ = _part_source(part, at)
         if source.is_absolute():  # e.g. a file:// URL: fine if it is inside the folder
             try:
@@ -267,7 +270,6 @@ def anchor_visual_sources(messages: list[dict], folder: Path, where: str) -> Non
                 raise QwenEdgeError(f"{at}: names a file outside {folder}: {str(source)!r:.80}; a message file's "
                                     "images and video must be inside its folder (or give them with --image / "
                                     "--video)") from None
-        holder, key = _source_slot(part)
         holder[key] = str(member(folder, source.as_posix(), at, follow_links=True))
 
 

@@ -464,6 +464,8 @@ def test_load_messages_accepts_the_formats(tmp_path, hf, special):
     path = tmp_path / "chat.json"
     path.write_text(json.dumps(messages))
     loaded = load_messages(path)
+    assert loaded[1]["content"][1]["url"] == str(tmp_path / "x.png")  # a file's image names are in its folder
+    loaded[1]["content"][1]["url"] = "x.png"
     assert loaded == load_messages(json.dumps(messages)) == load_messages(messages)
     assert loaded[2]["tool_calls"][0]["function"]["arguments"] == {}
     assert messages[2]["tool_calls"][0]["function"]["arguments"] == "{}"  # the input is not changed

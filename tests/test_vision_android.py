@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from exporter.package.android_vision import PROCESSOR_CONFIG
 from exporter.package.build import package_export
 from runtime_py.generate import generate, stop_ids
 from runtime_py.session import OnnxModel
@@ -40,11 +41,15 @@ def _trim(tokens: list[int], stops: list[int]) -> list[int]:
 
 
 def test_layout_is_the_vision_language_pipeline(vl_android_bundle: Path) -> None:
+    from exporter.package.verify import verify_bundle
+
+    manifest = verify_bundle(vl_android_bundle)  # everything the manifest claims holds
+    assert manifest["variants"]["fp32"]["converted_to_contrib"] is False  # the export already has contrib ops
     config = json.loads((vl_android_bundle / "genai_config.json").read_text())["model"]
     assert config["type"] == "qwen3_5"
     assert config["vision"]["filename"] == "onnx/vision.onnx" and config["embedding"]["filename"] == "onnx/embedding.onnx"
     assert config["decoder"]["filename"] == "onnx/decoder.onnx" and "inputs_embeds" in config["decoder"]["inputs"]
-    processor = json.loads((vl_android_bundle / "processor_config.json").read_text())
+    processor = json.loads((vl_android_bundle / PROCESSOR_CONFIG).read_text())
     assert [t["operation"]["type"] for t in processor["processor"]["transforms"]][-1] == "PatchImage"
     for name in ("vision", "embedding", "decoder"):
         for suffix in ("", "_q4"):

@@ -5,7 +5,7 @@ genai runs three graphs for it: `vision` (pixel patches + grid -> image features
 (input_ids + image features -> inputs_embeds: its own contract, the image features scattered into
 the <|image_pad|> rows; during decode it feeds an empty [0, hidden] feature tensor) and the decoder
 on inputs_embeds. Its image processor is onnxruntime-extensions', configured by
-`processor_config.json`. So per variant the bundle carries
+`genai_processor_config.json` (PROCESSOR_CONFIG). So per variant the bundle carries
 
     onnx/vision{suffix}.onnx (+ .onnx_data)      the export's vision_encoder, recurrent ops untouched
     onnx/embedding{suffix}.onnx (+ .onnx_data)   embed_tokens + the scatter (a protobuf edit)
@@ -33,7 +33,9 @@ from runtime_py.vision_preprocess import PixelSettings
 
 DATA_ALIGNMENT = 4096
 GENAI_VLM_TYPE = "qwen3_5"
-PROCESSOR_CONFIG = "processor_config.json"
+# onnxruntime-extensions' pipeline, named by genai_config.json; not `processor_config.json`, which is
+# transformers' combined processor file and may come with the export's support files.
+PROCESSOR_CONFIG = "genai_processor_config.json"
 
 
 def graph_names(decoder_name: str) -> dict[str, str]:
@@ -49,14 +51,15 @@ def _save(model: onnx.ModelProto, sources: list[tuple[onnx.TensorProto, Path]], 
     onnx.save(model, str(out_path))
 
 
-def copy_graph(src: Path, out_path: Path, contrib: bool = False) -> None:
-    """Re-home a graph's weights beside `out_path` (and move its recurrent ops to com.microsoft)."""
+def copy_graph(src: Path, out_path: Path, contrib: bool = False) -> bool:
+    """Re-home a graph's weights beside `out_path` (and move its recurrent ops to com.microsoft);
+    returns whether any op was moved."""
     if not src.is_file():
         raise QwenEdgeError(f"{src}: graph file missing from the export; re-run 'qwen-edge export'")
     model = onnx.load(str(src), load_external_data=False)
-    if contrib:
-        to_contrib(model)
+    converted = to_contrib(model) if contrib else False
     _save(model, [(t, src.parent) for t in stored_tensors(model.graph)], out_path)
+    return converted
 
 
 def embedding_graph(embed_path: Path, out_path: Path, image_token_id: int) -> None:
@@ -129,8 +132,8 @@ def vision_genai_config(text_config: dict, vision: VisionConfig, names: dict[str
 
 def write_vision_graphs(export_dir: Path, out: Path, variants: dict[str, dict], vision: VisionConfig,
                         settings: PixelSettings, text_genai_config: dict) -> dict[str, dict]:
-    """The three graphs of each variant, processor_config.json and genai_config.json (first variant).
-    Returns the manifest's per-variant records (bundle paths of the three graphs)."""
+    """The three graphs of each variant, PROCESSOR_CONFIG and genai_config.json (first variant).
+    Returns the manifest's per-variant records (bundle paths of the three graphs, converted_to_contrib)."""
     records: dict[str, dict] = {}
     for name, entry in variants.items():
         if "vision_encoder" not in entry:
@@ -138,8 +141,8 @@ def write_vision_graphs(export_dir: Path, out: Path, variants: dict[str, dict], 
         names = graph_names(entry["decoder"])
         copy_graph(export_dir / entry["vision_encoder"], out / names["vision"])
         embedding_graph(export_dir / entry["embed_tokens"], out / names["embedding"], vision.image_token_id)
-        copy_graph(export_dir / entry["decoder"], out / names["decoder"], contrib=True)
-        records[name] = names
+        converted = copy_graph(export_dir / entry["decoder"], out / names["decoder"], contrib=True)
+        records[name] = {**names, "converted_to_contrib": converted}
     first = records[next(iter(variants))]
     (out / PROCESSOR_CONFIG).write_text(json.dumps(processor_config(settings), indent=2) + "\n")
     config = vision_genai_config(text_genai_config, vision, first)
