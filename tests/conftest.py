@@ -145,9 +145,10 @@ def tiny_mtp_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_mtp_export(tiny_mtp_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """That checkpoint exported with the default options (fp32): a draftable decoder and its `mtp` graph."""
+    """That checkpoint exported with the default options (fp32 and q4, streamed): a draftable decoder
+    and its `mtp` graph per variant."""
     return built_once(tmp_path_factory, "mtp_export", lambda root: export_onnx(
-        tiny_mtp_checkpoint, root / "export", "fp32", progress=False))
+        tiny_mtp_checkpoint, root / "export", "fp32,q4", progress=False))
 
 
 @pytest.fixture(scope="session")

@@ -117,17 +117,14 @@ def test_coreml_package_stores_the_recorded_formats(tiny_mix_coreml: Path):
 
 
 def test_streamed_mix_equals_in_memory(tiny_mix_onnx: Path, tiny_checkpoints: dict[str, Path], tmp_path: Path):
-    """q4mix's per-family formats go through the streamed weight pass byte for byte as in memory: the
-    untied layout (its own embedding table, packed per row) and the tied one (the gather shares the head)."""
+    """q4mix's per-family formats go through the streamed weight pass byte for byte as in memory, on
+    the untied layout (its own embedding table, packed per row). The tied layout's shared gather is
+    checked the same way for q4 (tests/test_streamed_export.py); q4mix changes only block sizes."""
     from tests.test_streamed_export import assert_same_files
 
     ref = export_onnx(tiny_checkpoints["kv_double_untied"], tmp_path / "untied", "q4mix",
                       OnnxOptions("contrib", stream_weights=False), progress=False)
     assert_same_files(tiny_mix_onnx, ref)
-    tied = {mode: export_onnx(tiny_checkpoints["kv_equal_tied"], tmp_path / f"tied-{mode}", "q4mix",
-                              OnnxOptions("contrib", stream_weights=mode == "streamed"), progress=False)
-            for mode in ("streamed", "memory")}
-    assert_same_files(tied["streamed"], tied["memory"])
 
 
 def test_mix_bundle_verifies(tiny_mix_onnx: Path, tmp_path: Path):

@@ -91,11 +91,13 @@ def test_weight_pass_memory_is_one_block(tmp_path: Path) -> None:
         assert written[sink.offset : sink.offset + sink.tensor.nbytes] == sink.tensor.tobytes(), sink.tensor
 
 
-def test_streamed_equals_in_memory_with_mtp_head(tiny_mtp_checkpoint: Path, tmp_path: Path) -> None:
+def test_streamed_equals_in_memory_with_mtp_head(tiny_mtp_checkpoint: Path, tiny_mtp_export: Path,
+                                                 tmp_path: Path) -> None:
     """A checkpoint with an MTP head: the draftable decoder and the `mtp` graph, float and q4, are
-    streamed in the same pass and come out as the in-memory export writes them, the head reading the
-    LM head's bytes from the decoder's data file in both; the manifests (sizes, fingerprints) agree."""
-    streamed = export_onnx(tiny_mtp_checkpoint, tmp_path / "streamed", "fp32,q4", progress=False)
+    streamed in the same pass (the session's export) and come out as the in-memory export writes them,
+    the head reading the LM head's bytes from the decoder's data file in both; the manifests (sizes,
+    fingerprints) agree."""
+    streamed = tiny_mtp_export
     reference = export_onnx(tiny_mtp_checkpoint, tmp_path / "ref", "fp32,q4", OnnxOptions(stream_weights=False),
                             progress=False)
     assert_same_files(streamed, reference)
