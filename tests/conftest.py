@@ -109,6 +109,20 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     return built_once(tmp_path_factory, "checkpoints", build)
 
 
+JS_DIR = Path(__file__).resolve().parent / "js"  # the Node harness (transformers.js, onnxruntime-node)
+
+
+@pytest.fixture(scope="session")
+def node() -> str:
+    """The Node binary for the transformers.js checks, with the harness's packages installed."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed; the web bundle is checked with transformers.js on Node")
+    if not (JS_DIR / "node_modules" / "@huggingface" / "transformers").is_dir():
+        pytest.fail("tests/js/node_modules is missing: run 'make tests/js/node_modules/.package-lock.json'")
+    return node
+
+
 @pytest.fixture(scope="session")
 def tiny_exports(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Each tiny layout exported; the Hv = 2·Hk one with contrib ops, so both forms are exercised."""

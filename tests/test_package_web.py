@@ -13,13 +13,13 @@ import onnx
 import pytest
 
 from default_model import CHECKPOINT_DIR as DEFAULT_MODEL_DIR
+from tests.conftest import JS_DIR
 from exporter.package.web import rehome_external_data, write_web_layout
 from graphs.errors import QwenEdgeError
 from runtime_py.generate import generate
 from runtime_py.session import OnnxModel
 from runtime_py.tokenizer import TextTokenizer
 
-JS_DIR = Path(__file__).resolve().parent / "js"
 VARIANTS = ["fp32", "q4"]  # what the default_contrib_export fixture holds
 MAX_NEW_TOKENS = 32
 # (prompt, chat): the chat prompt answers in a few tokens and ends with <|im_end|> (decode positions
@@ -32,16 +32,6 @@ def web_bundle(default_contrib_export: Path, tmp_path_factory: pytest.TempPathFa
     out = tmp_path_factory.mktemp("web") / "bundle"
     write_web_layout(default_contrib_export, out, VARIANTS)
     return out
-
-
-@pytest.fixture(scope="module")
-def node() -> str:
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("node is not installed; the web bundle is checked with transformers.js on Node")
-    if not (JS_DIR / "node_modules" / "@huggingface" / "transformers").is_dir():
-        pytest.fail("tests/js/node_modules is missing: run 'make tests/js/node_modules/.package-lock.json'")
-    return node
 
 
 def run_transformers_js(node: str, bundle: Path, prompt: str, chat: bool, dtype: str | None) -> dict:

@@ -17,13 +17,13 @@ from urllib.parse import quote
 import onnx
 import pytest
 
+from tests.conftest import JS_DIR
 from exporter.package.build import package_export
 from runtime_py.generate import generate, stop_ids
 from runtime_py.session import OnnxModel
 from runtime_py.tokenizer import TextTokenizer
 from runtime_py.vision import VisualRequest, visual_parts, visual_prompt, with_visuals
 
-JS_DIR = Path(__file__).resolve().parent / "js"
 PROMPT = "What is in it?"
 NEW_TOKENS = 16
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -35,14 +35,6 @@ def vl_web_bundle(tiny_vl_export: Path, tmp_path_factory: pytest.TempPathFactory
     out = tmp_path_factory.mktemp("vl_web") / "vlbundle"
     package_export(tiny_vl_export, out, "web", ["fp32", "q8"])
     return out
-
-
-@pytest.fixture(scope="module")
-def node() -> str:
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("node is not installed; the web bundle is checked with transformers.js on Node")
-    return node
 
 
 def runtime_image_tokens(export: Path, variant: str, image: Path) -> tuple[list[int], list[int]]:
