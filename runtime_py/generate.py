@@ -125,17 +125,13 @@ def generate_chat(model: OnnxModel, tokenizer: TextTokenizer, messages: list[dic
     """Render `messages` with the model's chat template (as transformers does), generate, parse the reply.
     `context` (the model's positions) refuses a longer prompt and ends generation there. decode: what
     generates (default `generate`; generate_text passes speculative or state-aware decoding).
-    `visual` turns the rendered prompt of a conversation with images or video into its prefill
-    (decoded by `generate`)."""
+    `visual` turns the rendered prompt of a conversation with images or video into its prefill."""
     prompt = tokenizer.apply_chat_template(messages, tools=tools, enable_thinking=enable_thinking)
     prepared = visual(prompt) if visual is not None else None
     prompt_ids = prepared.ids if prepared is not None else tokenizer.encode(prompt)
     if context is not None:
         max_new_tokens = room_for(prompt_ids, max_new_tokens, context)
-    if prepared is not None:
-        ids = generate(model, prompt_ids, max_new_tokens, sampling, stop_ids, on_token, visual=prepared)
-    else:
-        ids = (decode or generate)(model, prompt_ids, max_new_tokens, sampling, stop_ids, on_token)
+    ids = (decode or generate)(model, prompt_ids, max_new_tokens, sampling, stop_ids, on_token, visual=prepared)
     raw = tokenizer.decode(ids, skip_special_tokens=False)
     reply = parse_assistant(raw, thinking=prompt.rstrip().endswith("<think>"), tools=tools)
     return GenerateResult(prompt_ids, ids, tokenizer.decode(ids), reply)
@@ -202,10 +198,7 @@ def generate_text(request: GenerateRequest, on_text: Callable[[str], None] | Non
     stops = stop_ids(request.export_dir)
     context = load_text_config(request.export_dir).max_position_embeddings
     parts = visual_parts(messages) if messages is not None else request.visual.parts()
-    if parts and (request.draft_tokens is not None or request.save_state or request.load_state):
-        raise QwenEdgeError("images and video run with plain decoding only: drop --speculative, --save-state and "
-                            "--load-state, or the image and video parts")
-    decode = _decoder(request, model)
+    decode = _decoder(request, model, bool(parts))
 
     def prepare(text: str, plain: bool = False) -> MultimodalPrompt:  # the image / video prefill
         return visual_prompt(request.export_dir, variant, text, parts, tokenizer, model, request.max_new_tokens,
@@ -220,18 +213,19 @@ def generate_text(request: GenerateRequest, on_text: Callable[[str], None] | Non
     max_new_tokens = room_for(prompt_ids, request.max_new_tokens, context)
     if on_text is not None:
         on_text(request.prompt)
-    if prepared is not None:
-        ids = generate(model, prompt_ids, max_new_tokens, request.sampling, stops, on_token, visual=prepared)
-    else:
-        ids = decode(model, prompt_ids, max_new_tokens, request.sampling, stops, on_token)
+    ids = decode(model, prompt_ids, max_new_tokens, request.sampling, stops, on_token, visual=prepared)
     return GenerateResult(prompt_ids, ids, tokenizer.decode(ids))
 
 
-def _decoder(request: GenerateRequest, model: OnnxModel) -> Callable[..., list[int]]:
+def _decoder(request: GenerateRequest, model: OnnxModel, visual: bool) -> Callable[..., list[int]]:
     """`generate`, or for speculative decoding or saved state a function with its signature. A state
-    file is read (and checked) here, and a head looked for, so bad input fails before any output."""
+    file is read (and checked) here, and a head looked for, so bad input fails before any output;
+    `visual` (the prompt has images or video) refuses those modes, which decode text prompts only."""
     if request.draft_tokens is None and request.save_state is None and request.load_state is None:
         return generate
+    if visual:
+        raise QwenEdgeError("images and video run with plain decoding only: drop --speculative, --save-state and "
+                            "--load-state, or the image and video parts")
     from runtime_py.sequence import PlainSession, prefill, run_session
     from runtime_py.speculative import SpeculativeSession
     from runtime_py.state_file import load_sequence, save_sequence
@@ -242,7 +236,8 @@ def _decoder(request: GenerateRequest, model: OnnxModel) -> Callable[..., list[i
         model.mtp  # noqa: B018  (an export without a head is refused here)
 
     def decode(model: OnnxModel, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling,
-               stops: Iterable[int], on_token: Callable[[int], None] | None) -> list[int]:
+               stops: Iterable[int], on_token: Callable[[int], None] | None,
+               visual: MultimodalPrompt | None = None) -> list[int]:  # visual: None, refused above
         prefix = prefill(model, prompt_ids, after, with_head)
         if request.save_state is not None:
             save_sequence(request.save_state, model, prefix)
