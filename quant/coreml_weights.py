@@ -1,7 +1,8 @@
 """Core ML weight compression of a converted mlprogram, for the schemes of quant/schemes.py.
 
     q8      int8 per output channel          q4, q4f16   int4 per block of 32 input channels
-    p4      4-bit palettization: a 16-entry k-means LUT per group of 16 output channels
+    p4      4-bit palettization: a 16-entry k-means LUT per group of 16 output channels, the LM head
+            (and tied embedding) 6-bit with a 64-entry LUT per row, as its recipe says
     q4mix   per family, as its recipe says: int8 per output channel, int4 per block of its size
 
 Which weights, in which format: the scheme's `weight_format`, the one answer the ONNX exporter uses
@@ -18,7 +19,7 @@ and ONNX then store the same integers and scales for a weight of the same format
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 
@@ -70,7 +71,9 @@ def _coreml_storage(scheme: Scheme, fmt: WeightFormat | None, shape: tuple[int, 
     """A weight format as Core ML stores it for a weight of `shape` (see `coreml_format`)."""
     if fmt is None:
         return None
-    if fmt.bits == 8 or scheme.coreml == "palette4":
+    if scheme.coreml == "palette":
+        return WeightFormat(fmt.bits, fmt.block_size)  # LUT index bits, output channels per LUT
+    if fmt.bits == 8:
         return WeightFormat(fmt.bits)
     block = fmt.block_size
     while shape[-1] % block:
@@ -165,9 +168,10 @@ def _compress(mlmodel, scheme: Scheme, chosen: dict[str, WeightFormat]):  # noqa
         return mlmodel
 
     def op_config(fmt: WeightFormat) -> object:  # weight_threshold 1: the scheme, not the size, decides
-        if scheme.coreml == "palette4":
-            return cto.OpPalettizerConfig(mode="custom", lut_function=kmeans_lut, granularity="per_grouped_channel",
-                                          group_size=PALETTE_GROUP, weight_threshold=1)
+        if scheme.coreml == "palette":
+            return cto.OpPalettizerConfig(mode="custom", lut_function=partial(kmeans_lut, nbits=fmt.bits),
+                                          granularity="per_grouped_channel", group_size=fmt.block_size,
+                                          weight_threshold=1)
         if fmt.bits == 8:
             return cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
                                                weight_threshold=1)
@@ -175,7 +179,7 @@ def _compress(mlmodel, scheme: Scheme, chosen: dict[str, WeightFormat]):  # noqa
                                            block_size=fmt.block_size, weight_threshold=1)
 
     config = cto.OptimizationConfig(op_name_configs={const: op_config(fmt) for const, fmt in chosen.items()})
-    if scheme.coreml == "palette4":
+    if scheme.coreml == "palette":
         return cto.palettize_weights(mlmodel, config)
     from coremltools.models import utils as model_utils
 
@@ -202,12 +206,17 @@ def vision_weight_constants(mlmodel, cfg: VisionConfig) -> dict[str, str]:  # no
     return found
 
 
+def _vision_format(scheme: Scheme, param: str) -> WeightFormat | None:
+    """A vision parameter's format; a palette scheme's tower takes one LUT per PALETTE_GROUP channels."""
+    fmt = scheme.vision_weight_format(param, QuantOptions(INT4_BLOCK))
+    return WeightFormat(fmt.bits, PALETTE_GROUP) if fmt and scheme.coreml == "palette" else fmt
+
+
 def compress_vision_weights(mlmodel, scheme: Scheme, cfg: VisionConfig):  # noqa: ANN001, ANN201
     """The scheme's compression of a converted vision function, under the vision predicate."""
     from graphs.vision import vision_parameter_shapes
 
     shapes = vision_parameter_shapes(cfg)
-    chosen = {const: _coreml_storage(scheme, scheme.vision_weight_format(param, QuantOptions(INT4_BLOCK)),
-                                     tuple(shapes[param]))
+    chosen = {const: _coreml_storage(scheme, _vision_format(scheme, param), tuple(shapes[param]))
               for const, param in vision_weight_constants(mlmodel, cfg).items()}
     return _compress(mlmodel, scheme, {const: fmt for const, fmt in chosen.items() if fmt})

@@ -11,7 +11,7 @@ that know it pick the files by name.
     q8      float32      int8                            MatMulNBits 8-bit  int8 per output channel
     q4      float32      int4                            MatMulNBits 4-bit  int4 per block of 32
     q4f16   float16      int4                            MatMulNBits 4-bit  int4 per block of 32
-    p4      float16      4-bit palette (16-entry LUT)    -                  k-means LUT per 16 channels
+    p4      float16      4-bit palette (6-bit LM head)   -                  k-means LUT per 16 channels (head: per row)
     q4mix   float32      int4/int8 per family (recipe)   MatMulNBits 4/8    int4 per block / int8 per channel
 
 A scheme's `recipe` gives some weight families another format than its default (`q4mix`: measured
@@ -80,7 +80,9 @@ VISION_FALLBACK_BITS = 8
 class WeightFormat:
     """How one compressed weight is stored: integer bits, the block of input channels sharing a scale,
     and symmetry. In a recipe the block may be None (the export's default, `--block-size` for ONNX;
-    Core ML stores int8 per output channel) and the symmetry is the export's (`weight_format` sets both)."""
+    Core ML stores int8 per output channel) and the symmetry is the export's (`weight_format` sets both).
+    In a palette scheme the bits are the LUT index width and the block is the group of output channels
+    sharing one LUT."""
 
     bits: int
     block_size: int | None = None
@@ -199,9 +201,13 @@ SCHEMES: dict[str, Scheme] = {
                "int4-block32"),
         Scheme("q4f16", "_q4f16", "float16", 4, QualityGate(0.90, 0.1, 0.05), "int4 weights, fp16 activations",
                True, "int4-block32"),
+        # Measured (BENCHMARKS.md, "Core ML quality gates"): with the LM head in a 4-bit palette too, p4
+        # missed its top-1 gate (85.7 %); the head in 6 bits with one 64-entry table per row passes.
         Scheme("p4", "_p4", "float16", 4, QualityGate(0.90, 0.1, 0.05),
-               "4-bit palettization (16-entry k-means LUT per group of 16 output channels), fp16 compute",
-               False, "palette4"),
+               "4-bit palettization (16-entry k-means LUT per group of 16 output channels; LM head and "
+               "embedding 6-bit, a 64-entry LUT per row), fp16 compute", False, "palette",
+               recipe=((HEAD_FAMILY, WeightFormat(6, 1)),
+                       *((family, WeightFormat(4, 16)) for family in LARGE_PROJECTIONS))),
         # Measured (BENCHMARKS.md, "Int4 sensitivity"): the LM head with the tied embedding carries most of
         # int4's loss (alone at block 32: KL 1.9e-3 of q4's 2.2e-3; at block 128 it fails the gate alone),
         # the projections cost little at block 128. Cheapest candidate that meets the q4 gate: 423 MB of

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, settings
 
 from default_model import CHECKPOINT_DIR
 from exporter.onnx.backend import OnnxOptions, export_onnx
-from quant.schemes import QuantOptions
+from quant.schemes import SCHEMES, QuantOptions
 from graphs.random_checkpoint import write_random_checkpoint
 
 # Property-based tests (tests/test_fuzz.py): 200 examples each by default; a long run sets
@@ -204,15 +204,28 @@ def tiny_untied_quantized(tiny_checkpoints: dict[str, Path], tmp_path_factory: p
 
 
 COREML_CONTEXT = 256
+COREML_OPTIONS = ",".join(SCHEMES)  # every Core ML weight option
 
 
 @pytest.fixture(scope="session")
 def default_coreml(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default model as Core ML packages (fp32 and int4), context 256; shared by the Core ML and ios tests."""
+    """The default model as Core ML packages of every weight option, context 256; shared by the Core
+    ML and ios tests (each option is held to its quality gate)."""
     from exporter.coreml.backend import CoreMLOptions, export_coreml
 
     return built_once(tmp_path_factory, "coreml", lambda root: export_coreml(
-        "default", root / "default", "fp32,q4", CoreMLOptions(context=COREML_CONTEXT), progress=False))
+        "default", root / "default", COREML_OPTIONS, CoreMLOptions(context=COREML_CONTEXT), progress=False))
+
+
+@pytest.fixture(scope="session")
+def tiny_coreml(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Hv = 2·Hk layout as Core ML fp16 and p4, the delta-rule state as fp32 input/output
+    (--recurrent-state io); shared by the Core ML tests and the iOS bundle in genai."""
+    from exporter.coreml.backend import CoreMLOptions, export_coreml
+
+    return built_once(tmp_path_factory, "tiny-coreml", lambda root: export_coreml(
+        tiny_checkpoints["kv_double_untied"], root / "tiny", "fp16,p4",
+        CoreMLOptions(context=COREML_CONTEXT, recurrent_state="io"), progress=False))
 
 
 # A multimodal checkpoint: untied embeddings (a tied random model just repeats its last input token,

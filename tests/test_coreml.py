@@ -12,7 +12,6 @@ import torch
 from click.testing import CliRunner
 
 from exporter.cli import main
-from exporter.coreml.backend import CoreMLOptions, export_coreml
 from exporter.coreml.check import InterpretedPackage, read_package_spec, stored_weights, verify_coreml
 from exporter.coreml.drift import eager_call
 from exporter.coreml.sequence import CoreMLSequence
@@ -21,17 +20,10 @@ from graphs.checkpoint import open_checkpoint
 from graphs.coreml_step import CoreMLStep
 from graphs.errors import QwenEdgeError
 from graphs.recurrent_ops import MATMUL_ONLY
-from quant.coreml_weights import kmeans_lut
-from quant.schemes import SCHEMES
+from quant.coreml_weights import coreml_format, kmeans_lut
+from quant.schemes import EMBEDDING_AND_HEAD, SCHEMES
 
 from conftest import COREML_CONTEXT as CONTEXT
-
-
-@pytest.fixture(scope="module")
-def tiny_coreml(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The Hv = 2·Hk layout with the delta-rule state as fp32 input/output (--recurrent-state io)."""
-    return export_coreml(tiny_checkpoints["kv_double_untied"], tmp_path_factory.mktemp("coreml") / "tiny", "fp16,p4",
-                         CoreMLOptions(context=CONTEXT, recurrent_state="io"), progress=False)
 
 
 def test_solve_by_products_equals_triangular_solve():
@@ -125,16 +117,20 @@ def test_tiny_model_passes_the_linux_checker_in_fp16(tiny_coreml: Path, tiny_che
 
 
 def test_palettized_package_computes_with_its_stored_lut(tiny_coreml: Path, tiny_checkpoints: dict[str, Path]):
-    """p4 stores 4-bit LUT weights; in fp16 compute the interpreter stays within the fp16 parity bound
-    (5e-2 of the logit scale) of the eager step holding those same LUT weights."""
+    """p4 stores its projections as 4-bit LUT weights and the LM head and embedding as 6-bit ones (its
+    recipe); in fp16 compute the interpreter stays within the fp16 parity bound (5e-2 of the logit
+    scale) of the eager step holding those same LUT weights."""
     package = tiny_coreml / "coreml" / "model_p4.mlpackage"
-    spec = read_package_spec(package)
-    assert spec.functions["decode"].weight_bits.get("lut-uint4", 0) > 0
+    widths = read_package_spec(package).functions["decode"].weight_bits
+    assert widths.get("lut-uint4", 0) > 0 and widths.get("lut-uint6", 0) == 2  # LM head and embedding
     step, stored, float_weights, _ = _step_with_stored_weights(tiny_checkpoints["kv_double_untied"], package,
                                                                 CONTEXT, recurrent_io=True)
     _check_stored_weights(stored, float_weights, "p4", 0.2)
-    for weight in stored.values():
-        assert len(np.unique(weight[:16])) <= 16  # one 16-entry table per group of 16 output channels
+    for name, weight in stored.items():
+        fmt = coreml_format(SCHEMES["p4"], name, weight.shape)
+        group = weight[:fmt.block_size]  # one table of 2^bits entries per group of output channels
+        assert (fmt.bits, fmt.block_size) == ((6, 1) if name in EMBEDDING_AND_HEAD else (4, 16)), name
+        assert len(np.unique(group)) <= 1 << fmt.bits < len(np.unique(weight)), name
     interpreted = InterpretedPackage(package)
     interpreted.reset()
     shape = step.recurrent_io_shape()
@@ -224,9 +220,9 @@ def test_cli_verify_coreml(default_coreml: Path, tmp_path: Path):
 
 
 def test_quality_gates_through_the_interpreter(default_coreml: Path, tmp_path: Path):
-    """`verify --format coreml OUT --against REF`: q4 holds its default gate on held-out text, run token
-    by token through the MIL interpreter; an impossible gate (fp32 top-1 above 100 %) fails the command.
-    256 tokens keep it fast; BENCHMARKS.md has every option on 1,024."""
+    """`verify --format coreml OUT --against REF`: every weight option of the default model holds its
+    default gate on held-out text, run token by token through the MIL interpreter; an impossible gate
+    (fp32 top-1 above 100 %) fails the command. 256 tokens keep it fast; BENCHMARKS.md has 1,024."""
     import xml.etree.ElementTree as ET
 
     json_path, junit_path = tmp_path / "q.json", tmp_path / "q.xml"
@@ -237,8 +233,10 @@ def test_quality_gates_through_the_interpreter(default_coreml: Path, tmp_path: P
     report = json.loads(json_path.read_text())
     assert report["format"] == "coreml" and report["runner"] == "mil"
     by_name = {v["variant"]: v for v in report["variants"]}
-    assert by_name["q4"]["passed"], by_name["q4"]
-    assert by_name["q4"]["gate"] == vars(SCHEMES["q4"].gate_for("coreml"))
+    assert set(by_name) == set(SCHEMES)
+    for name, scheme in SCHEMES.items():
+        if name != "fp32":
+            assert by_name[name]["passed"] and by_name[name]["gate"] == vars(scheme.gate_for("coreml")), by_name[name]
     assert by_name["fp32"]["failures"] == ["top-1 agreement 100.00% < 101.00%"]
     assert by_name["fp32"]["mean_kl"] < 1e-6 and by_name["q4"]["mean_kl"] > by_name["fp32"]["mean_kl"]
     assert [f.get("message").split()[-1] for f in ET.parse(junit_path).getroot().findall(".//failure")] == ["1.01"]

@@ -147,16 +147,11 @@ def test_genai_q4_agrees_with_qwen_edge_generate(bundle, kind: str) -> None:
         assert got[: len(ours)] == ours and (got == ours or (len(got) == len(ours) + 1 and got[-1] in end_tokens))
 
 
-def test_ios_bundle_onnx_graphs_run_in_genai(tmp_path: Path, tiny_checkpoints: dict[str, Path]) -> None:
+def test_ios_bundle_onnx_graphs_run_in_genai(tmp_path: Path, tiny_checkpoints: dict[str, Path],
+                                             tiny_exports: dict[str, Path], tiny_coreml: Path) -> None:
     """The iOS bundle carries the same merged graphs and genai_config.json for ONNX Runtime on iOS."""
-    from exporter.coreml.backend import CoreMLOptions, export_coreml
-    from exporter.onnx.backend import export_onnx
-
     checkpoint = tiny_checkpoints["kv_double_untied"]
-    export = export_onnx(checkpoint, tmp_path / "export", progress=False)
-    coreml = export_coreml(checkpoint, tmp_path / "coreml", options=CoreMLOptions(chunk=16, context=64),
-                           progress=False)
-    package_export(export, tmp_path / "ios", "ios", coreml_dir=coreml)
+    package_export(tiny_exports["kv_double_untied"], tmp_path / "ios", "ios", coreml_dir=tiny_coreml)
     graph = json.loads((tmp_path / "ios" / "manifest.json").read_text())["variants"]["fp32"]["onnx"]
     end_tokens = _end_tokens(tmp_path / "ios")
     for prompt in _prompts(end_tokens):

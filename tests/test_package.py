@@ -17,6 +17,7 @@ from exporter.cli import main
 from exporter.package.build import package_export
 from exporter.package.verify import BUNDLE_MANIFEST, verify_bundle
 from graphs.errors import QwenEdgeError
+from quant.schemes import SCHEMES
 from runtime_py.export_format import read_manifest
 from runtime_py.generate import generate, stop_ids
 from runtime_py.session import OnnxModel
@@ -225,7 +226,7 @@ def test_package_bad_input(default_export: Path, tmp_path: Path) -> None:
 
 
 def test_ios_bundle_carries_the_core_ml_export(default_export: Path, default_coreml: Path, tmp_path: Path) -> None:
-    """The real Core ML export (fp32 + int4) beside the ONNX export of the same checkpoint."""
+    """The real Core ML export (every weight option) beside the ONNX export of the same checkpoint."""
     from exporter.coreml.check import read_package_spec
 
     manifest = package_export(default_export, tmp_path / "ios", "ios", coreml_dir=default_coreml)
@@ -237,7 +238,7 @@ def test_ios_bundle_carries_the_core_ml_export(default_export: Path, default_cor
     assert "onnx/model.onnx" in listed and not any(p.endswith(".ort") for p in listed)
     assert manifest["min_runtime"]["ios"] == "18.0" and manifest["format"] == "coreml+onnx"
     record = manifest["coreml"]["export_record"]
-    assert record["format"] == "coreml" and set(record["variants"]) == {"fp32", "q4"}
+    assert record["format"] == "coreml" and set(record["variants"]) == set(SCHEMES)
     verify_bundle(tmp_path / "ios")
     spec = read_package_spec(tmp_path / "ios" / "coreml" / "model_q4.mlpackage")  # the bundled copy still reads
     assert set(spec.functions) == {"prefill", "decode"}
