@@ -67,7 +67,10 @@ def test_benchmark_report_schema_and_files(default_export, tmp_path):
     assert "| threads |" in (tmp_path / "bench.md").read_text() and "Power mode" in markdown_table(report)
     for png in ("speed.png", "memory.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(files) == 4
+    assert len(files) == 4 and not (tmp_path / "peers.png").exists()
+    peer = dict(_config(1, 20.0, 0.05), peer="llama.cpp Q4_0")
+    files = write_report({**report, "peers": [peer], "skipped_peers": {}}, tmp_path / "with-peers")
+    assert files[-1].name == "peers.png" and files[-1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_peer_ratios_pair_configs_by_thread_count():
@@ -98,3 +101,38 @@ def test_missing_peer_is_skipped_with_the_reason(monkeypatch):
     report = {"configs": [_config(1, 20.0, 0.05)], "state_memory": [], "power_mode": choose_power_mode([_config(1, 20.0, 0.05)]),
               "peers": [], "skipped_peers": {"onnxruntime-genai": peers.missing_peer("onnxruntime-genai")}}
     assert "skipped: onnxruntime-genai is not installed" in markdown_table(report)
+
+
+def test_llama_cpp_peer_reads_the_checkpoint_as_its_converter_needs(tiny_checkpoints, tiny_mtp_checkpoint, tmp_path):
+    """The converter is told --no-mtp exactly when the checkpoint has no mtp.* tensors, and reads a
+    checkpoint without a tokenizer beside the default model's (its GGUF would not load otherwise)."""
+    from default_model import CHECKPOINT_DIR
+    from exporter.bench.llama_cpp import convert_command, has_mtp_weights, peer_input
+
+    plain = tiny_checkpoints["kv_equal_tied"]
+    assert not has_mtp_weights(plain) and has_mtp_weights(tiny_mtp_checkpoint)
+    assert convert_command(tmp_path, plain, tmp_path / "m.gguf")[-1] == "--no-mtp"
+    assert "--no-mtp" not in convert_command(tmp_path, tiny_mtp_checkpoint, tmp_path / "m.gguf")
+    assert not (plain / "tokenizer.json").exists()  # as the random checkpoints of `make bench`
+    folder = peer_input(plain, tmp_path / "input")
+    assert (folder / "tokenizer.json").read_bytes() == (CHECKPOINT_DIR / "tokenizer.json").read_bytes()
+    assert all((folder / p.name).resolve() == p.resolve() for p in plain.iterdir())
+    # a checkpoint's own tokenizer is the one read
+    assert (peer_input(CHECKPOINT_DIR, tmp_path / "input") / "tokenizer.json").is_symlink()
+
+
+def test_llama_cpp_peer_that_cannot_build_is_skipped_with_the_reason(default_export, tmp_path, monkeypatch):
+    from exporter.bench import llama_cpp
+    from exporter.bench.command import BenchRequest, _compare_peers
+    from exporter.bench import peers
+
+    source = tmp_path / "peers" / "llama.cpp" / "llama_cpp_python-0.0.0" / "vendor" / "llama.cpp"
+    source.mkdir(parents=True)
+    monkeypatch.setattr(llama_cpp.shutil, "which", lambda name: None)
+    with pytest.raises(llama_cpp.LlamaCppUnavailable, match="cmake is not installed"):
+        llama_cpp.build_llama_cpp(source.parents[1])
+    monkeypatch.setattr(peers, "missing_peer", lambda name: f"{name} is not installed")
+    notes = []
+    out = _compare_peers({"configs": []}, default_export, [1], BenchRequest(default_export, out_dir=tmp_path), notes.append)
+    assert out["skipped_peers"]["llama.cpp"] == "cmake is not installed (apt-get install cmake)"
+    assert notes[-1] == "skipping llama.cpp: cmake is not installed (apt-get install cmake)" and out["peers"] == []

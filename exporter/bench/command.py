@@ -61,4 +61,15 @@ def _compare_peers(report: dict, checkpoint: Path, threads: list[int], request: 
         path = build_genai_export(checkpoint, request.out_dir / "peers" / "genai-int4") if kind == "genai" else checkpoint
         for t in threads:
             peers.append(run_peer(kind, path, t, list(request.prompt_lengths), request.decode_tokens, request.repeats))
+    from exporter.bench.llama_cpp import LlamaCppUnavailable, measure_llama_bench, quantized_models
+
+    try:
+        src, models = quantized_models(checkpoint, request.out_dir / "peers" / "llama.cpp")
+        for name, gguf in models.items():
+            for t in threads:
+                peers.append(measure_llama_bench(src, gguf, t, list(request.prompt_lengths), request.decode_tokens,
+                                                 request.repeats, name))
+    except LlamaCppUnavailable as why:
+        skipped["llama.cpp"] = str(why)
+        note(f"skipping llama.cpp: {why}")
     return {"peers": peers, "skipped_peers": skipped, "ratios": ratios(report["configs"], peers)}

@@ -17,6 +17,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from runtime_py.export_format import read_manifest
@@ -26,14 +27,17 @@ QWEN_EDGE = [sys.executable, "-m", "exporter.cli"]
 SHARD_BYTES = 5 * 10**9  # safetensors shards of at most 5 GB with an index, as the published checkpoints
 
 
-def run_measured(cmd: list[str]) -> dict:
-    """Run cmd; return wall seconds, peak RSS (MiB) of that process tree's largest process, exit code."""
+def run_measured(cmd: list[str], quiet: bool = False) -> dict:
+    """Run cmd (its output dropped when `quiet`); return wall and CPU seconds, peak RSS (MiB) of that
+    process tree's largest process, exit code."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT)
+    drop = subprocess.DEVNULL if quiet else None
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=drop, stderr=drop)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
-    return {"command": " ".join(cmd), "wall_s": round(wall, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024), "exit": code}
+    return {"command": " ".join(cmd), "wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+            "peak_rss_mib": round(usage.ru_maxrss / 1024), "exit": code}
 
 
 def machine() -> str:
@@ -97,7 +101,7 @@ def main() -> None:
                "import sys; from graphs.config import preset_config_dict as p; "
                "from graphs.random_checkpoint import write_random_checkpoint as w; "
                f"w(p('{args.preset}'), '{ck}', max_shard_bytes={SHARD_BYTES})"]
-    stages = {
+    stages: dict[str, list[str] | Callable[[], list[str]]] = {
         "write random checkpoint (bf16, sharded)": make_ck,
         f"export ({args.quant})": [*QWEN_EDGE, "export", str(ck), str(export), "--force", "--quiet",
                                    "--quant", args.quant, "--block-size", args.block_size],
@@ -105,11 +109,26 @@ def main() -> None:
             *QWEN_EDGE, "verify", str(ck), str(export), "--variant", checked, "--prompt-lengths", "1,64,130",
             "--json", str(report_json)],
     }
+    peer_note = ""
+    if "q4" in quants:  # the peer's convert + quantize of the same checkpoint, its nearest format (Q4_0)
+        from exporter.bench.llama_cpp import (LlamaCppUnavailable, build_llama_cpp, convert_command, peer_input,
+                                              quantize_command)
+
+        try:
+            src = build_llama_cpp(args.work / "llama.cpp")
+            gguf = work / "llama-bf16.gguf"
+            # built when it runs: the converter's flags depend on the checkpoint's tensors
+            stages["llama.cpp: convert to bf16 GGUF (peer)"] = lambda: convert_command(
+                src, peer_input(ck, work / "llama-input"), gguf)
+            stages["llama.cpp: quantize to Q4_0 (peer)"] = quantize_command(src, gguf, work / "llama-q4_0.gguf")
+        except LlamaCppUnavailable as why:
+            peer_note = f"llama.cpp (peer) skipped: {why}."
+            print(peer_note, flush=True)
     results = {}
     for name, cmd in stages.items():
         print(f"== {name}", flush=True)
-        results[name] = run_measured(cmd)
-        if results[name]["exit"] != 0 and "verify" not in name:
+        results[name] = run_measured(cmd() if callable(cmd) else cmd, quiet="(peer)" in name)
+        if results[name]["exit"] != 0 and "verify" not in name and "(peer)" not in name:
             sys.exit(f"stage failed: {name}")
     verify = json.loads(report_json.read_text())
     variants = read_manifest(export)["variants"]
@@ -129,7 +148,16 @@ def main() -> None:
     (ROOT / "bench_out").mkdir(exist_ok=True)
     (ROOT / "bench_out" / f"export_{args.preset}_{args.quant.replace(',', '-')}_b{args.block_size}.json").write_text(json.dumps(record, indent=2) + "\n")
 
-    rows = "\n".join(f"| {name} | {r['wall_s']} | {r['peak_rss_mib']} | {r['exit']} |" for name, r in results.items())
+    peers = [r for name, r in results.items() if "(peer)" in name]
+    if len(peers) == 2 and all(r["exit"] == 0 for r in peers):
+        ours = results[f"export ({args.quant})"]
+        theirs = {k: sum(r[k] for r in peers) for k in ("wall_s", "cpu_s")}
+        peer_note = (f"qwen-edge export ({args.quant}) against llama.cpp's convert + quantize of the same checkpoint: "
+                     f"{ours['wall_s'] / theirs['wall_s']:.2f}× the wall time, {ours['cpu_s'] / theirs['cpu_s']:.2f}× "
+                     f"the CPU time (lower is faster); peak RSS {ours['peak_rss_mib']} MiB against "
+                     f"{max(r['peak_rss_mib'] for r in peers)} MiB.")
+    rows = "\n".join(f"| {name} | {r['wall_s']} | {r['cpu_s']} | {r['peak_rss_mib']} | {r['exit']} |"
+                     for name, r in results.items())
     size_rows = "\n".join(f"| {name} | {b:,} | {b / 1e9:.3f} | {b / 2**20:.1f} |"
                           for name, b in record["variant_bytes"].items())
     command = f".venv/bin/python -m exporter.bench.export --preset {args.preset} --quant {args.quant} --block-size {args.block_size}"
@@ -139,9 +167,10 @@ Measured {record['date']} on {record['machine']}.
 Command: `{command}` (each stage a separate process;
 peak RSS is the kernel's maxrss of that process).
 
-| stage | wall time (s) | peak RSS (MiB) | exit |
-|---|---|---|---|
+| stage | wall time (s) | CPU time (s) | peak RSS (MiB) | exit |
+|---|---|---|---|---|
 {rows}
+{peer_note}
 
 Checkpoint {record['checkpoint_mib']} MiB (bf16). Verify ({checked} variant vs the PyTorch reference):
 {'PASS' if record['verify_passed'] else 'FAIL'}, worst per-call max |Δlogits| / logit scale {worst:.2e},
@@ -206,6 +235,14 @@ def quality_default(work: Path, doc: Path) -> None:
         subprocess.run(cmd, cwd=ROOT, check=False)
     data = json.loads(report.read_text())
     sizes = read_manifest(export)["variants"]
+    peers = [r for name, r in results.items() if "(peer)" in name]
+    if len(peers) == 2 and all(r["exit"] == 0 for r in peers):
+        ours = results[f"export ({args.quant})"]
+        theirs = {k: sum(r[k] for r in peers) for k in ("wall_s", "cpu_s")}
+        peer_note = (f"qwen-edge export ({args.quant}) against llama.cpp's convert + quantize of the same checkpoint: "
+                     f"{ours['wall_s'] / theirs['wall_s']:.2f}× the wall time, {ours['cpu_s'] / theirs['cpu_s']:.2f}× "
+                     f"the CPU time (lower is faster); peak RSS {ours['peak_rss_mib']} MiB against "
+                     f"{max(r['peak_rss_mib'] for r in peers)} MiB.")
     rows = "\n".join(
         f"| {v['variant']} | {v['top1_agreement']:.2%} | {v['mean_kl']:.2e} | {v['perplexity']:.4f} | "
         f"{v['perplexity_increase']:+.2%} | {v['greedy_agreement']:.1%} | {sizes[v['variant']]['bytes_on_disk'] / 2**20:.2f} | "

@@ -11,7 +11,8 @@ from runtime_py.bench import markdown_table
 
 
 def write_plots(report: dict, out_dir: Path) -> list[Path]:
-    """speed.png: prefill and decode tok/s per thread count; memory.png: state memory vs context."""
+    """speed.png: prefill and decode tok/s per thread count; memory.png: state memory vs context;
+    peers.png where peers ran."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,7 +45,31 @@ def write_plots(report: dict, out_dir: Path) -> list[Path]:
     fig.tight_layout()
     fig.savefig(memory, dpi=100)
     plt.close(fig)
-    return [speed, memory]
+    return [speed, memory, *([_peer_bars(report, out_dir, plt)] if report.get("peers") else [])]
+
+
+def _peer_bars(report: dict, out_dir: Path, plt) -> Path:  # noqa: ANN001
+    """peers.png: one bar per tool (qwen-edge and each peer) at the most threads measured, for prefill
+    of the longest prompt, decode, peak RSS and CPU-seconds per token."""
+    threads = max(c["threads"] for c in report["configs"])
+    ours = next(c for c in report["configs"] if c["threads"] == threads)
+    tools = [(f"qwen-edge {report['variant']}", ours)] + [(p["peer"], p) for p in report["peers"] if p["threads"] == threads]
+    length = max(ours["prefill"], key=int)
+    panels = [(f"prefill {length} (tok/s)", lambda r: r["prefill"].get(length, {}).get("tokens_per_s", 0.0)),
+              ("decode (tok/s)", lambda r: r["decode"]["tokens_per_s"]["median"]),
+              ("peak RSS (MiB)", lambda r: r["peak_rss_mib"]),
+              ("CPU-s per token", lambda r: r["decode"]["cpu_s_per_token"]["median"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
+    for ax, (title, value) in zip(axes, panels):
+        ax.bar(range(len(tools)), [value(r) for _, r in tools], color=["C0"] + ["C7"] * (len(tools) - 1))
+        ax.set_xticks(range(len(tools)), [name for name, _ in tools], rotation=30, ha="right", fontsize=8)
+        ax.set_title(title)
+    fig.suptitle(f"{threads} threads, same run")
+    fig.tight_layout()
+    path = out_dir / "peers.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 PLOTS_NEED = "plots skipped: matplotlib is not installed (pip install 'qwen-edge[bench]' for them)"
