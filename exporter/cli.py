@@ -303,7 +303,7 @@ def generate(export_dir: Path, prompt: str | None, chat: bool, messages_path: Pa
               help="Context lengths for the state-memory curve.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench_out"), show_default=True)
 @click.option("--compare", "compare_checkpoint", type=click.Path(path_type=Path), default=None,
-              help="Also run the peers on this checkpoint: onnxruntime-genai int4 (its own builder) and transformers eager.")
+              help="Also run the peers on this checkpoint: onnxruntime-genai int4 (its own builder), transformers eager, and llama.cpp Q4_0 and Q4_K_M (built from the llama-cpp-python sdist; skipped with the reason where it cannot be built).")
 def bench(export_dir: Path, variant: str | None, threads_text: str | None, prompt_lengths: str, decode_tokens: int,
           repeats: int, contexts: str, out_dir: Path, compare_checkpoint: Path | None) -> None:
     """Measure speed, latency, memory and CPU cost of EXPORT_DIR; write JSON, Markdown and PNG plots."""

@@ -110,8 +110,10 @@ class OnnxModel:
         self.export_dir, self.variant, self.threads = Path(export_dir), variant, threads
         self.prefill_chunk = prefill_chunk
         embed, decoder = onnx_variant_files(self.export_dir, variant)
-        self.embed = _session(embed, threads)
+        # The decoder first: its load peaks above its steady size (ONNX Runtime repacks the int4 weights),
+        # and that peak should not sit on top of the embedding's memory.
         self.decoder = _session(decoder, threads)
+        self.embed = _session(embed, threads)
         self.state_inputs = [i for i in self.decoder.get_inputs() if is_state_input(i.name)]
         self.output_names = [o.name for o in self.decoder.get_outputs()]
         self.embeds_dtype = _NP_TYPES[self.decoder.get_inputs()[0].type]

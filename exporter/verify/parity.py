@@ -100,6 +100,13 @@ def teacher_forced(reference: SequenceScorer, target: SequenceRunner, prompts: l
                    rtol: float) -> list[PromptReport]:
     """Per prompt: the target's prefill, then `decode_steps` steps fed its greedy token; then the
     reference scores every sequence at once, and each target call is compared with it."""
+    return compare_with_reference(reference, prompts, *target_calls(target, prompts, decode_steps), rtol)
+
+
+def target_calls(target: SequenceRunner, prompts: list[list[int]],
+                 decode_steps: int) -> tuple[list[list[np.ndarray]], list[list[int]]]:
+    """(each prompt's call logits, each prompt with its greedy continuation): the target's half of
+    `teacher_forced`, so a caller can free the target before the reference runs."""
     calls, sequences = [], []
     for ids in prompts:
         target.start()
@@ -110,12 +117,18 @@ def teacher_forced(reference: SequenceScorer, target: SequenceRunner, prompts: l
             got.append(target.decode(tokens[-1]))
         calls.append(got)
         sequences.append(list(ids) + tokens)
+    return calls, sequences
+
+
+def compare_with_reference(reference: SequenceScorer, prompts: list[list[int]], calls: list[list[np.ndarray]],
+                           sequences: list[list[int]], rtol: float) -> list[PromptReport]:
+    """The reference's logits of every sequence, compared call by call with the target's."""
     reports = []
     for ids, got, ref in zip(prompts, calls, reference.score(sequences)):
         report = PromptReport(len(ids))
         t = len(ids)
         report.steps.append(compare_step(0, ref[:t], got[0], rtol))
-        for step in range(1, decode_steps + 1):
+        for step in range(1, len(got)):  # each decode call after the prefill
             report.steps.append(compare_step(step, ref[t + step - 1 : t + step], got[step], rtol))
         reports.append(report)
     return reports
@@ -133,9 +146,11 @@ def verify_export(
     runs layer by layer from the checkpoint (graphs/layerwise.py)."""
     folder = resolve_checkpoint(checkpoint)
     ck = open_checkpoint(folder)
-    target = OnnxRunner(OnnxModel(export_dir, variant, prefill_chunk=SINGLE_CALL))
     prompts = [prompt_ids(length, ck.config.vocab_size, seed=n) for n, length in enumerate(prompt_lengths)]
-    reports = teacher_forced(LayerwiseReference(ck), target, prompts, decode_steps, rtol)
+    # The sessions are dropped before the reference runs: peak memory is the larger of the two, not their sum.
+    calls, sequences = target_calls(OnnxRunner(OnnxModel(export_dir, variant, prefill_chunk=SINGLE_CALL)), prompts,
+                                    decode_steps)
+    reports = compare_with_reference(LayerwiseReference(ck), prompts, calls, sequences, rtol)
     return VerifyReport(str(folder), str(export_dir), rtol, decode_steps, reports)
 
 
