@@ -235,14 +235,6 @@ def quality_default(work: Path, doc: Path) -> None:
         subprocess.run(cmd, cwd=ROOT, check=False)
     data = json.loads(report.read_text())
     sizes = read_manifest(export)["variants"]
-    peers = [r for name, r in results.items() if "(peer)" in name]
-    if len(peers) == 2 and all(r["exit"] == 0 for r in peers):
-        ours = results[f"export ({args.quant})"]
-        theirs = {k: sum(r[k] for r in peers) for k in ("wall_s", "cpu_s")}
-        peer_note = (f"qwen-edge export ({args.quant}) against llama.cpp's convert + quantize of the same checkpoint: "
-                     f"{ours['wall_s'] / theirs['wall_s']:.2f}× the wall time, {ours['cpu_s'] / theirs['cpu_s']:.2f}× "
-                     f"the CPU time (lower is faster); peak RSS {ours['peak_rss_mib']} MiB against "
-                     f"{max(r['peak_rss_mib'] for r in peers)} MiB.")
     rows = "\n".join(
         f"| {v['variant']} | {v['top1_agreement']:.2%} | {v['mean_kl']:.2e} | {v['perplexity']:.4f} | "
         f"{v['perplexity_increase']:+.2%} | {v['greedy_agreement']:.1%} | {sizes[v['variant']]['bytes_on_disk'] / 2**20:.2f} | "
