@@ -24,9 +24,8 @@ from functools import lru_cache, partial
 import numpy as np
 
 from graphs.config import TextConfig, VisionConfig
-from quant.schemes import FAMILIES, QuantOptions, Scheme, WeightFormat, family_of
+from quant.schemes import FAMILIES, PALETTE_GROUP, QuantOptions, Scheme, WeightFormat, family_of
 
-PALETTE_GROUP = 16  # output channels sharing one LUT
 INT4_BLOCK = 32
 # torch.export lifts parameter `model.X.Y` of the step module as `p_model_X_Y`; the fp16-compute pass
 # appends `_to_fp16`, and compression names the decoding op after the constant it replaced.

@@ -185,6 +185,9 @@ class Scheme:
         return self.weight_bits or (16 if self.activations == "float16" else 32)
 
 
+PALETTE_GROUP = 16  # output channels sharing one LUT in a palette scheme (p4), the LM head excepted
+
+
 # Default gates, measured against the float reference on the default model's held-out text. Top-1
 # agreement is volatile where the reference itself hesitates (the synthetic grammar has many
 # near-equal choices: q8 measured 98.7-99.0 % top-1 with mean KL 2e-5 and no perplexity change),
@@ -207,7 +210,7 @@ SCHEMES: dict[str, Scheme] = {
                "4-bit palettization (16-entry k-means LUT per group of 16 output channels; LM head and "
                "embedding 6-bit, a 64-entry LUT per row), fp16 compute", False, "palette",
                recipe=((HEAD_FAMILY, WeightFormat(6, 1)),
-                       *((family, WeightFormat(4, 16)) for family in LARGE_PROJECTIONS))),
+                       *((family, WeightFormat(4, PALETTE_GROUP)) for family in LARGE_PROJECTIONS))),
         # Measured (BENCHMARKS.md, "Int4 sensitivity"): the LM head with the tied embedding carries most of
         # int4's loss (alone at block 32: KL 1.9e-3 of q4's 2.2e-3; at block 128 it fails the gate alone),
         # the projections cost little at block 128. Cheapest candidate that meets the q4 gate: 423 MB of
