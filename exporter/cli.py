@@ -193,7 +193,7 @@ def export(ctx: click.Context, checkpoint: str, out: Path, fmt: str, quant_names
               help="Parity: greedy decode steps after each prefill.")
 @click.option("--prompt-lengths", default=None, help="Parity: comma-separated prompt lengths [ONNX 1,63,64,65,130; Core ML 64,130].")
 @click.option("--rtol", type=FiniteFloat(min=0), default=None,
-              help="Parity: logit tolerance relative to the logit scale [ONNX 1e-4; Core ML 1e-2 fp32 compute, 5e-2 fp16].")
+              help="Parity: logit tolerance relative to the logit scale [ONNX 1e-4, 5e-2 for fp16 activations; Core ML 1e-2 fp32 compute, 5e-2 fp16].")
 @click.option("--per-step", is_flag=True, help="Parity: print every step's difference.")
 @click.option("--variants", "variant_names", default=None, help="Quality: comma-separated variants (default: all).")
 @click.option("--text", "text_path", type=click.Path(path_type=Path), help="Quality: held-out text file.")

@@ -11,6 +11,7 @@ it for the speculative loop (runtime_py/speculative.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -42,7 +43,10 @@ class SequenceState:
         return replace(self, values=dict(self.values))
 
 
-def _session(path: Path, threads: int | None) -> ort.InferenceSession:
+GraphRewrite = Callable[[Path], bytes]  # a graph file -> the serialized graph to load in its place
+
+
+def _session(path: Path, threads: int | None, rewrite: GraphRewrite | None = None) -> ort.InferenceSession:
     if not path.is_file():
         raise QwenEdgeError(f"{path}: not found; pass a folder written by 'qwen-edge export'")
     opts = ort.SessionOptions()
@@ -52,8 +56,12 @@ def _session(path: Path, threads: int | None) -> ort.InferenceSession:
     # A draftable decoder's `logit_positions` has a default (an initializer of the same name), which
     # ONNX Runtime reports with a warning at every load; only errors are worth showing here.
     opts.log_severity_level = 3
+    model: str | bytes = str(path)
+    if rewrite is not None:  # the graph from memory, its external weights from beside the file
+        model = rewrite(path)
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for unloadable models
         raise QwenEdgeError(f"{path}: ONNX Runtime {ort.__version__} cannot load it ({str(exc).splitlines()[0]})") from exc
 
@@ -103,17 +111,19 @@ class OnnxModel:
     """embed_tokens + decoder_model_merged of one export folder."""
 
     def __init__(self, export_dir: Path | str, variant: str = "fp32", threads: int | None = None,
-                 prefill_chunk: int = 64) -> None:
+                 prefill_chunk: int = 64, rewrite: GraphRewrite | None = None) -> None:
         """prefill_chunk: long prompts run in chunks of this many tokens. On the 0.8B shape (int4, 2 threads)
         a 512-token prompt took 3.4 s in chunks of 64 against 4.8 s in one call, with peak RSS 903 MiB
-        against 1,331 MiB: smaller activations, and no extra cost since the state carries over exactly."""
+        against 1,331 MiB: smaller activations, and no extra cost since the state carries over exactly.
+        rewrite: load each graph as this function returns it, weights still read from the export
+        (how `verify` runs a quantized variant's MatMulNBits in fp32)."""
         self.export_dir, self.variant, self.threads = Path(export_dir), variant, threads
         self.prefill_chunk = prefill_chunk
         embed, decoder = onnx_variant_files(self.export_dir, variant)
         # The decoder first: its load peaks above its steady size (ONNX Runtime repacks the int4 weights),
         # and that peak should not sit on top of the embedding's memory.
-        self.decoder = _session(decoder, threads)
-        self.embed = _session(embed, threads)
+        self.decoder = _session(decoder, threads, rewrite)
+        self.embed = _session(embed, threads, rewrite)
         self.state_inputs = [i for i in self.decoder.get_inputs() if is_state_input(i.name)]
         self.output_names = [o.name for o in self.decoder.get_outputs()]
         self.embeds_dtype = _NP_TYPES[self.decoder.get_inputs()[0].type]

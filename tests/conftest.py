@@ -199,7 +199,7 @@ def default_all_variants(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_untied_quantized(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built_once(tmp_path_factory, "untied", lambda root: export_onnx(
-        tiny_checkpoints["kv_double_untied"], root / "export", ALL_SCHEMES,
+        tiny_checkpoints["kv_double_untied"], root / "export", DEFAULT_VARIANTS,
         OnnxOptions("contrib", QuantOptions(64, False, 4), all_logits=True), progress=False))
 
 

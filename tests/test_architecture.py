@@ -24,7 +24,7 @@ LAYERS = {
                 "exporter.package", "exporter.package.*", "exporter.atomic", "exporter.progress", "quant.onnx_weights"],
     "model": ["graphs.*", "default_model.*"],
     "export": ["exporter.pipeline", "exporter.onnx.*", "exporter.coreml", "exporter.coreml.*", "exporter.verify",
-               "exporter.verify.*", "quant.coreml_weights"],
+               "exporter.verify.*", "quant.coreml_weights", "quant.dequantized"],
     "bench": ["exporter.bench", "exporter.bench.*"],
     "cli": ["exporter.cli", "exporter.cli_types"],
 }

@@ -20,6 +20,11 @@ from exporter.bench.export import QWEN_EDGE, ROOT, folder_size_mib, machine, rep
 from runtime_py.export_format import read_manifest
 
 
+def record_path(preset: str) -> Path:
+    """Where the per-option results of this benchmark accumulate across runs."""
+    return ROOT / "bench_out" / f"coreml_{preset}.json"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="qwen3.5-0.8b")
@@ -35,9 +40,9 @@ def main() -> None:
         subprocess.run([sys.executable, "-c", "from graphs.config import preset_config_dict as p; "
                         "from graphs.random_checkpoint import write_random_checkpoint as w; "
                         f"w(p('{args.preset}'), '{ck}')"], cwd=ROOT, check=True)
-    record_path = ROOT / "bench_out" / f"coreml_{args.preset}.json"
-    record_path.parent.mkdir(exist_ok=True)
-    results = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record = record_path(args.preset)
+    record.parent.mkdir(exist_ok=True)
+    results = json.loads(record.read_text()) if record.is_file() else {}
     for name in filter(None, args.quant.split(",")):  # --quant "" only rewrites the section
         export = work / f"coreml-{name}"
         print(f"== Core ML {name}", flush=True)
@@ -48,7 +53,7 @@ def main() -> None:
             run.update(bytes=variant["bytes_on_disk"], weights=variant["weights"], compute=variant["compute_precision"])
         run.update(date=dt.date.today().isoformat(), context=args.context, chunk=args.chunk)
         results[name] = run
-        record_path.write_text(json.dumps(results, indent=2) + "\n")
+        record.write_text(json.dumps(results, indent=2) + "\n")
     rows = "\n".join(
         f"| {name} | {r.get('compute', '?')} | {r.get('weights', '?')} | {r['wall_s']} | {r['peak_rss_mib']:,} | "
         + (f"{r['bytes']:,} | {r['bytes'] / 2**20:,.1f} |" if 'bytes' in r else f"failed (exit {r['exit']}) | |")

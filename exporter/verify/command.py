@@ -16,7 +16,6 @@ from graphs.errors import QwenEdgeError
 
 ONNX_PROMPT_LENGTHS = (1, 63, 64, 65, 130)
 COREML_PROMPT_LENGTHS = (64, 130)
-ONNX_RTOL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -87,9 +86,8 @@ def _check_prompt_room(request: VerifyRequest) -> None:
 def _onnx_parity(request: VerifyRequest) -> VerifyOutcome:
     from exporter.verify.parity import format_report, verify_export
 
-    rtol = ONNX_RTOL if request.rtol is None else request.rtol
     report = verify_export(str(request.paths[0]), request.paths[1], request.prompt_lengths or ONNX_PROMPT_LENGTHS,
-                           request.decode_steps, rtol, request.variant)
+                           request.decode_steps, request.rtol, request.variant)
     return VerifyOutcome(format_report(report, request.per_step), report.passed, report.to_dict())
 
 

@@ -1,0 +1,58 @@
+"""A checkpoint read through a variant's own weight rounding: the reference for that variant's parity.
+
+Comparing a compressed variant with the float checkpoint mixes two errors, the scheme's rounding
+(what the quality report measures) and any mistake in the graph. Reading every weight through the
+variant's pack → unpack round trip (the packer the exporter uses, the format its scheme assigns)
+leaves the graph's part alone, so `verify --variant q4` can tell a wrong graph from an int4 one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from graphs.checkpoint import Checkpoint
+from graphs.config import TextConfig
+from quant.onnx_weights import pack_blockwise, unpack_blockwise
+from quant.schemes import SCHEMES, QuantOptions, Scheme
+
+
+class RoundedCheckpoint:
+    """The decoder tensors of `checkpoint` as `scheme` stores them (compressed weights dequantized,
+    every float in the activation dtype), returned as float32 like `Checkpoint.read_rows`."""
+
+    def __init__(self, checkpoint: Checkpoint, scheme: Scheme, opts: QuantOptions) -> None:
+        self.checkpoint, self.scheme, self.opts = checkpoint, scheme, opts
+
+    @property
+    def config(self) -> TextConfig:
+        return self.checkpoint.config
+
+    def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        rows = self.checkpoint.read_rows(name, start, stop)
+        if self.scheme.activations == "float16":
+            rows = rows.astype(np.float16)
+        fmt = self.scheme.weight_format(name, self.opts)
+        if fmt is not None:  # [out, in] rows; blocks run along `in`, each output row independent
+            rows = unpack_blockwise(pack_blockwise(np.ascontiguousarray(rows.T), fmt), rows.shape[1], fmt).T
+        return np.ascontiguousarray(rows, dtype=np.float32)
+
+
+def variant_weights(checkpoint: Checkpoint, name: str, record: dict) -> Checkpoint | RoundedCheckpoint:
+    """What the variant `name` (its manifest `record`) computes with: the checkpoint itself for fp32."""
+    scheme = SCHEMES[name]
+    if scheme.activations == "float32" and not scheme.weight_bits:
+        return checkpoint
+    opts = QuantOptions(record.get("block_size", QuantOptions.block_size), record.get("symmetric", True))
+    return RoundedCheckpoint(checkpoint, scheme, opts)
+
+
+def describe_reference(name: str, record: dict) -> str:
+    """One line saying which weights the reference of variant `name` computes with."""
+    scheme = SCHEMES[name]
+    if scheme.activations == "float32" and not scheme.weight_bits:
+        return "the checkpoint's weights in fp32"
+    formats = sorted({f"{f['bits']}-bit/b{f['block_size']}" for f in record.get("weight_formats", {}).values() if f})
+    stored = (f"compressed weights {', '.join(formats)} {'symmetric' if record.get('symmetric', True) else 'asymmetric'}"
+              " (packed and unpacked as the export packs them)") if formats else ""
+    floats = "floats rounded to fp16" if scheme.activations == "float16" else ""
+    return f"the checkpoint's weights as {name} stores them: " + "; ".join(filter(None, (stored, floats)))
