@@ -1,9 +1,10 @@
 """A checkpoint read through a variant's own weight rounding: the reference for that variant's parity.
 
 Comparing a compressed variant with the float checkpoint mixes two errors, the scheme's rounding
-(what the quality report measures) and any mistake in the graph. Reading every weight through the
-variant's pack → unpack round trip (the packer the exporter uses, the format its scheme assigns)
-leaves the graph's part alone, so `verify --variant q4` can tell a wrong graph from an int4 one.
+(what the quality report measures) and any mistake in the graph. Reading every weight as the variant
+stores it leaves the graph's part alone, so `verify --variant q4` can tell a wrong graph from an int4
+one. ONNX: each weight through the pack → unpack round trip of the exporter's packer, in the format
+its scheme assigns. Core ML: the weights the package stores, decoded (exporter/coreml/check.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,28 @@ class RoundedCheckpoint:
         fmt = self.scheme.weight_format(name, self.opts)
         if fmt is not None:  # [out, in] rows; blocks run along `in`, each output row independent
             rows = unpack_blockwise(pack_blockwise(np.ascontiguousarray(rows.T), fmt), rows.shape[1], fmt).T
+        return np.ascontiguousarray(rows, dtype=np.float32)
+
+
+class StoredWeightsCheckpoint:
+    """The decoder tensors of `checkpoint` with the compressed ones replaced by `stored` ({parameter:
+    decoded weight}; a tied table is stored under the LM head's name), floats rounded to fp16 if asked."""
+
+    def __init__(self, checkpoint: Checkpoint, stored: dict[str, np.ndarray], float16: bool) -> None:
+        self.checkpoint, self.stored, self.float16 = checkpoint, stored, float16
+
+    @property
+    def config(self) -> TextConfig:
+        return self.checkpoint.config
+
+    def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        tied = self.config.tie_word_embeddings and name == "embed_tokens.weight"
+        source = "lm_head.weight" if tied and name not in self.stored else name
+        if source in self.stored:
+            rows = self.stored[source][start:stop]
+        else:
+            rows = self.checkpoint.read_rows(name, start, stop)
+            rows = rows.astype(np.float16) if self.float16 else rows
         return np.ascontiguousarray(rows, dtype=np.float32)
 
 

@@ -219,12 +219,12 @@ def default_coreml(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_coreml(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The Hv = 2·Hk layout as Core ML fp16 and p4, the delta-rule state as fp32 input/output
-    (--recurrent-state io); shared by the Core ML tests and the iOS bundle in genai."""
+    """The Hv = 2·Hk layout (random, untied) in every Core ML option, the delta-rule state as fp32
+    input/output (--recurrent-state io); shared by the Core ML tests and the iOS bundle in genai."""
     from exporter.coreml.backend import CoreMLOptions, export_coreml
 
     return built_once(tmp_path_factory, "tiny-coreml", lambda root: export_coreml(
-        tiny_checkpoints["kv_double_untied"], root / "tiny", "fp16,p4",
+        tiny_checkpoints["kv_double_untied"], root / "tiny", COREML_OPTIONS,
         CoreMLOptions(context=COREML_CONTEXT, recurrent_state="io"), progress=False))
 
 

@@ -245,3 +245,18 @@ def test_quality_gates_through_the_interpreter(default_coreml: Path, tmp_path: P
 def test_quality_of_an_onnx_export_asks_for_the_right_format(default_coreml: Path):
     result = CliRunner().invoke(main, ["verify", str(default_coreml), "--against", "default"])
     assert result.exit_code == 1 and "add --format coreml" in result.output
+
+
+@pytest.mark.parametrize("variant", ["q8", "q4", "q4f16", "p4", "q4mix"])
+def test_compressed_packages_pass_the_linux_checker_against_their_own_weights(
+        tiny_coreml: Path, tiny_checkpoints: dict[str, Path], variant: str, monkeypatch: pytest.MonkeyPatch):
+    """Random untied weights: against the float checkpoint int4 moves the logits far beyond any
+    tolerance; against the package's own decoded weights every option passes the default one."""
+    report, _ = verify_coreml(tiny_checkpoints["kv_double_untied"], tiny_coreml, variant, (64,), 8)
+    assert "stores them" in report.reference
+    assert report.passed, [(p.prompt_length, [s.max_abs_diff for s in p.steps]) for p in report.prompts]
+    if variant == "q4":  # the same check with the float weights in the reference fails
+        import exporter.coreml.check as check
+
+        monkeypatch.setattr(check, "stored_weights", lambda package, cfg: {})
+        assert not verify_coreml(tiny_checkpoints["kv_double_untied"], tiny_coreml, variant, (64,), 8)[0].passed

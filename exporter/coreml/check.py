@@ -210,6 +210,7 @@ def verify_coreml(checkpoint: str | Path, export_dir: Path, variant: str = "fp32
                   rtol: float | None = None, runner: str = "mil") -> tuple[VerifyReport, PackageSpec]:
     """Parity of one Core ML variant against the PyTorch reference (exporter/verify/parity.py)."""
     from graphs.checkpoint import open_checkpoint
+    from quant.dequantized import StoredWeightsCheckpoint
 
     target = coreml_runner(export_dir, variant, runner)
     record = variant_record(export_dir, variant)
@@ -218,8 +219,13 @@ def verify_coreml(checkpoint: str | Path, export_dir: Path, variant: str = "fp32
         rtol = DEFAULT_RTOL[record["compute_precision"]]
     ck = open_checkpoint(resolve_checkpoint(checkpoint))
     prompts = [prompt_ids(length, ck.config.vocab_size, seed=n) for n, length in enumerate(prompt_lengths)]
-    reports = teacher_forced(LayerwiseReference(ck), target, prompts, decode_steps, rtol)
-    return VerifyReport(str(checkpoint), str(export_dir), rtol, decode_steps, reports), package_spec
+    reference, described = ck, "the checkpoint's weights in fp32"
+    if record["weights"] != "float":  # the package's own decoded weights: the check is of the program
+        stored = stored_weights(Path(export_dir) / record["package"], ck.config)
+        reference = StoredWeightsCheckpoint(ck, stored, record["compute_precision"] == "float16")
+        described = f"the checkpoint's weights as {variant} stores them ({record['weights']}, decoded from the package)"
+    reports = teacher_forced(LayerwiseReference(reference), target, prompts, decode_steps, rtol)
+    return VerifyReport(str(checkpoint), str(export_dir), rtol, decode_steps, reports, described), package_spec
 
 
 def format_package_spec(spec: PackageSpec) -> str:
