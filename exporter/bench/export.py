@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--quant", default="fp32", help="variants to export (the size table lists each)")
     parser.add_argument("--block-size", default="32", choices=["32", "64", "128"])
+    parser.add_argument("--verify-all", action="store_true", help="verify every exported variant (default: fp32 or the first)")
     parser.add_argument("--quality-default", action="store_true",
                         help="instead: the quality table of every variant of the default model")
     parser.add_argument("--speed", metavar="VARIANT", default=None,
@@ -92,11 +93,11 @@ def main() -> None:
         return
     work = args.work / args.preset
     ck, export = work / "checkpoint", work / "export"
-    report_json = work / "verify.json"
     work.mkdir(parents=True, exist_ok=True)
 
     quants = [q.strip() for q in args.quant.split(",")]
-    checked = "fp32" if "fp32" in quants else quants[0]  # the variant verify checks against the reference
+    # the variants verify checks against the reference (each against its own rounded weights)
+    checked = quants if args.verify_all else ["fp32" if "fp32" in quants else quants[0]]
     make_ck = [sys.executable, "-c",
                "import sys; from graphs.config import preset_config_dict as p; "
                "from graphs.random_checkpoint import write_random_checkpoint as w; "
@@ -105,9 +106,9 @@ def main() -> None:
         "write random checkpoint (bf16, sharded)": make_ck,
         f"export ({args.quant})": [*QWEN_EDGE, "export", str(ck), str(export), "--force", "--quiet",
                                    "--quant", args.quant, "--block-size", args.block_size],
-        f"verify {checked} (prompts 1/64/130, 32 decode steps)": [
-            *QWEN_EDGE, "verify", str(ck), str(export), "--variant", checked, "--prompt-lengths", "1,64,130",
-            "--json", str(report_json)],
+        **{f"verify {name} (prompts 1/64/130, 32 decode steps)": [
+            *QWEN_EDGE, "verify", str(ck), str(export), "--variant", name, "--prompt-lengths", "1,64,130",
+            "--json", str(work / f"verify-{name}.json")] for name in checked},
     }
     peer_note = ""
     if "q4" in quants:  # the peer's convert + quantize of the same checkpoint, its nearest format (Q4_0)
@@ -124,15 +125,17 @@ def main() -> None:
         except LlamaCppUnavailable as why:
             peer_note = f"llama.cpp (peer) skipped: {why}."
             print(peer_note, flush=True)
+    for name in checked:
+        (work / f"verify-{name}.json").unlink(missing_ok=True)
     results = {}
     for name, cmd in stages.items():
         print(f"== {name}", flush=True)
         results[name] = run_measured(cmd() if callable(cmd) else cmd, quiet="(peer)" in name)
         if results[name]["exit"] != 0 and "verify" not in name and "(peer)" not in name:
             sys.exit(f"stage failed: {name}")
-    verify = json.loads(report_json.read_text())
+    reports = {name: work / f"verify-{name}.json" for name in checked}  # removed before the run: none is stale
+    verified = {name: json.loads(path.read_text()) for name, path in reports.items() if path.is_file()}
     variants = read_manifest(export)["variants"]
-    worst = max(s["max_abs_diff"] / max(1, s["logit_scale"]) for p in verify["prompts"] for s in p["steps"])
     record = {
         "preset": args.preset,
         "date": dt.date.today().isoformat(),
@@ -140,9 +143,11 @@ def main() -> None:
         "stages": results,
         "checkpoint_mib": folder_size_mib(ck),
         "export_mib": folder_size_mib(export),
-        "verify_passed": verify["passed"],
-        "verify_worst_relative_diff": worst,
-        "verify_greedy_agreement": min(p["greedy_agreement"] for p in verify["prompts"]),
+        "verify": {name: {"passed": v["passed"], "rtol": v["rtol"], "reference": v["reference"],
+                          "worst_relative_diff": max(s["max_abs_diff"] / max(1, s["logit_scale"])
+                                                     for p in v["prompts"] for s in p["steps"]),
+                          "greedy_agreement": min(p["greedy_agreement"] for p in v["prompts"])}
+                   for name, v in verified.items()},
         "variant_bytes": {name: v["bytes_on_disk"] for name, v in variants.items()},
     }
     (ROOT / "bench_out").mkdir(exist_ok=True)
@@ -160,7 +165,11 @@ def main() -> None:
                      for name, r in results.items())
     size_rows = "\n".join(f"| {name} | {b:,} | {b / 1e9:.3f} | {b / 2**20:.1f} |"
                           for name, b in record["variant_bytes"].items())
-    command = f".venv/bin/python -m exporter.bench.export --preset {args.preset} --quant {args.quant} --block-size {args.block_size}"
+    verify_rows = "\n".join(
+        f"| {name} | {'PASS' if v['passed'] else 'FAIL'} | {v['worst_relative_diff']:.2e} | {v['rtol']:g} | {v['greedy_agreement']:.0%} |"
+        for name, v in record["verify"].items()) or "| (no verify report) | | | | |"
+    command = (f".venv/bin/python -m exporter.bench.export --preset {args.preset} --quant {args.quant} --block-size {args.block_size}"
+               + (" --verify-all" if args.verify_all else ""))
     body = f"""## Export of the {args.preset} shape (random weights), {args.quant}, block {args.block_size}
 
 Measured {record['date']} on {record['machine']}.
@@ -172,9 +181,12 @@ peak RSS is the kernel's maxrss of that process).
 {rows}
 {peer_note}
 
-Checkpoint {record['checkpoint_mib']} MiB (bf16). Verify ({checked} variant vs the PyTorch reference):
-{'PASS' if record['verify_passed'] else 'FAIL'}, worst per-call max |Δlogits| / logit scale {worst:.2e},
-greedy agreement {record['verify_greedy_agreement']:.0%}.
+Checkpoint {record['checkpoint_mib']} MiB (bf16). Verify (each variant vs the PyTorch reference computing with that
+variant's own rounded weights; compressed MatMulNBits run in fp32 for the check):
+
+| variant | result | worst per-call max \|Δlogits\| / logit scale | tolerance | greedy agreement |
+|---|---|---|---|---|
+{verify_rows}
 
 Size on disk per variant, embed_tokens + decoder_model_merged with their data files (tied embedding
 stored once in the quantized variants; block size {args.block_size}, symmetric):
