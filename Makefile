@@ -57,7 +57,12 @@ bench: $(STAMP)
 	$(PY) -m exporter.bench.export --preset qwen3.5-0.8b --speed q4 --quant q4,q4f16
 	$(PY) -m exporter.bench.export --preset qwen3.5-0.8b --speed q4 --quant q4 --block-size 128 --no-compare
 	$(PY) -m exporter.bench.export --preset qwen3.5-2b --speed q4 --quant q4 --no-compare
-	$(PY) -m exporter.bench.coreml --preset qwen3.5-0.8b --quant fp32,fp16,q8,q4,q4f16,p4
+	$(PY) -m exporter.bench.coreml --preset qwen3.5-0.8b --quant fp32,fp16,q8,q4,q4f16,p4,q4mix
+	$(PY) -m exporter.bench.variants --preset qwen3.5-0.8b --threads 2
+	$(PY) -m exporter.bench.export --preset qwen3.5-0.8b --quant q4,q4f16,fp16 --verify-all
+	$(PY) -m exporter.bench.export --preset qwen3.5-2b --quant q4,q4f16,fp16 --verify-all
+	$(PY) -m exporter.bench.export --preset qwen3.5-4b --quant q4,q4f16,fp16 --verify-all
+	$(PY) -m exporter.bench.export --preset qwen3.5-9b --quant q4,q4f16,fp16 --verify-all
 
 clean:
 	rm -rf build $(VENV) tests/js/node_modules

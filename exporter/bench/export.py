@@ -197,6 +197,42 @@ stored once in the quantized variants; block size {args.block_size}, symmetric):
 """
     replace_section(args.out, f"export:{args.preset}:{args.quant}:{args.block_size}", body)
     print(body)
+    write_size_summary(args.out, args.quant, args.block_size)
+
+
+def write_size_summary(doc: Path, quant: str, block_size: str) -> None:
+    """One table over every preset measured with this `--quant`: export time and memory, each
+    variant's verify and size (the records the per-preset runs wrote)."""
+    from graphs.config import preset_names
+
+    rows = []
+    for preset in preset_names():
+        path = ROOT / "bench_out" / f"export_{preset}_{quant.replace(',', '-')}_b{block_size}.json"
+        if not path.is_file():
+            continue
+        record = json.loads(path.read_text())
+        export = next(r for name, r in record["stages"].items() if name.startswith("export"))
+        for variant, size in record["variant_bytes"].items():
+            run = record["stages"].get(f"verify {variant} (prompts 1/64/130, 32 decode steps)")
+            check = record.get("verify", {}).get(variant)
+            verdict = ("not run" if run is None else f"killed or failed (exit {run['exit']})" if check is None
+                       else f"{'PASS' if check['passed'] else 'FAIL'} ({check['worst_relative_diff']:.1e})")
+            verify_cells = "| |" if run is None else f"{run['wall_s']} | {run['peak_rss_mib']:,} |"
+            rows.append(f"| {preset} | {record['date']} | {export['wall_s']} | {export['peak_rss_mib']:,} | {variant} | "
+                        f"{size:,} | {verdict} | {verify_cells}")
+    body = f"""## Every size, {quant} (block {block_size}): export, verify and size (random weights)
+
+One `qwen-edge export CHECKPOINT OUT --quant {quant}` per size (all variants in one call), then one
+`qwen-edge verify CHECKPOINT OUT --variant V` per variant (each against the reference computing with that variant's
+own rounded weights); each a separate process, peak RSS the kernel's maxrss. Rows come from
+`.venv/bin/python -m exporter.bench.export --preset P --quant {quant} --verify-all` (dates per row; machines in
+each preset's own section above).
+
+| size | date | export s | export peak MiB | variant | bytes | verify (worst Δ / logit scale) | verify s | verify peak MiB |
+|---|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
+    replace_section(doc, f"sizes:{quant}:{block_size}", body)
 
 
 def speed(preset: str, variant: str, work: Path, quant: str, block_size: str, doc: Path, compare: bool = True) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from exporter.bench.coreml import record_path as coreml_record_path
 from exporter.bench.export import QWEN_EDGE, ROOT, SHARD_BYTES, machine, replace_section, run_measured
 from quant.schemes import SCHEMES
-from runtime_py.export_format import read_manifest
+from runtime_py.export_format import read_manifest, variant_files
 
 ONNX_SCHEMES = [s.name for s in SCHEMES.values() if s.onnx]
 COREML_SCHEMES = list(SCHEMES)
@@ -63,11 +63,18 @@ def onnx_size_and_speed(preset: str, work: Path, threads: int, rounds: int, deco
             runs[name].append(json.loads((out / "bench.json").read_text())["configs"][0])
     return {"export": export_run, "variants": {name: {
         "bytes": variants[name]["bytes_on_disk"],
+        "text_bytes": text_bytes(export, variants[name]),
         "decode_tok_s": statistics.median(c["decode"]["tokens_per_s"]["median"] for c in runs[name]),
         "decode_rounds": [c["decode"]["tokens_per_s"]["median"] for c in runs[name]],
         "prefill_tok_s": statistics.median(c["prefill"]["128"]["tokens_per_s"] for c in runs[name]),
         "peak_rss_mib": max(c["peak_rss_mib"] for c in runs[name]),
     } for name in ONNX_SCHEMES}}
+
+
+def text_bytes(export: Path, record: dict) -> int:
+    """Bytes of the text model alone: embed_tokens + decoder with their data files (no MTP head)."""
+    files = variant_files(export, {key: value for key, value in record.items() if key != "mtp"})
+    return sum((export / name).stat().st_size for name in files)
 
 
 def coreml_sizes(preset: str) -> dict:
@@ -102,18 +109,18 @@ def _quality_cells(report: dict, name: str) -> str:
             f"{'pass' if v['passed'] else 'FAIL'}")
 
 
-def table(preset: str, threads: int, onnx: dict, coreml: dict, quality: dict) -> str:
+def table(onnx: dict, coreml: dict, quality: dict) -> str:
     base = onnx["variants"]["q4"]["decode_tok_s"]
-    lines = ["| format | variant | bytes | GB | top-1 | mean KL | Δppl | gate | decode tok/s | × q4 | prefill 128 tok/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| format | variant | bytes | GB | text model GB | top-1 | mean KL | Δppl | gate | decode tok/s | × q4 | prefill 128 tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in ONNX_SCHEMES:
         v = onnx["variants"][name]
-        lines.append(f"| ONNX | {name} | {v['bytes']:,} | {v['bytes'] / 1e9:.3f} | "
+        lines.append(f"| ONNX | {name} | {v['bytes']:,} | {v['bytes'] / 1e9:.3f} | {v['text_bytes'] / 1e9:.3f} | "
                      f"{_quality_cells(quality['onnx'], name)} | {v['decode_tok_s']:.1f} | "
                      f"{v['decode_tok_s'] / base:.2f} | {v['prefill_tok_s']:.1f} |")
     for name in COREML_SCHEMES:
         size = coreml.get(name, {})
-        cells = f"{size['bytes']:,} | {size['bytes'] / 1e9:.3f}" if "bytes" in size else "not converted | "
+        cells = f"{size['bytes']:,} | {size['bytes'] / 1e9:.3f} | {size['bytes'] / 1e9:.3f}" if "bytes" in size else "not converted | |"
         lines.append(f"| Core ML | {name} | {cells} | "
                      f"{_quality_cells(quality['coreml'], name)} | not run (Linux) | | |")
     legend = [f"- {name}: {scheme.doc}" for name, scheme in SCHEMES.items()]
@@ -129,34 +136,45 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved bench rounds per ONNX variant")
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=1024, help="held-out tokens scored for quality")
+    parser.add_argument("--from-record", action="store_true", help="only rewrite the section from the last run's record")
     args = parser.parse_args()
-    started = dt.datetime.now(dt.timezone.utc)
-    quality = default_model_quality(args.work / "default", args.tokens)
-    coreml = coreml_sizes(args.preset)
-    onnx = onnx_size_and_speed(args.preset, args.work / args.preset, args.threads, args.rounds, args.decode_tokens)
-    record = {"preset": args.preset, "machine": machine(), "started": started.isoformat(timespec="minutes"),
-              "threads": args.threads, "onnx": onnx, "coreml_sizes": coreml, "quality": quality}
-    (ROOT / "bench_out").mkdir(exist_ok=True)
-    (ROOT / "bench_out" / f"variants_{args.preset}.json").write_text(json.dumps(record, indent=2) + "\n")
-    coreml_dates = ", ".join(sorted({r["date"] for r in coreml.values() if "date" in r}))
-    positions = quality["onnx"]["variants"][0]["positions"]
-    body = f"""## Every variant in both formats: size ({args.preset} shape), quality (default model), ONNX speed
-
-Measured {started:%Y-%m-%d %H:%M} UTC on {machine()} (Core ML sizes: {coreml_dates}, by
-`exporter.bench.coreml`). Command: `.venv/bin/python -m exporter.bench.variants --preset {args.preset} --threads {args.threads}`.
-- Bytes: the text model on disk ({args.preset} shape, random weights; ONNX embed_tokens + decoder with data files, default
-  export options; Core ML the .mlpackage at context 4096).
-- Quality: `qwen-edge verify [--format coreml] OUT --against default --tokens {args.tokens}` on the default model's
-  exports ({positions} scored positions of held-out text, token by token; Core ML through the NumPy MIL interpreter);
-  gates as in the README.
-- Speed: `qwen-edge bench EXPORT --variant V --threads {args.threads} --prompt-lengths 128 --decode-tokens {args.decode_tokens}`,
-  median of 3 after a warm-up, each variant {args.rounds}× in its own process, rounds interleaved; the median of the
-  rounds, and its ratio to q4 in this run. Core ML cannot run on Linux.
-
-{table(args.preset, args.threads, onnx, coreml, quality)}
-"""
+    path = ROOT / "bench_out" / f"variants_{args.preset}.json"
+    if not args.from_record:
+        started = dt.datetime.now(dt.timezone.utc)
+        quality = default_model_quality(args.work / "default", args.tokens)
+        coreml = coreml_sizes(args.preset)
+        onnx = onnx_size_and_speed(args.preset, args.work / args.preset, args.threads, args.rounds, args.decode_tokens)
+        record = {"preset": args.preset, "machine": machine(), "started": started.isoformat(timespec="minutes"),
+                  "threads": args.threads, "rounds": args.rounds, "decode_tokens": args.decode_tokens,
+                  "tokens": args.tokens, "onnx": onnx, "coreml_sizes": coreml, "quality": quality}
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n")
+    body = section(json.loads(path.read_text()))
     replace_section(args.out, f"variants:{args.preset}", body)
     print(body)
+
+
+def section(record: dict) -> str:
+    preset, threads, quality, coreml = record["preset"], record["threads"], record["quality"], record["coreml_sizes"]
+    rounds, decode_tokens, tokens = record["rounds"], record["decode_tokens"], record["tokens"]
+    coreml_dates = ", ".join(sorted({r["date"] for r in coreml.values() if "date" in r}))
+    positions = quality["onnx"]["variants"][0]["positions"]
+    return f"""## Every variant in both formats: size ({preset} shape), quality (default model), ONNX speed
+
+Measured {record['started'].replace('T', ' ')[:16]} UTC on {record['machine']} (Core ML sizes: {coreml_dates}, by
+`exporter.bench.coreml`). Command: `.venv/bin/python -m exporter.bench.variants --preset {preset} --threads {threads}`.
+- Bytes: the variant on disk as the manifest records it ({preset} shape, random weights with an MTP head, default
+  export options): ONNX embed_tokens + decoder + MTP head graphs with their data files (the vision encoder
+  not counted; "text model" without the MTP head); Core ML the text .mlpackage at context 4096 (no MTP head).
+- Quality: `qwen-edge verify [--format coreml] OUT --against default --tokens {tokens}` on the default model's
+  exports ({positions} scored positions of held-out text, token by token; Core ML through the NumPy MIL interpreter);
+  gates as in the README.
+- Speed: `qwen-edge bench EXPORT --variant V --threads {threads} --prompt-lengths 128 --decode-tokens {decode_tokens}`,
+  median of 3 after a warm-up, each variant {rounds}× in its own process, rounds interleaved; the median of the
+  rounds, and its ratio to q4 in this run. Core ML cannot run on Linux.
+
+{table(record["onnx"], coreml, quality)}
+"""
 
 
 if __name__ == "__main__":
