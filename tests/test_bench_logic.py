@@ -136,3 +136,14 @@ def test_llama_cpp_peer_that_cannot_build_is_skipped_with_the_reason(default_exp
     out = _compare_peers({"configs": []}, default_export, [1], BenchRequest(default_export, out_dir=tmp_path), notes.append)
     assert out["skipped_peers"]["llama.cpp"] == "cmake is not installed (apt-get install cmake)"
     assert notes[-1] == "skipping llama.cpp: cmake is not installed (apt-get install cmake)" and out["peers"] == []
+
+
+def test_variant_table_counts_the_text_model_without_the_mtp_head(tiny_mtp_export):
+    from exporter.bench.variants import text_bytes
+    from runtime_py.export_format import read_manifest
+
+    record = read_manifest(tiny_mtp_export)["variants"]["fp32"]
+    text = text_bytes(tiny_mtp_export, record)
+    graphs = sum(p.stat().st_size for p in (tiny_mtp_export / "onnx").iterdir()
+                 if p.name.startswith(("embed_tokens.", "decoder_model_merged.")))
+    assert text == graphs < record["bytes_on_disk"]  # the head's graph (and its own weights) are the rest
