@@ -124,8 +124,8 @@ COREML_ONLY = ("chunk", "context", "recurrent_state", "image_sizes")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "coreml"]), default="onnx", show_default=True,
               help="coreml: OUT/coreml/model{suffix}.mlpackage (iOS 18 / macOS 15), functions prefill + decode.")
 @click.option("--quant", "quant_names", default="fp32", show_default=True,
-              help="Comma-separated variants: fp32, fp16, q8, q4, q4f16 (file suffixes '', _fp16, _quantized, _q4, "
-                   "_q4f16); Core ML also p4.")
+              help="Comma-separated variants: fp32, fp16, q8, q4, q4f16, q4mix (file suffixes '', _fp16, _quantized, _q4, "
+                   "_q4f16, _q4mix); Core ML also p4.")
 @click.option("--recurrent-ops", type=click.Choice(["standard", "contrib"]), default="contrib", show_default=True,
               help="ONNX: contrib = com.microsoft ops (ORT >= 1.25, fused CPU kernels, web, Android); standard = "
                    "opset 27 ops (ORT >= 1.32, whose CPU provider expands them into a slower Scan).")
