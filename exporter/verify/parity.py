@@ -41,6 +41,7 @@ DEFAULT_PROMPT_LENGTHS = (1, 63, 64, 65, 130)
 # tiny random untied model against its fp16-rounded weights, 8.8e-3 (fp16) and 1.3e-2 (q4f16).
 DEFAULT_RTOL = {"float32": 1e-4, "float16": 5e-2}
 FP32_COMPUTE = 1  # MatMulNBits accuracy level: fp32 inputs and accumulation
+INPUT_ROUNDING = {2: "fp16", 3: "bf16", 4: "int8"}  # what the lower accuracy levels round the inputs to
 SINGLE_CALL = 1 << 30
 
 
@@ -187,8 +188,9 @@ def verify_export(
     reports = compare_with_reference(LayerwiseReference(reference), prompts, calls, sequences, rtol)
     described = describe_reference(variant, record)
     if exact:
-        described += (f"; MatMulNBits run with fp32 compute (the export's accuracy level {record['accuracy_level']} "
-                      "rounds their inputs to int8: `verify --against` measures that)")
+        level = record["accuracy_level"]
+        described += (f"; MatMulNBits run with fp32 compute (the export's accuracy level {level} rounds their inputs "
+                      f"to {INPUT_ROUNDING.get(level, 'a lower precision')}: `verify --against` measures that)")
     return VerifyReport(str(folder), str(export_dir), rtol, decode_steps, reports, described)
 
 
