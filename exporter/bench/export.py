@@ -188,8 +188,9 @@ variant's own rounded weights; compressed MatMulNBits run in fp32 for the check)
 |---|---|---|---|---|
 {verify_rows}
 
-Size on disk per variant, embed_tokens + decoder_model_merged with their data files (tied embedding
-stored once in the quantized variants; block size {args.block_size}, symmetric):
+Size on disk per variant as the manifest records it: embed_tokens + decoder_model_merged, and the MTP head's
+graph where the checkpoint has one, with their data files (tied embedding stored once in the quantized
+variants; the vision encoder not counted; block size {args.block_size}, symmetric):
 
 | variant | bytes | GB (10⁹) | MiB |
 |---|---|---|---|
