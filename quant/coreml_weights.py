@@ -115,12 +115,11 @@ def kmeans_lut(values: np.ndarray, nbits: int = 4, iterations: int = 12) -> tupl
 def int4_blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     """(int4 values in -8..7 as int8 [N, K], scales [N, K/block] in the weight's dtype) of a weight
     [N, K] quantized in blocks along K by ONNX Runtime's packer (quant/onnx_weights.py)."""
-    from quant.onnx_weights import pack_blockwise
+    from quant.onnx_weights import pack_blockwise, unpack_nibbles
 
     n, k = weight.shape
     packed = pack_blockwise(np.ascontiguousarray(weight.T), WeightFormat(4, block))
-    nibbles = np.stack([packed.data & 0x0F, packed.data >> 4], axis=-1).reshape(n, -1)[:, :k]
-    return nibbles.astype(np.int8) - 8, packed.scales  # symmetric: the stored zero point is 8
+    return unpack_nibbles(packed.data)[:, :k].astype(np.int8) - 8, packed.scales  # symmetric: stored zero point 8
 
 
 def _full_range_int4_pass(config):  # noqa: ANN001, ANN202

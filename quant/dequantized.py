@@ -16,6 +16,8 @@ from graphs.config import TextConfig
 from quant.onnx_weights import pack_blockwise, unpack_blockwise
 from quant.schemes import SCHEMES, QuantOptions, Scheme
 
+FLOAT_REFERENCE = "the checkpoint's weights in fp32"  # what a float variant's reference computes with
+
 
 class RoundedCheckpoint:
     """The decoder tensors of `checkpoint` as `scheme` stores them (compressed weights dequantized,
@@ -60,10 +62,15 @@ class StoredWeightsCheckpoint:
         return np.ascontiguousarray(rows, dtype=np.float32)
 
 
+def _is_float32(scheme: Scheme) -> bool:
+    """Does the scheme store the checkpoint's weights as they are (fp32, uncompressed)?"""
+    return scheme.activations == "float32" and not scheme.weight_bits
+
+
 def variant_weights(checkpoint: Checkpoint, name: str, record: dict) -> Checkpoint | RoundedCheckpoint:
     """What the variant `name` (its manifest `record`) computes with: the checkpoint itself for fp32."""
     scheme = SCHEMES[name]
-    if scheme.activations == "float32" and not scheme.weight_bits:
+    if _is_float32(scheme):
         return checkpoint
     opts = QuantOptions(record.get("block_size", QuantOptions.block_size), record.get("symmetric", True))
     return RoundedCheckpoint(checkpoint, scheme, opts)
@@ -72,8 +79,8 @@ def variant_weights(checkpoint: Checkpoint, name: str, record: dict) -> Checkpoi
 def describe_reference(name: str, record: dict) -> str:
     """One line saying which weights the reference of variant `name` computes with."""
     scheme = SCHEMES[name]
-    if scheme.activations == "float32" and not scheme.weight_bits:
-        return "the checkpoint's weights in fp32"
+    if _is_float32(scheme):
+        return FLOAT_REFERENCE
     formats = sorted({f"{f['bits']}-bit/b{f['block_size']}" for f in record.get("weight_formats", {}).values() if f})
     stored = (f"compressed weights {', '.join(formats)} {'symmetric' if record.get('symmetric', True) else 'asymmetric'}"
               " (packed and unpacked as the export packs them)") if formats else ""

@@ -81,20 +81,20 @@ def pack_blockwise(weight: np.ndarray, fmt: WeightFormat) -> PackedWeight:
     return PackedWeight(data, scales.astype(weight.dtype), None if fmt.symmetric else zero_points)
 
 
+def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """uint8 [N, ...] holding two 4-bit values per byte (the lower index in the low nibble) -> [N, 2·bytes]."""
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
+
+
 def unpack_blockwise(packed: PackedWeight, k: int, fmt: WeightFormat) -> np.ndarray:
     """The float32 [K, N] weight that MatMulNBits computes with: the inverse of `pack_blockwise`
     (value = (q - zero point) · scale per block; symmetric formats use the midpoint 2^(bits-1))."""
     n, k_blocks, _ = packed.data.shape
-    if fmt.bits == 4:  # two values per byte, the lower index in the low nibble
-        q = np.stack([packed.data & 0x0F, packed.data >> 4], axis=-1).reshape(n, k_blocks, fmt.block_size)
-    else:
-        q = packed.data
+    q = (unpack_nibbles(packed.data) if fmt.bits == 4 else packed.data).reshape(n, k_blocks, fmt.block_size)
     if packed.zero_points is None:
         zero = np.full((n, k_blocks), 1 << (fmt.bits - 1), np.float32)
-    elif fmt.bits == 4:
-        zero = np.stack([packed.zero_points & 0x0F, packed.zero_points >> 4], axis=-1).reshape(n, -1)[:, :k_blocks]
     else:
-        zero = packed.zero_points[:, :k_blocks]
+        zero = (unpack_nibbles(packed.zero_points) if fmt.bits == 4 else packed.zero_points)[:, :k_blocks]
     values = (q.astype(np.float32) - zero[..., None]) * packed.scales.astype(np.float32)[..., None]
     return np.ascontiguousarray(values.reshape(n, -1)[:, :k].T)
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from exporter.bench.export import QWEN_EDGE, ROOT, folder_size_mib, machine, replace_section, run_measured
+from exporter.bench.export import (QWEN_EDGE, ROOT, ensure_random_checkpoint, folder_size_mib, machine,
+                                   replace_section, run_measured)
 from runtime_py.export_format import read_manifest
 
 
@@ -36,10 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work / args.preset
     ck = work / "checkpoint"
-    if not (ck / "config.json").is_file():
-        subprocess.run([sys.executable, "-c", "from graphs.config import preset_config_dict as p; "
-                        "from graphs.random_checkpoint import write_random_checkpoint as w; "
-                        f"w(p('{args.preset}'), '{ck}')"], cwd=ROOT, check=True)
+    ensure_random_checkpoint(args.preset, ck)
     record = record_path(args.preset)
     record.parent.mkdir(exist_ok=True)
     results = json.loads(record.read_text()) if record.is_file() else {}

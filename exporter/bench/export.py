@@ -69,6 +69,26 @@ def replace_section(doc: Path, key: str, body: str) -> None:
     doc.write_text(text)
 
 
+def random_checkpoint_command(preset: str, folder: Path, max_shard_bytes: int | None = None) -> list[str]:
+    """The process that writes a random-weight checkpoint of `preset` to `folder` (its own process, so
+    its time and memory are measured apart; sharded, with an index, when `max_shard_bytes` is given)."""
+    shards = "" if max_shard_bytes is None else f", max_shard_bytes={max_shard_bytes}"
+    return [sys.executable, "-c", "from graphs.config import preset_config_dict as p; "
+            "from graphs.random_checkpoint import write_random_checkpoint as w; "
+            f"w(p('{preset}'), '{folder}'{shards})"]
+
+
+def ensure_random_checkpoint(preset: str, folder: Path, max_shard_bytes: int | None = None) -> None:
+    """Write the checkpoint unless `folder` already holds one."""
+    if not (folder / "config.json").is_file():
+        subprocess.run(random_checkpoint_command(preset, folder, max_shard_bytes), cwd=ROOT, check=True)
+
+
+def verify_stage(variant: str) -> str:
+    """The stage name of one variant's verify run (the record's key)."""
+    return f"verify {variant} (prompts 1/64/130, 32 decode steps)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="qwen3.5-0.8b")
@@ -98,17 +118,13 @@ def main() -> None:
     quants = [q.strip() for q in args.quant.split(",")]
     # the variants verify checks against the reference (each against its own rounded weights)
     checked = quants if args.verify_all else ["fp32" if "fp32" in quants else quants[0]]
-    make_ck = [sys.executable, "-c",
-               "import sys; from graphs.config import preset_config_dict as p; "
-               "from graphs.random_checkpoint import write_random_checkpoint as w; "
-               f"w(p('{args.preset}'), '{ck}', max_shard_bytes={SHARD_BYTES})"]
+    reports = {name: work / f"verify-{name}.json" for name in checked}
     stages: dict[str, list[str] | Callable[[], list[str]]] = {
-        "write random checkpoint (bf16, sharded)": make_ck,
+        "write random checkpoint (bf16, sharded)": random_checkpoint_command(args.preset, ck, SHARD_BYTES),
         f"export ({args.quant})": [*QWEN_EDGE, "export", str(ck), str(export), "--force", "--quiet",
                                    "--quant", args.quant, "--block-size", args.block_size],
-        **{f"verify {name} (prompts 1/64/130, 32 decode steps)": [
-            *QWEN_EDGE, "verify", str(ck), str(export), "--variant", name, "--prompt-lengths", "1,64,130",
-            "--json", str(work / f"verify-{name}.json")] for name in checked},
+        **{verify_stage(name): [*QWEN_EDGE, "verify", str(ck), str(export), "--variant", name,
+                                "--prompt-lengths", "1,64,130", "--json", str(path)] for name, path in reports.items()},
     }
     peer_note = ""
     if "q4" in quants:  # the peer's convert + quantize of the same checkpoint, its nearest format (Q4_0)
@@ -125,15 +141,14 @@ def main() -> None:
         except LlamaCppUnavailable as why:
             peer_note = f"llama.cpp (peer) skipped: {why}."
             print(peer_note, flush=True)
-    for name in checked:
-        (work / f"verify-{name}.json").unlink(missing_ok=True)
+    for path in reports.values():  # removed before the run: none read below is stale
+        path.unlink(missing_ok=True)
     results = {}
     for name, cmd in stages.items():
         print(f"== {name}", flush=True)
         results[name] = run_measured(cmd() if callable(cmd) else cmd, quiet="(peer)" in name)
         if results[name]["exit"] != 0 and "verify" not in name and "(peer)" not in name:
             sys.exit(f"stage failed: {name}")
-    reports = {name: work / f"verify-{name}.json" for name in checked}  # removed before the run: none is stale
     verified = {name: json.loads(path.read_text()) for name, path in reports.items() if path.is_file()}
     variants = read_manifest(export)["variants"]
     record = {
@@ -214,7 +229,7 @@ def write_size_summary(doc: Path, quant: str, block_size: str) -> None:
         record = json.loads(path.read_text())
         export = next(r for name, r in record["stages"].items() if name.startswith("export"))
         for variant, size in record["variant_bytes"].items():
-            run = record["stages"].get(f"verify {variant} (prompts 1/64/130, 32 decode steps)")
+            run = record["stages"].get(verify_stage(variant))
             check = record.get("verify", {}).get(variant)
             verdict = ("not run" if run is None else f"killed or failed (exit {run['exit']})" if check is None
                        else f"{'PASS' if check['passed'] else 'FAIL'} ({check['worst_relative_diff']:.1e})")
@@ -240,10 +255,7 @@ def speed(preset: str, variant: str, work: Path, quant: str, block_size: str, do
     """Export the preset (random weights) with `quant` and benchmark one variant with `qwen-edge bench`."""
     name = f"{preset}-{variant}" + ("" if block_size == "32" else f"-b{block_size}")
     ck, export, out = work / "checkpoint", work / "export-speed", ROOT / "bench_out" / name
-    if not (ck / "config.json").is_file():
-        subprocess.run([sys.executable, "-c", "from graphs.config import preset_config_dict as p; "
-                        "from graphs.random_checkpoint import write_random_checkpoint as w; "
-                        f"w(p('{preset}'), '{ck}')"], cwd=ROOT, check=True)
+    ensure_random_checkpoint(preset, ck)
     # contrib recurrent ops: ORT's CPU kernels for them are fused (the opset-27 ones expand to Scan + Conv)
     subprocess.run([*QWEN_EDGE, "export", str(ck), str(export), "--force", "--quiet", "--quant", quant,
                     "--block-size", block_size, "--recurrent-ops", "contrib"], cwd=ROOT, check=True)

@@ -24,19 +24,14 @@ import sys
 from pathlib import Path
 
 from exporter.bench.coreml import record_path as coreml_record_path
-from exporter.bench.export import QWEN_EDGE, ROOT, SHARD_BYTES, machine, replace_section, run_measured
+from exporter.bench.export import (QWEN_EDGE, ROOT, SHARD_BYTES, ensure_random_checkpoint, machine, replace_section,
+                                   run_measured)
+from exporter.pipeline import files_bytes
 from quant.schemes import SCHEMES
 from runtime_py.export_format import read_manifest, variant_files
 
 ONNX_SCHEMES = [s.name for s in SCHEMES.values() if s.onnx]
 COREML_SCHEMES = list(SCHEMES)
-
-
-def _random_checkpoint(preset: str, folder: Path) -> None:
-    if not (folder / "config.json").is_file():
-        subprocess.run([sys.executable, "-c", "from graphs.config import preset_config_dict as p; "
-                        "from graphs.random_checkpoint import write_random_checkpoint as w; "
-                        f"w(p('{preset}'), '{folder}', max_shard_bytes={SHARD_BYTES})"], cwd=ROOT, check=True)
 
 
 def _checked(cmd: list[str]) -> dict:
@@ -49,7 +44,7 @@ def _checked(cmd: list[str]) -> dict:
 def onnx_size_and_speed(preset: str, work: Path, threads: int, rounds: int, decode_tokens: int) -> dict:
     """{variant: {bytes, decode, prefill, rss}} of the preset exported with every ONNX scheme."""
     ck, export = work / "checkpoint", work / "export-variants"
-    _random_checkpoint(preset, ck)
+    ensure_random_checkpoint(preset, ck, SHARD_BYTES)
     export_run = _checked([*QWEN_EDGE, "export", str(ck), str(export), "--force", "--quiet",
                            "--quant", ",".join(ONNX_SCHEMES)])
     variants = read_manifest(export)["variants"]
@@ -73,8 +68,7 @@ def onnx_size_and_speed(preset: str, work: Path, threads: int, rounds: int, deco
 
 def text_bytes(export: Path, record: dict) -> int:
     """Bytes of the text model alone: embed_tokens + decoder with their data files (no MTP head)."""
-    files = variant_files(export, {key: value for key, value in record.items() if key != "mtp"})
-    return sum((export / name).stat().st_size for name in files)
+    return files_bytes(export, variant_files(export, {key: value for key, value in record.items() if key != "mtp"}))
 
 
 def coreml_sizes(preset: str) -> dict:

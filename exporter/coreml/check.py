@@ -210,7 +210,7 @@ def verify_coreml(checkpoint: str | Path, export_dir: Path, variant: str = "fp32
                   rtol: float | None = None, runner: str = "mil") -> tuple[VerifyReport, PackageSpec]:
     """Parity of one Core ML variant against the PyTorch reference (exporter/verify/parity.py)."""
     from graphs.checkpoint import open_checkpoint
-    from quant.dequantized import StoredWeightsCheckpoint
+    from quant.dequantized import FLOAT_REFERENCE, StoredWeightsCheckpoint
 
     target = coreml_runner(export_dir, variant, runner)
     record = variant_record(export_dir, variant)
@@ -219,7 +219,7 @@ def verify_coreml(checkpoint: str | Path, export_dir: Path, variant: str = "fp32
         rtol = DEFAULT_RTOL[record["compute_precision"]]
     ck = open_checkpoint(resolve_checkpoint(checkpoint))
     prompts = [prompt_ids(length, ck.config.vocab_size, seed=n) for n, length in enumerate(prompt_lengths)]
-    reference, described = ck, "the checkpoint's weights in fp32"
+    reference, described = ck, FLOAT_REFERENCE
     if record["weights"] != "float":  # the package's own decoded weights: the check is of the program
         stored = stored_weights(Path(export_dir) / record["package"], ck.config)
         reference = StoredWeightsCheckpoint(ck, stored, record["compute_precision"] == "float16")

@@ -30,9 +30,10 @@ import numpy as np
 import onnx
 
 from default_model import resolve_checkpoint
+from exporter.onnx.forms import all_nodes
 from exporter.verify.runners import LayerwiseReference, OnnxRunner, SequenceRunner, SequenceScorer
 from graphs.checkpoint import open_checkpoint
-from quant.dequantized import describe_reference, variant_weights
+from quant.dequantized import FLOAT_REFERENCE, describe_reference, variant_weights
 from runtime_py.export_format import variant_record
 from runtime_py.session import OnnxModel
 
@@ -77,7 +78,7 @@ class VerifyReport:
     rtol: float
     decode_steps: int
     prompts: list[PromptReport]
-    reference: str = "the checkpoint's weights in fp32"
+    reference: str = FLOAT_REFERENCE
 
     @property
     def passed(self) -> bool:
@@ -152,15 +153,11 @@ def compare_with_reference(reference: SequenceScorer, prompts: list[list[int]], 
 def fp32_matmuls(path: Path) -> bytes:
     """The graph at `path` (weights left external) with every MatMulNBits computing in fp32."""
     model = onnx.load(str(path), load_external_data=False)
-    graphs = [model.graph]
-    while graphs:
-        for node in graphs.pop().node:
-            graphs += [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
-            graphs += [g for a in node.attribute for g in a.graphs]
-            if node.op_type == "MatMulNBits":
-                for attr in node.attribute:
-                    if attr.name == "accuracy_level":
-                        attr.i = FP32_COMPUTE
+    for node in all_nodes(model.graph):
+        if node.op_type == "MatMulNBits":
+            for attr in node.attribute:
+                if attr.name == "accuracy_level":
+                    attr.i = FP32_COMPUTE
     return model.SerializeToString()
 
 
