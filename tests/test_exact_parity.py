@@ -65,3 +65,20 @@ def test_a_wrong_weight_fails_parity(tiny_untied_quantized, tiny_checkpoints, tm
     onnx.save(model, str(path), save_as_external_data=True, location=path.name + "_data")
     result, report = _verify(tiny_checkpoints["kv_double_untied"], export, "q4", tmp_path)
     assert result.exit_code == 1 and not report["passed"]
+
+
+def test_verify_reads_the_formats_the_manifest_records(tiny_untied_quantized, tiny_checkpoints, tmp_path):
+    """The reference follows the manifest's `weight_formats`, not the variant's name: a variant renamed
+    in the manifest verifies as before, and a malformed entry is one clear error."""
+    export = tmp_path / "export"
+    shutil.copytree(tiny_untied_quantized, export)
+    manifest_path = export / "qwen_edge.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["variants"]["renamed"] = manifest["variants"]["q4mix"]
+    manifest_path.write_text(json.dumps(manifest))
+    result, report = _verify(tiny_checkpoints["kv_double_untied"], export, "renamed", tmp_path)
+    assert result.exit_code == 0 and report["passed"], result.output
+    manifest["variants"]["q4"]["weight_formats"]["q_proj"] = {"bits": "4"}
+    manifest_path.write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, ["verify", str(tiny_checkpoints["kv_double_untied"]), str(export), "--variant", "q4"])
+    assert result.exit_code == 1 and "'weight_formats'" in result.output and len(result.output.strip().splitlines()) == 1
