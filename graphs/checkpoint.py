@@ -310,13 +310,15 @@ class Checkpoint:
         return self._decoder(dtype, kernels, logits, lambda name, shape: False)
 
     def build_skeleton(self, dtype: torch.dtype = torch.float32, kernels: RecurrentKernels = CUSTOM_OPS,
-                       logits: LogitsMode = "all") -> Qwen35Decoder:
+                       logits: LogitsMode = "all",
+                       placeholder: Callable[[str, tuple[int, ...]], bool] | None = None) -> Qwen35Decoder:
         """The decoder with its large matrices as placeholders: zero-stride views of one zero, so the
         model has every shape but no weight memory. Small tensors (norms, conv, A_log, dt_bias and 2-D
         tensors under PLACEHOLDER_MIN_ELEMENTS) hold their real values. The structure of a trace does not
         depend on the values, so a skeleton traces like the real model; an exporter then reads each
-        placeholder's values from the checkpoint when it writes them (`is_placeholder` tells which)."""
-        return self._decoder(dtype, kernels, logits, is_placeholder)
+        placeholder's values from the checkpoint when it writes them (`is_placeholder` tells which, unless
+        the exporter passes its own `placeholder` predicate)."""
+        return self._decoder(dtype, kernels, logits, placeholder or is_placeholder)
 
     def _decoder(self, dtype: torch.dtype, kernels: RecurrentKernels, logits: LogitsMode,
                  placeholder: Callable[[str, tuple[int, ...]], bool]) -> Qwen35Decoder:

@@ -19,6 +19,7 @@ and ONNX then store the same integers and scales for a weight of the same format
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache, partial
 
 import numpy as np
@@ -118,14 +119,21 @@ def int4_blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]
     from quant.onnx_weights import pack_blockwise, unpack_nibbles
 
     n, k = weight.shape
-    packed = pack_blockwise(np.ascontiguousarray(weight.T), WeightFormat(4, block))
-    return unpack_nibbles(packed.data)[:, :k].astype(np.int8) - 8, packed.scales  # symmetric: stored zero point 8
+    values, scales = np.empty((n, k), np.int8), np.empty((n, k // block), weight.dtype)
+    for start in range(0, n, _INT4_ROWS):  # rows are independent: a large table is packed in row blocks
+        rows = slice(start, start + _INT4_ROWS)
+        packed = pack_blockwise(np.ascontiguousarray(weight[rows].T), WeightFormat(4, block))
+        values[rows] = unpack_nibbles(packed.data)[:, :k].astype(np.int8) - 8  # symmetric: stored zero point 8
+        scales[rows] = packed.scales
+    return values, scales
 
 
-def _full_range_int4_pass(config):  # noqa: ANN001, ANN202
-    """coremltools' weight quantization pass, with int4 blocks rounded by `int4_blocks`."""
+_INT4_ROWS = 8192
+
+
+def _full_range_int4_pass():  # noqa: ANN202
+    """coremltools' weight quantization pass class, with int4 blocks rounded by `int4_blocks`."""
     from coremltools.converters.mil.mil import types
-    from coremltools.converters.mil.mil.passes.graph_pass import PassOption
     from coremltools.optimize import _utils as optimize_utils
     from coremltools.optimize.coreml._quantization_passes import linear_quantize_weights
 
@@ -139,31 +147,33 @@ def _full_range_int4_pass(config):  # noqa: ANN001, ANN202
                                                   scale=scale, offset=None, nbits=np.uint8(4))
             return super().blockwise_compress_by_dtype(original_data, dtype, mode, block_sizes)
 
-    quantizer = FullRangeInt4()
-    quantizer.set_options([PassOption("config", config), PassOption("joint_compression", False)])
-    return quantizer
+    return FullRangeInt4
 
 
-def compress_weights(mlmodel, scheme: Scheme, cfg: TextConfig):  # noqa: ANN001, ANN201
-    """The scheme's weight compression applied to a converted mlprogram (float schemes: unchanged)."""
-    if scheme.coreml == "float":
-        return mlmodel
-    from graphs.checkpoint import expected_shapes
+def provenance(op) -> list:  # noqa: ANN001
+    """The scopes that ops made in place of `op` inherit: the source's (a program converted from
+    torch.export requires them of every op), not the names of the coremltools passes that touched it."""
+    from coremltools.converters.mil.mil.scope import ScopeInfo, ScopeSource
 
-    shapes = expected_shapes(cfg)  # the parameter's [out, in] (a converted const's value loads lazily)
-    shapes.setdefault("lm_head.weight", shapes["embed_tokens.weight"])  # tied: the head is the embedding's table
-    chosen = {const: coreml_format(scheme, param, tuple(shapes[param]))
-              for const, param in weight_constants(mlmodel, cfg).items()}
-    chosen = {const: fmt for const, fmt in chosen.items() if fmt}
-    return _compress(mlmodel, scheme, chosen)
+    return [ScopeInfo(source=source, data=data) for source, data in op.scopes.items()
+            if source != ScopeSource.COREMLTOOLS_GRAPH_PASS]
 
 
-def _compress(mlmodel, scheme: Scheme, chosen: dict[str, WeightFormat]):  # noqa: ANN001, ANN202
-    """Compress the named weight constants (const op name -> storage format) as the scheme says."""
+ConstFill = Callable[[object], object]  # a const op -> the const op that replaced it, holding its real values
+
+
+def compression_pass(scheme: Scheme, chosen: dict[str, WeightFormat], fill: ConstFill | None = None):  # noqa: ANN201
+    """The coremltools pass that compresses the named weight constants (const op name -> storage format)
+    as the scheme says; other constants stay float.
+
+    With `fill`, each weight-sized const op is first handed to `fill`, which may replace it by one
+    holding its real values (the placeholders of a skeleton program: exporter/coreml/skeleton.py); a
+    weight stored compressed is dropped as soon as it is, so one weight's float values are in memory at
+    a time."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil.passes.graph_pass import PassOption
     from coremltools.optimize import coreml as cto
-
-    if scheme.coreml == "float" or not chosen:
-        return mlmodel
+    from coremltools.optimize.coreml._quantization_passes import palettize_weights
 
     def op_config(fmt: WeightFormat) -> object:  # weight_threshold 1: the scheme, not the size, decides
         if scheme.coreml == "palette":
@@ -176,12 +186,43 @@ def _compress(mlmodel, scheme: Scheme, chosen: dict[str, WeightFormat]):  # noqa
         return cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block",
                                            block_size=fmt.block_size, weight_threshold=1)
 
+    base = palettize_weights if scheme.coreml == "palette" else _full_range_int4_pass()
+
+    class Compress(base):
+        def transform_op(self, op) -> None:  # noqa: ANN001
+            if fill is None:
+                return super().transform_op(op)
+            with mb.scope(*provenance(op)):
+                op = fill(op)
+                super().transform_op(op)
+            if op.enclosing_block is None:  # compressed and removed: free its float values now, not at gc
+                op.outputs[0]._sym_val = op.val._sym_val = None
+            return None
+
+    compress = Compress()
     config = cto.OptimizationConfig(op_name_configs={const: op_config(fmt) for const, fmt in chosen.items()})
-    if scheme.coreml == "palette":
-        return cto.palettize_weights(mlmodel, config)
+    compress.set_options([PassOption("config", config), PassOption("joint_compression", False)])
+    return compress
+
+
+def chosen_formats(scheme: Scheme, constants: dict[str, str], cfg: TextConfig) -> dict[str, WeightFormat]:
+    """{const op name: storage format} of the decoder weight constants ({const: parameter}) this scheme
+    compresses (a converted const's value may be a placeholder: the shapes come from the config)."""
+    from graphs.checkpoint import expected_shapes
+
+    shapes = expected_shapes(cfg)  # the parameter's [out, in]
+    shapes.setdefault("lm_head.weight", shapes["embed_tokens.weight"])  # tied: the head is the embedding's table
+    chosen = {const: coreml_format(scheme, param, tuple(shapes[param])) for const, param in constants.items()}
+    return {const: fmt for const, fmt in chosen.items() if fmt}
+
+
+def _compress(mlmodel, scheme: Scheme, chosen: dict[str, WeightFormat]):  # noqa: ANN001, ANN202
+    """A converted mlprogram (full weights) with the named weight constants compressed as the scheme says."""
+    if scheme.coreml == "float" or not chosen:
+        return mlmodel
     from coremltools.models import utils as model_utils
 
-    return model_utils._apply_graph_pass(mlmodel, _full_range_int4_pass(config))
+    return model_utils._apply_graph_pass(mlmodel, compression_pass(scheme, chosen))
 
 
 # The vision tower's parameters as the fixed-size wrapper lifts them: `encoder.X.Y` -> `p_encoder_X_Y`.

@@ -11,23 +11,22 @@ Output layout:
 
 Each function is the eager `graphs.coreml_step.CoreMLStep` exported with `torch.export` (static
 shapes: the cache write is a slice at a run-time start, which Core ML maps to `slice_update`) and
-converted on its own; `ct.utils.save_multifunction` then merges the two, keeping identical weights
-once.
+converted on its own, from a skeleton decoder whose large weights are filled in one at a time as they
+are compressed (exporter/coreml/skeleton.py: memory bounded by about one weight, not the model);
+`ct.utils.save_multifunction` then merges the functions, keeping identical weights once.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import uuid
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
 
+from exporter.coreml.skeleton import (SkeletonFunction, compress_function, convert_skeleton, is_coreml_placeholder,
+                                      save_functions)
 from exporter.coreml.vision import check_image_sizes, convert_size, function_name, write_vision_package
 from exporter.coreml.vision import io_record as vision_io_record
 from exporter.pipeline import files_bytes
@@ -39,7 +38,7 @@ from graphs.errors import QwenEdgeError
 from graphs.recurrent_ops import MATMUL_ONLY
 from graphs.state import state_tensors
 from graphs.vision import VisionEncoder
-from quant.coreml_weights import compress_weights, family_formats
+from quant.coreml_weights import family_formats
 from quant.schemes import Scheme
 from runtime_py.export_format import COREML_MIN_DEPLOYMENT
 
@@ -108,31 +107,32 @@ class CoreMLBackend:
                                     "(model.visual.* weights); this one is text-only")
             check_image_sizes(self.options.image_sizes, checkpoint.vision)
             self.vision = checkpoint.build_vision_encoder()
-        model = checkpoint.build_decoder(kernels=MATMUL_ONLY, logits="last")
+        self.checkpoint = checkpoint
+        model = checkpoint.build_skeleton(kernels=MATMUL_ONLY, logits="last", placeholder=is_coreml_placeholder)
         return CoreMLStep(model, self.options.context, recurrent_io=self.options.recurrent_state == "io").eval()
 
-    def prepare(self, step: CoreMLStep, activations: str, folder: Path, stages: Stages) -> dict:
+    def prepare(self, step: CoreMLStep, activations: str, folder: Path, stages: Stages) -> Converted:
         (folder / "coreml").mkdir(exist_ok=True)
-        tokens = {"prefill": self.options.chunk, "decode": 1}
-        converted = {f: stages.run(lambda f=f: convert_function(step, tokens[f], activations)) for f in FUNCTIONS}
+        steps = {"prefill": (step, self.options.chunk), "decode": (step, 1)}
         if self.vision is not None:
             visual = step.visual_prefill((self.vision.cfg.image_token_id, self.vision.cfg.video_token_id))
-            converted[VISUAL_PREFILL] = stages.run(lambda: convert_function(visual, self.options.chunk, activations))
-        converted["vision"] = {function_name(w, h): stages.run(lambda w=w, h=h: convert_size(self.vision, w, h, activations))
-                               for w, h in self.options.image_sizes}
+            steps[VISUAL_PREFILL] = (visual, self.options.chunk)
+        converted = Converted(steps, activations, self.cfg)
+        for function in steps:
+            stages.run(lambda f=function: converted.convert(f))
+        converted.vision = {function_name(w, h): stages.run(lambda w=w, h=h: convert_size(self.vision, w, h, activations))
+                            for w, h in self.options.image_sizes}
         return converted
 
-    def write_variant(self, converted: dict, scheme: Scheme, folder: Path) -> dict:
-        parts_dir = folder / f".parts{scheme.suffix}"
-        parts_dir.mkdir()
-        parts = {}
-        vision = converted.pop("vision", {})
-        for function, mlmodel in converted.items():
-            parts[function] = parts_dir / f"{function}.mlpackage"
-            compress_weights(mlmodel, scheme, self.cfg).save(str(parts[function]))
-        merge_functions(parts, folder / scheme.coreml_package)
-        shutil.rmtree(parts_dir)
-        converted["vision"] = vision
+    def write_variant(self, converted: Converted, scheme: Scheme, folder: Path) -> dict:
+        functions = {}
+        for name in converted.steps:
+            functions[name] = converted.take(name)
+            compress_function(functions[name], scheme, self.checkpoint)
+        save_functions(functions, DEFAULT_FUNCTION, folder / scheme.coreml_package)
+        make_reproducible(folder / scheme.coreml_package)
+        functions.clear()
+        vision = converted.vision
         record = {"package": scheme.coreml_package, "compute_precision": scheme.activations, "weights": scheme.coreml,
                   "weight_bits": scheme.stored_bits}
         if scheme.weight_bits:
@@ -143,8 +143,9 @@ class CoreMLBackend:
             record.update(vision_package=package, vision_bytes_on_disk=files_bytes(folder, [package]))
         return record
 
-    def release(self, converted: dict) -> None:
-        converted.clear()
+    def release(self, converted: Converted) -> None:
+        converted.functions.clear()
+        converted.vision.clear()
 
     def manifest_fields(self, cfg: TextConfig) -> dict:
         o = self.options
@@ -161,74 +162,31 @@ class CoreMLBackend:
         }
 
 
+class Converted:
+    """The skeleton functions of one activation dtype. Writing a variant fills a function's placeholders in
+    place, so each variant after the first converts the function again (time, not memory)."""
+
+    def __init__(self, steps: dict[str, tuple[CoreMLStep, int]], activations: str, cfg: TextConfig) -> None:
+        self.steps, self.activations, self.cfg = steps, activations, cfg
+        self.functions: dict[str, SkeletonFunction] = {}
+        self.vision: dict = {}
+
+    def convert(self, function: str) -> None:
+        step, tokens = self.steps[function]
+        self.functions[function] = convert_skeleton(step, tokens, self.activations, self.cfg)
+
+    def take(self, function: str) -> SkeletonFunction:
+        """The function's skeleton, converted anew when a variant before took it."""
+        if function not in self.functions:
+            self.convert(function)
+        return self.functions.pop(function)
+
+
 def require_coremltools(what: str) -> None:
     """A clear error where coremltools is missing (it has no wheel for Linux on ARM or Windows)."""
     if importlib.util.find_spec("coremltools") is None:
         raise QwenEdgeError(f"{what} needs coremltools, which is not installed (it ships for macOS and Linux x86_64 "
                             "only); export ONNX here, or run this on such a machine with 'pip install coremltools==9.0'")
-
-
-def _example_inputs(tokens: int, step: CoreMLStep) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
-    """(positional, keyword) example inputs; the image features go by keyword so that no None takes a place."""
-    positions = torch.arange(tokens, dtype=torch.int32)[None]
-    if step.visual_tokens:
-        positions = positions[None].expand(3, -1, -1).contiguous()
-    inputs = (torch.zeros(1, tokens, dtype=torch.int32), positions,
-              torch.zeros(1, 1, tokens, step.capacity), torch.zeros(1, dtype=torch.int32))
-    if step.recurrent_io:
-        inputs += (torch.zeros(step.recurrent_io_shape()),)
-    extra = {"image_features": torch.zeros(1, tokens, step.model.cfg.hidden_size)} if step.visual_tokens else {}
-    return inputs, extra
-
-
-def convert_function(step: CoreMLStep, tokens: int, compute: str):  # noqa: ANN201
-    """One function (T = tokens) as a Core ML mlprogram (not loaded: this may be Linux)."""
-    import coremltools as ct
-
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        args, kwargs = _example_inputs(tokens, step)
-        program = torch.export.export(step, args, kwargs, strict=False)
-        program = program.run_decompositions({})
-    # fp32 outputs in every variant: an fp16 program casts at the end, so the carried state and the
-    # logits keep one dtype across variants
-    outputs = [ct.TensorType(name="logits", dtype=np.float32)]
-    if step.recurrent_io:
-        outputs.append(ct.TensorType(name="recurrent_out", dtype=np.float32))
-    precision = ct.precision.FLOAT32
-    if compute == "float16":
-        precision = ct.transform.FP16ComputePrecision(op_selector=lambda op: not in_norm_statistic(op))
-    return ct.convert(program, outputs=outputs, minimum_deployment_target=ct.target.iOS18,
-                      compute_precision=precision, convert_to="mlprogram", skip_model_load=True)
-
-
-# Ops that may carry a norm's sum of squares: from a square through its reduction, + eps and rsqrt.
-_STATISTIC_OPS = ("reduce_mean", "reduce_sum", "add", "rsqrt", "sqrt", "real_div")
-
-
-def in_norm_statistic(op) -> bool:  # noqa: ANN001
-    """Is this op part of a norm's sum of squares (x², its mean or sum, + eps, rsqrt)? Those stay fp32
-    in fp16-compute packages: x² overflows fp16 above |x| = 256, and the default model's final norm
-    already sees |x| = 316 (real checkpoints more), which turned its output to zero. The decoder
-    computes its norms in fp32; coremltools' fp16 pass would otherwise drop those casts."""
-    kind = op.op_type
-    if kind == "pow" or (kind == "mul" and op.inputs.get("x") is op.inputs.get("y")):
-        return True
-    if kind not in _STATISTIC_OPS:
-        return False
-    return any(getattr(v, "op", None) is not None and in_norm_statistic(v.op) for v in op.inputs.values())
-
-
-def merge_functions(parts: dict[str, Path], out: Path) -> None:
-    """Save the per-function packages as one multifunction package; shared weights stored once."""
-    import coremltools as ct
-
-    desc = ct.utils.MultiFunctionDescriptor()
-    for name, path in parts.items():
-        desc.add_function(str(path), src_function_name="main", target_function_name=name)
-    desc.default_function_name = DEFAULT_FUNCTION
-    ct.utils.save_multifunction(desc, str(out))
-    make_reproducible(out)
 
 
 def make_reproducible(package: Path) -> None:
