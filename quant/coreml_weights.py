@@ -162,14 +162,17 @@ def provenance(op) -> list:  # noqa: ANN001
 ConstFill = Callable[[object], object]  # a const op -> the const op that replaced it, holding its real values
 
 
-def compression_pass(scheme: Scheme, chosen: dict[str, WeightFormat], fill: ConstFill | None = None):  # noqa: ANN201
+def compression_pass(scheme: Scheme, chosen: dict[str, WeightFormat], fill: ConstFill | None = None,  # noqa: ANN201
+                     reuse: dict[str, object] | None = None):
     """The coremltools pass that compresses the named weight constants (const op name -> storage format)
     as the scheme says; other constants stay float.
 
     With `fill`, each weight-sized const op is first handed to `fill`, which may replace it by one
     holding its real values (the placeholders of a skeleton program: exporter/coreml/skeleton.py); a
     weight stored compressed is dropped as soon as it is, so one weight's float values are in memory at
-    a time."""
+    a time. With `reuse` (int8/int4 schemes), a weight compressed by an earlier pass over another
+    function of the same variant (same const name: the same parameter) takes that pass's integers and
+    scales, neither read nor rounded again, and the functions hold one copy of them."""
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil.passes.graph_pass import PassOption
     from coremltools.optimize import coreml as cto
@@ -188,16 +191,26 @@ def compression_pass(scheme: Scheme, chosen: dict[str, WeightFormat], fill: Cons
 
     base = palettize_weights if scheme.coreml == "palette" else _full_range_int4_pass()
 
+    reusing = reuse is not None and scheme.coreml != "palette"
+
     class Compress(base):
         def transform_op(self, op) -> None:  # noqa: ANN001
             if fill is None:
                 return super().transform_op(op)
+            self.const_name = op.name
             with mb.scope(*provenance(op)):
-                op = fill(op)
+                if not (reusing and op.name in chosen and op.name in reuse):
+                    op = fill(op)
                 super().transform_op(op)
             if op.enclosing_block is None:  # compressed and removed: free its float values now, not at gc
                 op.outputs[0]._sym_val = op.val._sym_val = None
             return None
+
+        if reusing:
+            def blockwise_compress_by_dtype(self, original_data, dtype, mode, block_sizes):  # noqa: ANN001, ANN202
+                if self.const_name not in reuse:
+                    reuse[self.const_name] = super().blockwise_compress_by_dtype(original_data, dtype, mode, block_sizes)
+                return reuse[self.const_name]
 
     compress = Compress()
     config = cto.OptimizationConfig(op_name_configs={const: op_config(fmt) for const, fmt in chosen.items()})

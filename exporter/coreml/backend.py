@@ -125,13 +125,14 @@ class CoreMLBackend:
         return converted
 
     def write_variant(self, converted: Converted, scheme: Scheme, folder: Path) -> dict:
-        functions = {}
+        functions, compressed = {}, {}
         for name in converted.steps:
             functions[name] = converted.take(name)
-            compress_function(functions[name], scheme, self.checkpoint)
+            compress_function(functions[name], scheme, self.checkpoint, reuse=compressed)
         save_functions(functions, DEFAULT_FUNCTION, folder / scheme.coreml_package)
         make_reproducible(folder / scheme.coreml_package)
         functions.clear()
+        compressed.clear()
         vision = converted.vision
         record = {"package": scheme.coreml_package, "compute_precision": scheme.activations, "weights": scheme.coreml,
                   "weight_bits": scheme.stored_bits}

@@ -103,10 +103,12 @@ def replace_const(op, value: np.ndarray):  # noqa: ANN001, ANN201
     return new.op
 
 
-def compress_function(function: SkeletonFunction, scheme: Scheme, checkpoint: Checkpoint) -> None:
+def compress_function(function: SkeletonFunction, scheme: Scheme, checkpoint: Checkpoint,
+                      reuse: dict[str, object] | None = None) -> None:
     """Fill and compress one skeleton function's weights in place, as the scheme says (the function is
     used up), then run coremltools' default and backend passes on it, as a conversion would: the constant
-    deduplication left out of the conversion runs here, on real values."""
+    deduplication left out of the conversion runs here, on real values. Functions of one variant pass
+    the same `reuse` dict: each weight is then read and rounded once (`compression_pass`)."""
     from coremltools.converters.mil.converter import _construct_other_pipelines
     from coremltools.converters.mil.mil.passes.pass_pipeline import PassPipeline, PassPipelineManager
 
@@ -118,7 +120,7 @@ def compress_function(function: SkeletonFunction, scheme: Scheme, checkpoint: Ch
 
     chosen = chosen_formats(scheme, function.constants, checkpoint.config) if scheme.coreml != "float" else {}
     fresh_names()
-    compression_pass(scheme, chosen, fill).apply(function.program)
+    compression_pass(scheme, chosen, fill, reuse).apply(function.program)
     main = PassPipeline.DEFAULT
     main.remove_passes({"common::add_fp16_cast", "common::add_int16_cast"})  # compute precision is set already
     _, backend = _construct_other_pipelines(main, "milinternal", "mlprogram")
