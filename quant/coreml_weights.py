@@ -36,11 +36,17 @@ _SUFFIXES = ("_palettized", "_quantized", "_to_fp16")
 
 @lru_cache(maxsize=8)
 def _constant_names(cfg: TextConfig) -> dict[str, str]:
+    return {_PARAM_PREFIX + name.replace(".", "_"): name for name in lifted_shapes(cfg)}
+
+
+def lifted_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
+    """The shape ([out, in] for a matrix) of every decoder parameter a converted program may hold as a
+    constant: the checkpoint's, and the LM head, which a tied model's program holds its table under."""
     from graphs.checkpoint import expected_shapes
 
-    names = {_PARAM_PREFIX + name.replace(".", "_"): name for name in expected_shapes(cfg)}
-    names[_PARAM_PREFIX + "lm_head_weight"] = "lm_head.weight"  # a tied table is lifted under the head's name
-    return names
+    shapes = expected_shapes(cfg)
+    shapes.setdefault("lm_head.weight", shapes["embed_tokens.weight"])
+    return shapes
 
 
 def param_of_constant(op_name: str, cfg: TextConfig) -> str | None:
@@ -195,9 +201,9 @@ def compression_pass(scheme: Scheme, chosen: dict[str, WeightFormat], fill: Cons
 
     class Compress(base):
         def transform_op(self, op) -> None:  # noqa: ANN001
+            self.const_name = op.name
             if fill is None:
                 return super().transform_op(op)
-            self.const_name = op.name
             with mb.scope(*provenance(op)):
                 if not (reusing and op.name in chosen and op.name in reuse):
                     op = fill(op)
@@ -221,10 +227,7 @@ def compression_pass(scheme: Scheme, chosen: dict[str, WeightFormat], fill: Cons
 def chosen_formats(scheme: Scheme, constants: dict[str, str], cfg: TextConfig) -> dict[str, WeightFormat]:
     """{const op name: storage format} of the decoder weight constants ({const: parameter}) this scheme
     compresses (a converted const's value may be a placeholder: the shapes come from the config)."""
-    from graphs.checkpoint import expected_shapes
-
-    shapes = expected_shapes(cfg)  # the parameter's [out, in]
-    shapes.setdefault("lm_head.weight", shapes["embed_tokens.weight"])  # tied: the head is the embedding's table
+    shapes = lifted_shapes(cfg)
     chosen = {const: coreml_format(scheme, param, tuple(shapes[param])) for const, param in constants.items()}
     return {const: fmt for const, fmt in chosen.items() if fmt}
 

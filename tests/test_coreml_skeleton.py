@@ -23,9 +23,13 @@ def _weights(program) -> dict[str, np.ndarray]:  # noqa: ANN001
             if op.op_type == "const" and isinstance(op.outputs[0].val, np.ndarray) and op.outputs[0].val.size > 16}
 
 
-@pytest.mark.parametrize("scheme", ["q4", "fp16"])
-def test_skeleton_conversion_stores_the_full_conversions_weights(default_checkpoint: Path, scheme: str):
-    checkpoint = open_checkpoint(default_checkpoint, mtp=False)
+@pytest.mark.parametrize("model, scheme", [("default", "q4"), ("default", "fp16"), ("kv_double_untied", "q4")])
+def test_skeleton_conversion_stores_the_full_conversions_weights(default_checkpoint: Path,
+                                                                 tiny_checkpoints: dict[str, Path], model: str,
+                                                                 scheme: str):
+    """Tied (the default model) and untied (a separate embedding table, as the 9B has) layouts."""
+    folder = default_checkpoint if model == "default" else tiny_checkpoints[model]
+    checkpoint = open_checkpoint(folder, mtp=False)
     cfg, chosen_scheme = checkpoint.config, SCHEMES[scheme]
     skeleton = checkpoint.build_skeleton(kernels=MATMUL_ONLY, logits="last", placeholder=is_coreml_placeholder)
     placeholders = [p for p in skeleton.parameters() if 0 in p.stride()]

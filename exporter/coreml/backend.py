@@ -12,8 +12,8 @@ Output layout:
 Each function is the eager `graphs.coreml_step.CoreMLStep` exported with `torch.export` (static
 shapes: the cache write is a slice at a run-time start, which Core ML maps to `slice_update`) and
 converted on its own, from a skeleton decoder whose large weights are filled in one at a time as they
-are compressed (exporter/coreml/skeleton.py: memory bounded by about one weight, not the model);
-`ct.utils.save_multifunction` then merges the functions, keeping identical weights once.
+are compressed (exporter/coreml/skeleton.py: no float copy of the model in memory); the functions are
+then saved as one package, each weight they share stored once (`skeleton.save_functions`).
 """
 
 from __future__ import annotations
