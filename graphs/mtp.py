@@ -96,6 +96,7 @@ class DraftableDecoder(nn.Module):
         # names and the quantization predicate see what they see in the plain decoder
         self.cfg, self.logits_mode = decoder.cfg, decoder.logits_mode
         self.layers, self.norm, self.lm_head = decoder.layers, decoder.norm, decoder.lm_head
+        self.layer_boundary = decoder.layer_boundary
 
     run_layers = Qwen35Decoder.run_layers
 

@@ -230,6 +230,9 @@ class Qwen35Decoder(nn.Module):
     def __init__(self, cfg: TextConfig, kernels: RecurrentKernels = CUSTOM_OPS, logits: LogitsMode = "all") -> None:
         super().__init__()
         self.cfg, self.kernels, self.logits_mode = cfg, kernels, logits
+        # (x, i) -> x, called before layer i and before the head (i = layer count); the ONNX exporter's
+        # layer template sets it to a marker op (exporter/onnx/layer_stack.py), every other use leaves None
+        self.layer_boundary: Callable[[torch.Tensor, int], torch.Tensor] | None = None
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, t, kernels) for t in cfg.layer_types)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -254,10 +257,12 @@ class Qwen35Decoder(nn.Module):
                    kv_write: KVWrite | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The layer stack: hidden states [B,T,hidden] and the new state, two tensors per layer."""
         new_state: list[torch.Tensor] = []
+        mark = self.layer_boundary
         for i, layer in enumerate(self.layers):
+            x = x if mark is None else mark(x, i)
             x, s0, s1 = layer_step(layer, x, token_mask, bias, cos, sin, state[2 * i], state[2 * i + 1], kv_write)
             new_state += [s0, s1]
-        return x, new_state
+        return (x if mark is None else mark(x, len(self.layers))), new_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits of every position, or of the last one (logits="last")."""

@@ -11,6 +11,7 @@ and no weight is in memory.
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -20,9 +21,11 @@ import torch
 from torch.export import Dim
 from torch.onnx._internal._lazy_import import onnxscript_apis
 
+from exporter.onnx.layer_stack import (BOUNDARY_TRANSLATION, NotStackable, stack_layers, template_decoder,
+                                       template_layers, template_name)
 from exporter.onnx.norms import fuse_norms
 from exporter.onnx.recurrent import place_recurrent_ops, translation_table
-from exporter.onnx.streamed import RowReader, adopt_folded, adopt_placeholders
+from exporter.onnx.streamed import CheckpointWeight, RowReader, adopt_folded, adopt_placeholders
 from graphs.io_spec import DEFAULT_LOGIT_POSITIONS, GraphSpec, decoder_spec, embed_spec, mtp_spec
 from graphs.mtp import DraftableDecoder, MTPDraftStep
 from graphs.qwen3_5 import EmbedTokens, Qwen35Decoder
@@ -108,10 +111,10 @@ class StreamedWeights:
     sources: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
 
 
-def _trace(module: torch.nn.Module, args: tuple, spec: GraphSpec, dynamic: list,
-           weights: StreamedWeights | None) -> ir.Model:
-    """torch.onnx.export, with its optimizer run here (the same call it makes) so that streamed
-    weights are in place before anything is folded."""
+def _export(module: torch.nn.Module, args: tuple, spec: GraphSpec, dynamic: list,
+            weights: StreamedWeights | None) -> ir.Model:
+    """torch.onnx.export without its optimizer, streamed weights adopted (so they are in place
+    before anything is folded)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -122,7 +125,7 @@ def _trace(module: torch.nn.Module, args: tuple, spec: GraphSpec, dynamic: list,
             input_names=spec.input_names,
             output_names=spec.output_names,
             dynamic_shapes=tuple(dynamic),
-            custom_translation_table=translation_table(),
+            custom_translation_table={**translation_table(), **BOUNDARY_TRANSLATION},
             opset_version=TRACE_OPSET,
             verbose=False,
             optimize=False,
@@ -130,6 +133,11 @@ def _trace(module: torch.nn.Module, args: tuple, spec: GraphSpec, dynamic: list,
     model = program.model
     if weights is not None:
         adopt_placeholders(model, weights.reader, weights.sources)
+    return model
+
+
+def _optimize(model: ir.Model, spec: GraphSpec, weights: StreamedWeights | None) -> ir.Model:
+    """The optimizer torch.onnx.export runs, then the folded streamed weights adopted."""
     onnxscript_apis.optimize(model)
     if weights is not None:
         adopt_folded(model, weights.reader, dict(weights.sources.values()))
@@ -137,6 +145,11 @@ def _trace(module: torch.nn.Module, args: tuple, spec: GraphSpec, dynamic: list,
     if got_inputs != spec.input_names:
         raise RuntimeError(f"exported inputs {got_inputs} differ from the I/O spec {spec.input_names}")
     return model
+
+
+def _trace(module: torch.nn.Module, args: tuple, spec: GraphSpec, dynamic: list,
+           weights: StreamedWeights | None) -> ir.Model:
+    return _optimize(_export(module, args, spec, dynamic, weights), spec, weights)
 
 
 def name_nodes_and_strip_trace_metadata(model: ir.Model) -> None:
@@ -174,23 +187,75 @@ def _prefixed(weights: StreamedWeights | None, prefix: str) -> StreamedWeights |
                                             for k, v in weights.sources.items() if k.startswith("embed_tokens.")})
 
 
+def _decoder_module(model: Qwen35Decoder, draftable: bool) -> torch.nn.Module:
+    return DraftableDecoder(model) if draftable else model
+
+
+def _decoder_dims(spec: GraphSpec) -> list:
+    dims = _dims(spec)
+    return [*dims[:NAMED_INPUTS], tuple(dims[NAMED_INPUTS:])]  # the rest arrives as forward's varargs
+
+
+def stacked_decoder_graph(model: Qwen35Decoder, draftable: bool, weights: StreamedWeights | None) -> ir.Model:
+    """The decoder graph traced from one layer of each type and stacked (exporter/onnx/layer_stack.py);
+    raises NotStackable when the template cannot be copied."""
+    template = template_decoder(model, set() if weights is None else set(weights.sources))
+    chosen = template_layers(model.cfg.layer_types)
+    dtype = _dtype_name(model)
+    spec = decoder_spec(model.cfg, dtype, model.logits_mode == "all", draftable)
+    template_spec = decoder_spec(template.cfg, dtype, model.logits_mode == "all", draftable)
+    template_weights = None if weights is None else StreamedWeights(weights.reader, {
+        name: weights.sources[template_name(name, chosen)]
+        for name, _ in template.named_parameters(remove_duplicate=False) if template_name(name, chosen) in weights.sources})
+    unoptimized = _export(_decoder_module(template, draftable), _sample_inputs(template, draftable), template_spec,
+                          _decoder_dims(template_spec), template_weights)
+    traced = _optimize(unoptimized.clone(), template_spec, template_weights)
+    params = dict(model.named_parameters(remove_duplicate=False))
+
+    def layer_tensor(name: str) -> ir.TensorProtocol:
+        if weights is not None and name in weights.sources:
+            source, shape = weights.sources[name]
+            return CheckpointWeight(weights.reader, source, shape, ir.DataType.from_numpy(
+                torch.empty((), dtype=params[name].dtype).numpy().dtype))
+        return ir.Tensor(params[name].detach().numpy(), name=name)
+
+    graph = stack_layers(traced, unoptimized, template.cfg, model.cfg, spec, layer_tensor)
+    if weights is not None:
+        adopt_folded(graph, weights.reader, dict(weights.sources.values()))
+    return graph
+
+
 def trace_decoder(model: Qwen35Decoder, recurrent_ops: str, draftable: bool = False,
-                  weights: StreamedWeights | None = None) -> ir.Model:
+                  weights: StreamedWeights | None = None, stack: bool = True) -> ir.Model:
     """The stateful decoder graph; logits as the model was built to give them (all or last position).
 
     `draftable` (an export with an MTP head): graphs/mtp.py's DraftableDecoder, which also returns
-    the hidden states and takes `logit_positions`, an input with a default."""
+    the hidden states and takes `logit_positions`, an input with a default. `stack`: trace one layer
+    of each type and stack copies (the default, far faster); False, or a template that cannot be
+    stacked, traces every layer."""
+    graph = None
+    if stack:
+        try:
+            graph = stacked_decoder_graph(model, draftable, weights)
+        except NotStackable as why:
+            print(f"note: tracing every decoder layer ({why})", file=sys.stderr)
+    if graph is None:
+        spec = decoder_spec(model.cfg, _dtype_name(model), model.logits_mode == "all", draftable)
+        graph = _trace(_decoder_module(model, draftable), _sample_inputs(model, draftable), spec,
+                       _decoder_dims(spec), weights)
+    finish_decoder_graph(graph, model, recurrent_ops, draftable)
+    return graph
+
+
+def finish_decoder_graph(graph: ir.Model, model: Qwen35Decoder, recurrent_ops: str, draftable: bool) -> None:
+    """What every traced decoder graph gets: the default of `logit_positions`, the recurrent ops in
+    their domain, fused norms, the spec's names and descriptions."""
     spec = decoder_spec(model.cfg, _dtype_name(model), model.logits_mode == "all", draftable)
-    dims = _dims(spec)
-    dynamic = [*dims[:NAMED_INPUTS], tuple(dims[NAMED_INPUTS:])]  # the rest arrives as forward's varargs
-    module = DraftableDecoder(model) if draftable else model
-    graph = _trace(module, _sample_inputs(model, draftable), spec, dynamic, weights)
     if "logit_positions" in spec.input_names:
         _give_default(graph, "logit_positions", np.array(DEFAULT_LOGIT_POSITIONS, np.int64))
     place_recurrent_ops(graph, recurrent_ops)
     fuse_norms(graph, recurrent_ops)
     _describe(graph, spec, f"Qwen3.5 hybrid decoder, prefill and decode, recurrent ops: {recurrent_ops} (qwen-edge)")
-    return graph
 
 
 def _give_default(model: ir.Model, name: str, value: np.ndarray) -> None:
