@@ -113,28 +113,37 @@ def template_decoder(model: Qwen35Decoder, placeholders: set[str]) -> Qwen35Deco
     return shell.eval()
 
 
-def template_name(name: str, chosen: list[int]) -> str:
-    """`layers.j.X` of the template -> `layers.i.X` of the model (other names are the same)."""
+def _split_param(name: str) -> tuple[int | None, str]:
+    """`layers.j.X` -> (j, X); any other name -> (None, name)."""
     match = re.match(r"layers\.(\d+)\.", name)
-    return name if match is None else f"layers.{chosen[int(match.group(1))]}.{name[match.end():]}"
+    return (None, name) if match is None else (int(match.group(1)), name[match.end():])
 
 
 def _layer_of_param(name: str) -> int | None:
-    match = re.match(r"layers\.(\d+)\.", name)
-    return None if match is None else int(match.group(1))
+    return _split_param(name)[0]
+
+
+def template_name(name: str, chosen: list[int]) -> str:
+    """`layers.j.X` of the template -> `layers.i.X` of the model (other names are the same)."""
+    j, rest = _split_param(name)
+    return name if j is None else f"layers.{chosen[j]}.{rest}"
+
+
+def _state_roles(cfg: TextConfig, past: bool) -> dict[str, tuple[int, str]]:
+    """{state input (past) or output name: (layer, role)}."""
+    return {t.past_name if past else t.present_name: (t.layer, t.role.role) for t in state_tensors(cfg)}
 
 
 class _Template:
     """The optimized template graph, split into shared nodes, each layer's nodes and the head's."""
 
     def __init__(self, traced: ir.Model, unoptimized: ir.Model, cfg: TextConfig) -> None:
-        self.traced, self.unoptimized, self.cfg = traced, unoptimized, cfg
+        self.unoptimized = unoptimized
         self.producers = {out.name: node for node in unoptimized.graph for out in node.outputs}
         graph = traced.graph
         self.layers = cfg.num_hidden_layers
         self.inputs = {v.name: v for v in graph.inputs}
-        self.state_inputs = {t.past_name: (t.layer, t.role.role) for t in state_tensors(cfg)}
-        self.state_outputs = {t.present_name: (t.layer, t.role.role) for t in state_tensors(cfg)}
+        self.state_inputs, self.state_outputs = _state_roles(cfg, past=True), _state_roles(cfg, past=False)
         self.initializer_layer = {name: self._initializer_layer(name) for name in graph.initializers}
         self.markers: dict[int, ir.Node] = {}
         self.label: dict[ir.Value, object] = {}  # None: shared; int j: template layer j; "head"
@@ -233,7 +242,7 @@ def refold(model: ir.Model, names: list[str], substitute: dict[str, ir.TensorPro
     for node in nodes:
         if any(v is not None and v.name not in values for v in node.inputs):
             raise NotStackable(f"constant {names}: {node.op_type} reads the type of a computed value")
-        copies.append(_copy_node(node, [None if v is None else values[v.name] for v in node.inputs], lambda n: n, values))
+        copies.append(_copy_node(node, values))
     graph = ir.Graph([], [values[name] for name in names], nodes=copies, initializers=initializers,
                      opset_imports=dict(model.graph.opset_imports))
     folded = ir.Model(graph, ir_version=model.ir_version)
@@ -248,8 +257,10 @@ def refold(model: ir.Model, names: list[str], substitute: dict[str, ir.TensorPro
     return out
 
 
-def _copy_node(node: ir.Node, inputs: list[ir.Value | None], rename: Callable[[str], str],
-               values: dict[str, ir.Value], scopes: Callable[[str], str] = lambda s: s) -> ir.Node:
+def _copy_node(node: ir.Node, values: dict[str, ir.Value], rename: Callable[[str], str] = lambda s: s,
+               scopes: Callable[[str], str] = lambda s: s) -> ir.Node:
+    """A copy of `node` reading `values` (by the original input names); its outputs are added there."""
+    inputs = [None if v is None else values[v.name] for v in node.inputs]
     props = dict(node.metadata_props)
     if SCOPES in props:
         props[SCOPES] = scopes(props[SCOPES])
@@ -293,7 +304,7 @@ def stack_layers(traced: ir.Model, unoptimized: ir.Model, template_cfg: TextConf
         return ir.Value(name=name, type=value.type, shape=None if value.shape is None else ir.Shape(value.shape),
                         const_value=const)
 
-    spec_roles = {t.past_name: (t.layer, t.role.role) for t in state_tensors(cfg)}
+    spec_roles = _state_roles(cfg, past=True)
     template_past = {v: k for k, v in template.state_inputs.items()}  # (j, role) -> template input name
     template_present = {v: k for k, v in template.state_outputs.items()}
     inputs = []
@@ -314,8 +325,7 @@ def stack_layers(traced: ir.Model, unoptimized: ir.Model, template_cfg: TextConf
         if template.initializer_layer[name] is None:
             values[name] = fresh(value, name, value.const_value)
             initializers.append(values[name])
-    nodes = [_copy_node(n, [None if v is None else values[v.name] for v in n.inputs], lambda s: s, values)
-             for n in template.nodes[None]]
+    nodes = [_copy_node(n, values) for n in template.nodes[None]]
 
     hidden = values[traced.graph.inputs[0].name]
     present: dict[tuple[int, str], ir.Value] = {}
@@ -330,7 +340,7 @@ def stack_layers(traced: ir.Model, unoptimized: ir.Model, template_cfg: TextConf
         mine = [n for n, layer in template.initializer_layer.items() if layer == j]
         params = [n for n in mine if _layer_of_param(n) is not None]
         folded = [n for n in mine if _layer_of_param(n) is None]
-        real = {n: layer_tensor(f"layers.{i}.{n.split('.', 2)[2]}") for n in params}
+        real = {n: layer_tensor(f"layers.{i}.{_split_param(n)[1]}") for n in params}
         if folded:
             if j not in checked:  # the refolding, on the template's own values, gives the optimizer's bytes
                 for n, tensor in refold(unoptimized, folded, {}).items():
@@ -338,11 +348,11 @@ def stack_layers(traced: ir.Model, unoptimized: ir.Model, template_cfg: TextConf
                         raise NotStackable(f"refolding {n} does not give the optimizer's constant")
                 checked.add(j)
             # the unoptimized template names its parameters as traced: layers.j.X
-            substitute = {n: layer_tensor(f"layers.{i}.{n.split('.', 2)[2]}")
+            substitute = {n: layer_tensor(f"layers.{i}.{_split_param(n)[1]}")
                           for n in _cone(unoptimized, folded)[1] if _layer_of_param(n) == j}
             real.update(refold(unoptimized, folded, substitute))
         for n in mine:
-            local[n] = fresh(traced.graph.initializers[n], f"layers.{i}.{n.split('.', 2)[2]}"
+            local[n] = fresh(traced.graph.initializers[n], f"layers.{i}.{_split_param(n)[1]}"
                              if _layer_of_param(n) is not None else f"layers.{i}/{n}", real[n])
             initializers.append(local[n])
 
@@ -353,8 +363,7 @@ def stack_layers(traced: ir.Model, unoptimized: ir.Model, template_cfg: TextConf
             return repr([re.sub(rf"^layers\.{j}(?=\.|$)", f"layers.{i}", s) for s in ast.literal_eval(text)])
 
         for node in template.nodes[j]:
-            nodes.append(_copy_node(node, [None if v is None else local[v.name] for v in node.inputs],
-                                    rename, local, scopes))
+            nodes.append(_copy_node(node, local, rename, scopes))
         hidden = local[template.markers[j + 1].inputs[0].name]
         for (tj, role), name in template_present.items():
             if tj == j:
@@ -362,9 +371,8 @@ def stack_layers(traced: ir.Model, unoptimized: ir.Model, template_cfg: TextConf
 
     local = dict(values)
     local[template.markers[template.layers].outputs[0].name] = hidden
-    nodes += [_copy_node(n, [None if v is None else local[v.name] for v in n.inputs], lambda s: s, local)
-              for n in template.nodes["head"]]
-    out_roles = {t.present_name: (t.layer, t.role.role) for t in state_tensors(cfg)}
+    nodes += [_copy_node(n, local) for n in template.nodes["head"]]
+    out_roles = _state_roles(cfg, past=False)
     outputs = []
     for name in spec.output_names:
         value = present[out_roles[name]] if name in out_roles else local[name]
