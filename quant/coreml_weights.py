@@ -128,7 +128,7 @@ def int4_blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]
     values, scales = np.empty((n, k), np.int8), np.empty((n, k // block), weight.dtype)
     for start in range(0, n, _INT4_ROWS):  # rows are independent: a large table is packed in row blocks
         rows = slice(start, start + _INT4_ROWS)
-        packed = pack_blockwise(np.ascontiguousarray(weight[rows].T), WeightFormat(4, block))
+        packed = pack_blockwise(weight[rows].T, WeightFormat(4, block))
         values[rows] = unpack_nibbles(packed.data)[:, :k].astype(np.int8) - 8  # symmetric: stored zero point 8
         scales[rows] = packed.scales
     return values, scales

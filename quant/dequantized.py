@@ -38,7 +38,7 @@ class RoundedCheckpoint:
             rows = rows.astype(np.float16)
         fmt = self.formats.get(family_of(name) or "")
         if fmt is not None:  # [out, in] rows; blocks run along `in`, each output row independent
-            rows = unpack_blockwise(pack_blockwise(np.ascontiguousarray(rows.T), fmt), rows.shape[1], fmt).T
+            rows = unpack_blockwise(pack_blockwise(rows.T, fmt), rows.shape[1], fmt).T
         return np.ascontiguousarray(rows, dtype=np.float32)
 
 

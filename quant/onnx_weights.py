@@ -63,6 +63,23 @@ def packed_bytes(k: int, n: int, fmt: WeightFormat, scale_dtype: np.dtype = np.d
                for shape, dtype in (packed_shapes(k, n, fmt, scale_dtype)[part] for part in parts))
 
 
+TRANSPOSE_TILE = 16  # source rows per tile: a 2-D transpose copied tile by tile stays in cache
+
+
+def contiguous(array: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
+    """`array` as a C-contiguous array of `dtype`. A transposed view of a contiguous matrix (a weight
+    read as checkpoint rows, used as [K, N]) is copied in tiles of rows: numpy's one strided copy of
+    a large transpose misses the cache on every element and is about 9× slower (measured here)."""
+    dtype = np.dtype(array.dtype if dtype is None else dtype)
+    if array.ndim != 2 or array.flags.c_contiguous or not array.T.flags.c_contiguous:
+        return np.ascontiguousarray(array, dtype=dtype)
+    source = array.T  # the contiguous [N, K] matrix
+    out = np.empty(array.shape, dtype)
+    for start in range(0, source.shape[0], TRANSPOSE_TILE):
+        out[:, start:start + TRANSPOSE_TILE] = source[start:start + TRANSPOSE_TILE].T
+    return out
+
+
 def pack_blockwise(weight: np.ndarray, fmt: WeightFormat) -> PackedWeight:
     """Quantize a MatMul weight [K, N] with ONNX Runtime's packers (computed in fp32). Output
     channels are independent, so packing columns in groups gives the same bytes as all at once.
@@ -76,7 +93,7 @@ def pack_blockwise(weight: np.ndarray, fmt: WeightFormat) -> PackedWeight:
     scales = np.zeros(shapes["scales"][0], np.float32)
     zero_points = np.zeros(shapes["zero_points"][0], np.uint8)
     packer = {4: quantize_matmul_4bits, 8: quantize_matmul_8bits}[fmt.bits]
-    packer(data, np.ascontiguousarray(weight, dtype=np.float32), scales, zero_points, fmt.block_size, n, k,
+    packer(data, contiguous(weight, np.float32), scales, zero_points, fmt.block_size, n, k,
            fmt.symmetric)
     return PackedWeight(data, scales.astype(weight.dtype), None if fmt.symmetric else zero_points)
 

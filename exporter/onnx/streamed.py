@@ -33,7 +33,7 @@ from onnx_ir._core import TensorBase
 
 from exporter.onnx.external_data import set_external
 from graphs.errors import QwenEdgeError
-from quant.onnx_weights import PackedWeight, pack_blockwise, packed_shapes
+from quant.onnx_weights import PackedWeight, contiguous, pack_blockwise, packed_shapes
 from quant.schemes import WeightFormat
 
 BLOCK_BYTES = 64 << 20  # float32 bytes of source rows converted at a time
@@ -188,7 +188,7 @@ class CheckpointWeight(StreamedTensor):
             yield block.start * rows[0].size * item, rows.tobytes()
             return
         n = self.source_shape[0]
-        columns = np.ascontiguousarray(rows.T)  # [K, rows]: a column range of every row of W.T
+        columns = contiguous(rows.T)  # [K, rows]: a column range of every row of W.T
         for k in range(columns.shape[0]):
             yield (k * n + block.start) * item, columns[k].tobytes()
 
