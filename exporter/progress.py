@@ -93,7 +93,22 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (the kernel's maxrss)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+_with_helpers = 0  # the largest (own peak so far + peak of the helpers waited for) at any helper's end
+
+
+def _maxrss(who: int) -> int:
+    peak = resource.getrusage(who).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+
+
+def helper_finished() -> None:
+    """Record that a helper process which ran beside this one (the vision trace) has been waited for.
+    Its peak plus this process's peak so far bounds what was resident while it ran."""
+    global _with_helpers
+    _with_helpers = max(_with_helpers, _maxrss(resource.RUSAGE_SELF) + _maxrss(resource.RUSAGE_CHILDREN))
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this job so far: the kernel's maxrss of this process, or the bound that
+    includes a helper running beside it if that is larger (an upper bound, never an understatement)."""
+    return max(_maxrss(resource.RUSAGE_SELF), _with_helpers)

@@ -303,3 +303,15 @@ def test_processor_steps_other_than_the_defaults_are_refused() -> None:
     for key, value in (("do_normalize", False), ("rescale_factor", 1.0), ("resample", 2)):
         with pytest.raises(QwenEdgeError, match=f"processor setting {key}="):
             PixelSettings.from_dict({**PUBLISHED_IMAGE, key: value})
+
+
+def test_a_failing_vision_helper_is_the_exports_error(tmp_path: Path) -> None:
+    """The tower is traced in a helper process: its failure must surface as one clear error, not a
+    missing file later."""
+    from exporter.onnx.vision import VisionTrace
+    from graphs.errors import QwenEdgeError
+
+    helper = VisionTrace(tmp_path / "no-such-checkpoint", "float32", tmp_path)
+    with pytest.raises(QwenEdgeError, match="^tracing the vision tower failed: .*no-such-checkpoint"):
+        helper.wait()
+    helper.stop()

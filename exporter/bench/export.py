@@ -14,8 +14,10 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,16 +30,23 @@ SHARD_BYTES = 5 * 10**9  # safetensors shards of at most 5 GB with an index, as 
 
 
 def run_measured(cmd: list[str], quiet: bool = False) -> dict:
-    """Run cmd (its output dropped when `quiet`); return wall and CPU seconds, peak RSS (MiB) of that
-    process tree's largest process, exit code."""
+    """Run cmd (its output dropped when `quiet`); return wall and CPU seconds, peak RSS (MiB) and exit
+    code. The kernel gives the peak of the tree's largest process; a qwen-edge export also prints its
+    own peak with its helpers added (exporter/progress.py), and the larger of the two is kept."""
     start = time.perf_counter()
-    drop = subprocess.DEVNULL if quiet else None
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=drop, stderr=drop)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.DEVNULL if quiet else None)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+    if not quiet:
+        sys.stdout.write(text)
+    printed = re.findall(r"peak memory ([0-9.]+) GiB", text)
+    peak_mib = max([usage.ru_maxrss / 1024] + [float(gib) * 1024 for gib in printed])
     code = os.waitstatus_to_exitcode(status)
     return {"command": " ".join(cmd), "wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-            "peak_rss_mib": round(usage.ru_maxrss / 1024), "exit": code}
+            "peak_rss_mib": round(peak_mib), "exit": code}
 
 
 def machine() -> str:

@@ -17,7 +17,8 @@ The MTP graph is traced from a skeleton of the head the same way, quantized by t
 streamed in the same pass; once its bytes are written it reads the LM head's bytes from the decoder's
 data file (`share_identical_weights`). A variant's size and fingerprint are recorded after that.
 The vision tower (exporter/onnx/vision.py) is small beside the decoder and is traced with its
-weights in memory, into a scratch folder per dtype.
+weights in memory, into a scratch folder per dtype, by a helper process while this one traces the
+decoder (`VisionTrace`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from exporter.onnx.external_data import external_info, set_external, share_ident
 from exporter.onnx.streamed import Sink, save_graph, save_proto, stream_weights
 from exporter.onnx.trace import (StreamedWeights, name_nodes_and_strip_trace_metadata, trace_decoder, trace_embed,
                                  trace_mtp)
-from exporter.onnx.vision import FLOAT_NAME as VISION_FLOAT, trace_vision, write_vision_variant
+from exporter.onnx.vision import VisionTrace, write_vision_variant
 from exporter.pipeline import files_bytes
 from exporter.progress import Stages
 from graphs.checkpoint import Checkpoint, expected_shapes, is_placeholder
@@ -126,12 +127,19 @@ class OnnxBackend:
         weights = self._streamed(model)
 
         def trace() -> Traced:
-            traced = Traced(trace_embed(model, weights), trace_decoder(model, form, draftable, weights),
-                            None if step is None else trace_mtp(step, self._streamed(step)))
-            if checkpoint.vision is not None:
-                traced.vision_dir = folder / f".vision-{activations}"
-                traced.vision_dir.mkdir()
-                save_graph(trace_vision(checkpoint.build_vision_encoder(dtype)), traced.vision_dir / VISION_FLOAT)
+            vision_dir = vision = None
+            if checkpoint.vision is not None:  # traced beside the decoder, in a helper process
+                vision_dir = folder / f".vision-{activations}"
+                vision_dir.mkdir()
+                vision = VisionTrace(checkpoint.folder, activations, vision_dir)
+            try:
+                traced = Traced(trace_embed(model, weights), trace_decoder(model, form, draftable, weights),
+                                None if step is None else trace_mtp(step, self._streamed(step)), vision_dir)
+                if vision is not None:
+                    vision.wait()
+            finally:
+                if vision is not None:
+                    vision.stop()
             return traced
 
         return stages.run(trace)
