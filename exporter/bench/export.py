@@ -198,7 +198,8 @@ def main() -> None:
 
 Measured {record['date']} on {record['machine']}.
 Command: `{command}` (each stage a separate process;
-peak RSS is the kernel's maxrss of that process).
+peak RSS is the kernel's maxrss of that process; for the export the larger of that and the peak it prints,
+which adds its vision-trace helper's peak).
 
 | stage | wall time (s) | CPU time (s) | peak RSS (MiB) | exit |
 |---|---|---|---|---|
@@ -249,7 +250,8 @@ def write_size_summary(doc: Path, quant: str, block_size: str) -> None:
 
 One `qwen-edge export CHECKPOINT OUT --quant {quant}` per size (all variants in one call), then one
 `qwen-edge verify CHECKPOINT OUT --variant V` per variant (each against the reference computing with that variant's
-own rounded weights); each a separate process, peak RSS the kernel's maxrss. Rows come from
+own rounded weights); each a separate process, peak RSS the kernel's maxrss (for the export, with its vision-trace
+helper added as `run_measured` says). Rows come from
 `.venv/bin/python -m exporter.bench.export --preset P --quant {quant} --verify-all` (dates per row; machines in
 each preset's own section above).
 
