@@ -195,6 +195,9 @@ def export(ctx: click.Context, checkpoint: str, out: Path, fmt: str, quant_names
 @click.option("--rtol", type=FiniteFloat(min=0), default=None,
               help="Parity: logit tolerance relative to the logit scale [ONNX 1e-4, 5e-2 for fp16 activations; Core ML 1e-2 fp32 compute, 5e-2 fp16].")
 @click.option("--per-step", is_flag=True, help="Parity: print every step's difference.")
+@click.option("--by-layer/--whole-graph", "by_layer", default=None,
+              help="Parity (ONNX): run the decoder one layer's session at a time, decode fed a fixed continuation, "
+                   "in the memory of one layer [default: when the whole session could exceed half the RAM].")
 @click.option("--variants", "variant_names", default=None, help="Quality: comma-separated variants (default: all).")
 @click.option("--text", "text_path", type=click.Path(path_type=Path), help="Quality: held-out text file.")
 @click.option("--tokens", type=click.IntRange(min=1), default=1024, show_default=True,
@@ -208,7 +211,8 @@ def export(ctx: click.Context, checkpoint: str, out: Path, fmt: str, quant_names
               help="Core ML: 'mil' = NumPy MIL interpreter (any OS); 'coreml' = Core ML prediction (macOS 15+).")
 def verify(paths: tuple[Path, ...], against: Path | None, variant: str, decode_steps: int, prompt_lengths: str | None,
            rtol: float | None, per_step: bool, variant_names: str | None, text_path: Path | None, tokens: int,
-           gate_items: tuple[str, ...], json_path: Path | None, junit_path: Path | None, fmt: str, runner: str) -> None:
+           gate_items: tuple[str, ...], json_path: Path | None, junit_path: Path | None, fmt: str, runner: str,
+           by_layer: bool | None) -> None:
     """Check an export; exit 1 when a tolerance or quality gate is missed.
 
     \b
@@ -226,7 +230,7 @@ def verify(paths: tuple[Path, ...], against: Path | None, variant: str, decode_s
         raise QwenEdgeError(f"--text {text_path}: not a regular file; give a UTF-8 text file of held-out text")
     outcome = run_verify(VerifyRequest(paths, against, fmt, variant, decode_steps,
                                        _ints(prompt_lengths, "--prompt-lengths"), rtol, per_step, runner,
-                                       _names(variant_names), text_path, tokens, gate_items))
+                                       _names(variant_names), text_path, tokens, gate_items, by_layer))
     click.echo(outcome.text)
     if json_path:
         outcome.write_json(json_path)

@@ -75,24 +75,32 @@ def _zero_state(session: ort.InferenceSession, batch: int) -> SequenceState:
     return SequenceState(values, np.zeros((batch, 0), np.int64), np.zeros((batch,), np.int64))
 
 
+def call_positions(past_mask: np.ndarray, positions: np.ndarray, new_mask: np.ndarray,
+                   position_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(attention_mask, position_ids [3, B, T], the next call's positions) of one decoder call, from
+    the mask and next positions of what came before and the `new_mask` of its new tokens."""
+    b, t = new_mask.shape
+    if position_ids is None:
+        # Positions count real tokens only, so a left-padded row starts at 0 like an unpadded one.
+        ids = positions[:, None] + np.cumsum(new_mask, axis=1) - 1
+        ids = np.where(new_mask > 0, ids, 0).astype(np.int64)
+        position_ids = np.broadcast_to(ids, (3, b, t))
+        next_positions = positions + new_mask.sum(axis=1)
+    else:
+        next_positions = position_ids.max(axis=(0, 2)) + 1
+    mask = np.concatenate([past_mask, new_mask], axis=1)
+    return mask, np.ascontiguousarray(position_ids, dtype=np.int64), next_positions
+
+
 def _run_stateful(session: ort.InferenceSession, feeds: dict[str, np.ndarray], state: SequenceState,
                   new_mask: np.ndarray, wanted: list[str], position_ids: np.ndarray | None = None) -> list[np.ndarray]:
     """One call: `feeds` plus the mask, positions and state of `state`, which it then advances by
     the `new_mask` tokens. Returns the `wanted` outputs. `position_ids` [3, B, T]: explicit mRoPE
     positions; the next call then continues from their maximum + 1."""
-    b, t = new_mask.shape
-    if position_ids is None:
-        # Positions count real tokens only, so a left-padded row starts at 0 like an unpadded one.
-        positions = state.positions[:, None] + np.cumsum(new_mask, axis=1) - 1
-        positions = np.where(new_mask > 0, positions, 0).astype(np.int64)
-        position_ids = np.broadcast_to(positions, (3, b, t))
-        next_positions = state.positions + new_mask.sum(axis=1)
-    else:
-        next_positions = position_ids.max(axis=(0, 2)) + 1
-    mask = np.concatenate([state.attention_mask, new_mask], axis=1)
+    mask, position_ids, next_positions = call_positions(state.attention_mask, state.positions, new_mask, position_ids)
     inputs = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in feeds.items()}
     inputs["attention_mask"] = ort.OrtValue.ortvalue_from_numpy(mask)
-    inputs["position_ids"] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(position_ids, dtype=np.int64))
+    inputs["position_ids"] = ort.OrtValue.ortvalue_from_numpy(position_ids)
     inputs.update(state.values)
     # run_with_ort_values, not IO binding: only it accepts an input that has a default (logit_positions)
     names = [o.name for o in session.get_outputs() if o.name in wanted or is_state_output(o.name)]

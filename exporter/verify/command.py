@@ -33,6 +33,7 @@ class VerifyRequest:
     text: Path | None = None  # quality: held-out text (default: the default model's)
     tokens: int = 1024
     gates: tuple[str, ...] = ()  # quality: overrides such as "q4.min_top1=0.95"
+    by_layer: bool | None = None  # ONNX parity: the decoder one layer at a time (None: when needed)
 
 
 @dataclass
@@ -56,6 +57,8 @@ class VerifyOutcome:
 
 
 def run_verify(request: VerifyRequest) -> VerifyOutcome:
+    if request.by_layer is not None and (request.against is not None or request.fmt != "onnx"):
+        raise QwenEdgeError("--by-layer/--whole-graph apply to ONNX parity checks (CHECKPOINT EXPORT); drop them")
     if request.against is not None:
         if len(request.paths) != 1:
             raise QwenEdgeError("give EXPORT alone with --against REF (quality), or CHECKPOINT and EXPORT (parity)")
@@ -87,7 +90,7 @@ def _onnx_parity(request: VerifyRequest) -> VerifyOutcome:
     from exporter.verify.parity import format_report, verify_export
 
     report = verify_export(str(request.paths[0]), request.paths[1], request.prompt_lengths or ONNX_PROMPT_LENGTHS,
-                           request.decode_steps, request.rtol, request.variant)
+                           request.decode_steps, request.rtol, request.variant, request.by_layer)
     return VerifyOutcome(format_report(report, request.per_step), report.passed, report.to_dict())
 
 

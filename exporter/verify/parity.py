@@ -23,6 +23,7 @@ q4 greedy agreement 41 %; against its rounded weights, 100 % within 2e-6).
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ import onnx
 from default_model import resolve_checkpoint
 from exporter.onnx.forms import all_nodes
 from exporter.verify.runners import LayerwiseReference, OnnxRunner, SequenceRunner, SequenceScorer
+from exporter.verify.sliced import decoder_bytes, sliced_calls
 from graphs.checkpoint import open_checkpoint
 from quant.dequantized import FLOAT_REFERENCE, describe_reference, variant_weights
 from runtime_py.export_format import variant_record
@@ -44,6 +46,13 @@ DEFAULT_RTOL = {"float32": 1e-4, "float16": 5e-2}
 FP32_COMPUTE = 1  # MatMulNBits accuracy level: fp32 inputs and accumulation
 INPUT_ROUNDING = {2: "fp16", 3: "bf16", 4: "int8"}  # what the lower accuracy levels round the inputs to
 SINGLE_CALL = 1 << 30
+WHOLE_GRAPH = "whole graph, decode fed its own greedy tokens"
+BY_LAYER = "one decoder layer's session at a time, decode fed a fixed seeded continuation"
+CONTINUATION_SEED = 1000  # + the prompt's index: the tokens a layer-by-layer run decodes
+# ONNX Runtime's session memory per byte of decoder on disk, measured (BENCHMARKS.md issue 12): fp16
+# weights are cast to fp32 at load (2B 9.8 GB and 4B 19.0 GB for 4.9 and 9.9 GB), int4 ones repacked
+# (9B q4 7.6 GB for 6.4 GB)
+SESSION_BYTES_PER_BYTE = {"float16": 2.0, "quantized": 1.2, "float32": 1.1}
 
 
 @dataclass
@@ -79,6 +88,7 @@ class VerifyReport:
     decode_steps: int
     prompts: list[PromptReport]
     reference: str = FLOAT_REFERENCE
+    mode: str = WHOLE_GRAPH
 
     @property
     def passed(self) -> bool:
@@ -168,19 +178,29 @@ def verify_export(
     decode_steps: int = 32,
     rtol: float | None = None,
     variant: str = "fp32",
+    by_layer: bool | None = None,
 ) -> VerifyReport:
     """Parity of one ONNX variant: each prompt in one graph call, then decode steps; the reference
-    runs layer by layer from the checkpoint (graphs/layerwise.py)."""
+    runs layer by layer from the checkpoint (graphs/layerwise.py). `by_layer`: the ONNX decoder too,
+    one layer's session at a time (None: when the whole session might not fit, `needs_slicing`)."""
     folder = resolve_checkpoint(checkpoint)
     ck = open_checkpoint(folder)
     record = variant_record(export_dir, variant)
     rtol = DEFAULT_RTOL[record.get("activations", "float32")] if rtol is None else rtol
     prompts = [prompt_ids(length, ck.config.vocab_size, seed=n) for n, length in enumerate(prompt_lengths)]
     exact = record.get("accuracy_level", FP32_COMPUTE) > FP32_COMPUTE  # only quantized variants record one
-    target = OnnxModel(export_dir, variant, prefill_chunk=SINGLE_CALL, rewrite=fp32_matmuls if exact else None)
-    # The sessions are dropped before the reference runs: peak memory is the larger of the two, not their sum.
-    calls, sequences = target_calls(OnnxRunner(target), prompts, decode_steps)
-    del target
+    rewrite = fp32_matmuls if exact else None
+    if by_layer is None:
+        by_layer = needs_slicing(export_dir, variant, record)
+    if by_layer:  # decode fed a fixed continuation (exporter/verify/sliced.py says why)
+        sequences = [ids + prompt_ids(decode_steps, ck.config.vocab_size, seed=CONTINUATION_SEED + n)
+                     for n, ids in enumerate(prompts)]
+        calls = sliced_calls(Path(export_dir), variant, sequences, list(prompt_lengths), rewrite)
+    else:
+        target = OnnxModel(export_dir, variant, prefill_chunk=SINGLE_CALL, rewrite=rewrite)
+        # The sessions are dropped before the reference runs: peak memory is the larger of the two, not their sum.
+        calls, sequences = target_calls(OnnxRunner(target), prompts, decode_steps)
+        del target
     reference = variant_weights(ck, variant, record)
     reports = compare_with_reference(LayerwiseReference(reference), prompts, calls, sequences, rtol)
     described = describe_reference(variant, record)
@@ -188,7 +208,15 @@ def verify_export(
         level = record["accuracy_level"]
         described += (f"; MatMulNBits run with fp32 compute (the export's accuracy level {level} rounds their inputs "
                       f"to {INPUT_ROUNDING.get(level, 'a lower precision')}: `verify --against` measures that)")
-    return VerifyReport(str(folder), str(export_dir), rtol, decode_steps, reports, described)
+    mode = BY_LAYER if by_layer else WHOLE_GRAPH
+    return VerifyReport(str(folder), str(export_dir), rtol, decode_steps, reports, described, mode)
+
+
+def needs_slicing(export_dir: str | Path, variant: str, record: dict) -> bool:
+    """Whether the whole decoder's session could take more than half of this machine's memory."""
+    kind = "quantized" if "accuracy_level" in record else record.get("activations", "float32")
+    estimate = SESSION_BYTES_PER_BYTE[kind] * decoder_bytes(Path(export_dir), variant)
+    return estimate > 0.5 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def format_report(report: VerifyReport, per_step: bool = False) -> str:
@@ -201,6 +229,8 @@ def format_report(report: VerifyReport, per_step: bool = False) -> str:
         if per_step:
             lines += [f"        step {s.step:3d}: Δ {s.max_abs_diff:.2e}  tokens {s.ref_token}/{s.onnx_token}" for s in p.steps]
     lines.append(f"reference: {report.reference}")
+    if report.mode != WHOLE_GRAPH:
+        lines.append(f"ONNX side: {report.mode}")
     verdict = "PASS" if report.passed else "FAIL"
     lines.append(f"{verdict}: tolerance {report.rtol:g} × logit scale, {report.decode_steps} decode steps per prompt")
     return "\n".join(lines)
