@@ -111,7 +111,8 @@ def main() -> None:
     parser.add_argument("--speed", metavar="VARIANT", default=None,
                         help="instead: run `qwen-edge bench` on this variant of the preset's export")
     parser.add_argument("--no-compare", action="store_true",
-                        help="with --speed: skip the peers (onnxruntime-genai, transformers)")
+                        help="with --speed: skip the peers (onnxruntime-genai, transformers); otherwise: skip "
+                             "llama.cpp's convert + quantize (its GGUF files of the 9B shape need 23 GB more disk)")
     args = parser.parse_args()
     if args.quality_default:
         quality_default(args.work / "default", args.out)
@@ -136,7 +137,7 @@ def main() -> None:
                                 "--prompt-lengths", "1,64,130", "--json", str(path)] for name, path in reports.items()},
     }
     peer_note = ""
-    if "q4" in quants:  # the peer's convert + quantize of the same checkpoint, its nearest format (Q4_0)
+    if "q4" in quants and not args.no_compare:  # the peer's convert + quantize of the same checkpoint, its nearest format (Q4_0)
         from exporter.bench.llama_cpp import (LlamaCppUnavailable, build_llama_cpp, convert_command, peer_input,
                                               quantize_command)
 
@@ -193,7 +194,7 @@ def main() -> None:
         f"| {name} | {'PASS' if v['passed'] else 'FAIL'} | {v['worst_relative_diff']:.2e} | {v['rtol']:g} | {v['greedy_agreement']:.0%} |"
         for name, v in record["verify"].items()) or "| (no verify report) | | | | |"
     command = (f".venv/bin/python -m exporter.bench.export --preset {args.preset} --quant {args.quant} --block-size {args.block_size}"
-               + (" --verify-all" if args.verify_all else ""))
+               + (" --verify-all" if args.verify_all else "") + (" --no-compare" if args.no_compare else ""))
     body = f"""## Export of the {args.preset} shape (random weights), {args.quant}, block {args.block_size}
 
 Measured {record['date']} on {record['machine']}.
