@@ -34,10 +34,10 @@ def test_unpack_inverts_pack_within_a_rounding_step(bits, symmetric):
     assert unpack_blockwise(pack_blockwise(back, fmt), k, fmt) == pytest.approx(back, abs=1e-6)
 
 
-def _verify(checkpoint, export, variant, tmp_path):
+def _verify(checkpoint, export, variant, tmp_path, *flags):
     report = tmp_path / f"{variant}.json"
     result = CliRunner().invoke(main, ["verify", str(checkpoint), str(export), "--variant", variant,
-                                       "--prompt-lengths", "1,64", "--decode-steps", "8", "--json", str(report)])
+                                       "--prompt-lengths", "1,64", "--decode-steps", "8", "--json", str(report), *flags])
     return result, json.loads(report.read_text())
 
 
@@ -54,7 +54,8 @@ def test_every_variant_verifies_against_its_own_weights(variant, tiny_untied_qua
     assert ("stores them" in report["reference"]) == (variant != "fp32")
 
 
-def test_a_wrong_weight_fails_parity(tiny_untied_quantized, tiny_checkpoints, tmp_path):
+@pytest.mark.parametrize("mode", ["--whole-graph", "--by-layer"])  # the decoder whole, or one layer at a time
+def test_a_wrong_weight_fails_parity(mode, tiny_untied_quantized, tiny_checkpoints, tmp_path):
     export = tmp_path / "export"
     shutil.copytree(tiny_untied_quantized, export)
     path = export / "onnx" / "decoder_model_merged_q4.onnx"
@@ -63,7 +64,7 @@ def test_a_wrong_weight_fails_parity(tiny_untied_quantized, tiny_checkpoints, tm
     wrong = onnx.numpy_helper.to_array(scales) * 1.05  # one projection's scales 5 % off
     scales.CopyFrom(onnx.numpy_helper.from_array(wrong.astype(np.float32), scales.name))
     onnx.save(model, str(path), save_as_external_data=True, location=path.name + "_data")
-    result, report = _verify(tiny_checkpoints["kv_double_untied"], export, "q4", tmp_path)
+    result, report = _verify(tiny_checkpoints["kv_double_untied"], export, "q4", tmp_path, mode)
     assert result.exit_code == 1 and not report["passed"]
 
 
