@@ -147,3 +147,23 @@ def test_variant_table_counts_the_text_model_without_the_mtp_head(tiny_mtp_expor
     graphs = sum(p.stat().st_size for p in (tiny_mtp_export / "onnx").iterdir()
                  if p.name.startswith(("embed_tokens.", "decoder_model_merged.")))
     assert text == graphs < record["bytes_on_disk"]  # the head's graph (and its own weights) are the rest
+
+
+def test_size_summary_keeps_rows_measured_elsewhere(tmp_path, monkeypatch):
+    """A size measured in another checkout (no record here) keeps its row; a size with a record is rewritten."""
+    from exporter.bench import export as bench_export
+
+    monkeypatch.setattr(bench_export, "ROOT", tmp_path)
+    (tmp_path / "bench_out").mkdir()
+    stage = {"wall_s": 1.0, "cpu_s": 1.0, "peak_rss_mib": 10, "exit": 0}
+    record = {"date": "2026-12-03", "stages": {"export (q4)": stage, bench_export.verify_stage("q4"): stage},
+              "variant_bytes": {"q4": 123}, "verify": {"q4": {"passed": True, "worst_relative_diff": 1e-5}}}
+    (tmp_path / "bench_out" / "export_qwen3.5-9b_q4_b32.json").write_text(json.dumps(record))
+    doc = tmp_path / "BENCHMARKS.md"
+    old_row = "| qwen3.5-2b | 2026-12-02 | 9.0 | 99 | q4 | 456 | PASS (1.0e-05) | 2.0 | 20 |"
+    doc.write_text(f"# B\n\n<!-- sizes:q4:32 -->\n{old_row}\n| qwen3.5-9b | 2026-12-01 | stale |\n<!-- /sizes:q4:32 -->\n")
+    bench_export.write_size_summary(doc, "q4", "32")
+    text = doc.read_text()
+    assert old_row in text and "stale" not in text
+    assert "| qwen3.5-9b | 2026-12-03 | 1.0 | 10 | q4 | 123 | PASS (1.0e-05) | 1.0 | 10 |" in text
+    assert text.index("qwen3.5-2b |") < text.index("qwen3.5-9b |")  # in preset order

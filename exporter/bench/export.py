@@ -232,10 +232,14 @@ def write_size_summary(doc: Path, quant: str, block_size: str) -> None:
     variant's verify and size (the records the per-preset runs wrote)."""
     from graphs.config import preset_names
 
+    key = f"sizes:{quant}:{block_size}"
+    text = doc.read_text() if doc.is_file() else ""
+    earlier = text[text.index(f"<!-- {key} -->") : text.index(f"<!-- /{key} -->")] if f"<!-- /{key} -->" in text else ""
     rows = []
     for preset in preset_names():
         path = ROOT / "bench_out" / f"export_{preset}_{quant.replace(',', '-')}_b{block_size}.json"
-        if not path.is_file():
+        if not path.is_file():  # measured in another checkout or run: its rows stay as written
+            rows += [line for line in earlier.splitlines() if line.startswith(f"| {preset} |")]
             continue
         record = json.loads(path.read_text())
         export = next(r for name, r in record["stages"].items() if name.startswith("export"))
@@ -260,7 +264,7 @@ each preset's own section above).
 |---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 """
-    replace_section(doc, f"sizes:{quant}:{block_size}", body)
+    replace_section(doc, key, body)
 
 
 def speed(preset: str, variant: str, work: Path, quant: str, block_size: str, doc: Path, compare: bool = True) -> None:
