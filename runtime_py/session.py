@@ -46,7 +46,11 @@ class SequenceState:
 GraphRewrite = Callable[[Path], bytes]  # a graph file -> the serialized graph to load in its place
 
 
-def _session(path: Path, threads: int | None, rewrite: GraphRewrite | None = None) -> ort.InferenceSession:
+def graph_session(path: Path, threads: int | None, rewrite: GraphRewrite | None = None,
+                  model: bytes | None = None, prepack: bool = True) -> ort.InferenceSession:
+    """A CPU session of the graph at `path`, or of `model` (a serialized graph: `rewrite(path)`, or a
+    piece of it) with its external weights read from beside `path`. `prepack=False` keeps ONNX Runtime
+    from holding a second, prepacked copy of each weight (exporter/verify/sliced.py)."""
     if not path.is_file():
         raise QwenEdgeError(f"{path}: not found; pass a folder written by 'qwen-edge export'")
     opts = ort.SessionOptions()
@@ -56,12 +60,14 @@ def _session(path: Path, threads: int | None, rewrite: GraphRewrite | None = Non
     # A draftable decoder's `logit_positions` has a default (an initializer of the same name), which
     # ONNX Runtime reports with a warning at every load; only errors are worth showing here.
     opts.log_severity_level = 3
-    model: str | bytes = str(path)
-    if rewrite is not None:  # the graph from memory, its external weights from beside the file
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+    if model is None and rewrite is not None:
         model = rewrite(path)
+    if model is not None:  # the graph from memory, its external weights from beside the file
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
     try:
-        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path) if model is None else model, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for unloadable models
         raise QwenEdgeError(f"{path}: ONNX Runtime {ort.__version__} cannot load it ({str(exc).splitlines()[0]})") from exc
 
@@ -130,8 +136,8 @@ class OnnxModel:
         embed, decoder = onnx_variant_files(self.export_dir, variant)
         # The decoder first: its load peaks above its steady size (ONNX Runtime repacks the int4 weights),
         # and that peak should not sit on top of the embedding's memory.
-        self.decoder = _session(decoder, threads, rewrite)
-        self.embed = _session(embed, threads, rewrite)
+        self.decoder = graph_session(decoder, threads, rewrite)
+        self.embed = graph_session(embed, threads, rewrite)
         self.state_inputs = [i for i in self.decoder.get_inputs() if is_state_input(i.name)]
         self.output_names = [o.name for o in self.decoder.get_outputs()]
         self.embeds_dtype = _NP_TYPES[self.decoder.get_inputs()[0].type]
@@ -218,7 +224,7 @@ class MtpHead:
     """The `mtp` graph of an export: drafts the token after next from a hidden state and the next token."""
 
     def __init__(self, path: Path, threads: int | None, chunk: int = 64) -> None:
-        self.session = _session(path, threads)
+        self.session = graph_session(path, threads)
         self.chunk = chunk
         self.embeds_dtype = _NP_TYPES[self.session.get_inputs()[0].type]
 

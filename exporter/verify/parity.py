@@ -32,8 +32,9 @@ import onnx
 
 from default_model import resolve_checkpoint
 from exporter.onnx.forms import all_nodes
+from exporter.pipeline import files_bytes
 from exporter.verify.runners import LayerwiseReference, OnnxRunner, SequenceRunner, SequenceScorer
-from exporter.verify.sliced import decoder_bytes, sliced_calls
+from exporter.verify.sliced import sliced_calls
 from graphs.checkpoint import open_checkpoint
 from quant.dequantized import FLOAT_REFERENCE, describe_reference, variant_weights
 from runtime_py.export_format import variant_record
@@ -215,7 +216,8 @@ def verify_export(
 def needs_slicing(export_dir: str | Path, variant: str, record: dict) -> bool:
     """Whether the whole decoder's session could take more than half of this machine's memory."""
     kind = "quantized" if "accuracy_level" in record else record.get("activations", "float32")
-    estimate = SESSION_BYTES_PER_BYTE[kind] * decoder_bytes(Path(export_dir), variant)
+    decoder = record["decoder"]  # the graph and its data file, as save_graph names it
+    estimate = SESSION_BYTES_PER_BYTE[kind] * files_bytes(Path(export_dir), [decoder, decoder + "_data"])
     return estimate > 0.5 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 

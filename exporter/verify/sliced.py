@@ -21,13 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from exporter.onnx.layer_stack import TYPE_ONLY
 from graphs.errors import QwenEdgeError
 from graphs.state import BATCH, is_state_input, is_state_output, past_name_for
 from runtime_py.export_format import onnx_variant_files
-from runtime_py.session import GraphRewrite, call_positions
+from runtime_py.session import GraphRewrite, call_positions, graph_session
 
 LAYER_SCOPE = re.compile(r"^/layers/(\d+)/")
 HEAD_SCOPES = ("/norm/", "/lm_head/")  # graphs/qwen3_5.py's module names after the last layer
@@ -120,26 +119,15 @@ def _zeros(info: onnx.ValueInfoProto, past: int = 0) -> np.ndarray:
     return np.zeros(dims, _NP[info.type.tensor_type.elem_type])
 
 
-def _session(model: bytes, folder: Path, threads: int | None) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    # Prepacked weights are a second copy of each one (the LM head's alone is 4 GB in fp32 on the 9B shape)
-    opts.add_session_config_entry("session.disable_prepacking", "1")
-    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-
-
 def sliced_calls(export_dir: Path, variant: str, sequences: list[list[int]], prompt_lengths: list[int],
                  rewrite: GraphRewrite | None = None, threads: int | None = None) -> list[list[np.ndarray]]:
     """The logits of each call, per sequence: one prefill of its first `prompt_lengths[i]` tokens, then one
     decode call per remaining token, as `exporter.verify.parity.target_calls` returns them."""
     embed_path, decoder_path = onnx_variant_files(Path(export_dir), variant)
-    load = (lambda p: onnx.load_from_string(rewrite(p))) if rewrite else (lambda p: onnx.load(str(p), load_external_data=False))
-    embed = _session(load(embed_path).SerializeToString(), embed_path.parent, threads)
+    embed = graph_session(embed_path, threads, rewrite)
     calls = [[ids[:n]] + [[t] for t in ids[n:]] for ids, n in zip(sequences, prompt_lengths)]
-    model = load(decoder_path)
+    model = (onnx.load_from_string(rewrite(decoder_path)) if rewrite
+             else onnx.load(str(decoder_path), load_external_data=False))
     embeds_type = _NP[model.graph.input[0].type.tensor_type.elem_type]
     values: list[list[dict[str, np.ndarray]]] = []  # per sequence, per call: the values between segments
     for seq in calls:
@@ -158,7 +146,8 @@ def sliced_calls(export_dir: Path, variant: str, sequences: list[list[int]], pro
         seq_values[0].update((name, _zeros(info)) for name, info in state_inputs.items())
     pieces = segments(model)
     for index, segment in enumerate(pieces):
-        session = _session(segment.model, decoder_path.parent, threads)
+        # Prepacked weights would be a second copy of each one (the 9B LM head's alone is 4 GB in fp32)
+        session = graph_session(decoder_path, threads, model=segment.model, prepack=False)
         for seq_values in values:
             for step, call in enumerate(seq_values):
                 feeds = {n: _zeros(state_inputs[n], call[PAST]) if n in segment.shape_only else call[n]
@@ -177,9 +166,3 @@ def sliced_calls(export_dir: Path, variant: str, sequences: list[list[int]], pro
                     del call[name]  # a layer's states of every call add up to gigabytes on the 9B shape
     return [[call["logits"][0] for call in seq_values] for seq_values in values]
 
-
-def decoder_bytes(export_dir: Path, variant: str) -> int:
-    """Bytes of a variant's decoder graph and weights on disk."""
-    _, decoder = onnx_variant_files(Path(export_dir), variant)
-    data = [p for p in decoder.parent.iterdir() if p.name.startswith(decoder.name)]
-    return sum(p.stat().st_size for p in data)
