@@ -167,3 +167,22 @@ def test_size_summary_keeps_rows_measured_elsewhere(tmp_path, monkeypatch):
     assert old_row in text and "stale" not in text
     assert "| qwen3.5-9b | 2026-12-03 | 1.0 | 10 | q4 | 123 | PASS (1.0e-05) | 1.0 | 10 |" in text
     assert text.index("qwen3.5-2b |") < text.index("qwen3.5-9b |")  # in preset order
+
+
+def test_vision_bench_table_states_load_and_int4_fallback():
+    """The vision benchmark's section says how loaded the machine was and which 4-bit variants
+    stored the tower in 8 bits because the gate failed (derived from the rows, not written by hand)."""
+    from exporter.bench.vision import markdown
+
+    def row(variant, bits, error):
+        return {"variant": variant, "file": f"onnx/{variant}.onnx", "mib": 1.0, "weight_bits": bits,
+                "int4_feature_error": error, "trace_s": 1.0, "write_s": 0.1, "encode_448_s": {1: 0.5, 2: 0.3}}
+
+    report = {"preset": "p", "parameters": 2e6, "image": "448x448", "grid": [1, 28, 28], "image_tokens": 196,
+              "date": "2026-12-03", "machine": "m", "load_average": [0.5, 1.2],
+              "rows": [row("fp32", None, None), row("q4", 8, 0.25), row("q4f16", 4, 0.05)]}
+    text = markdown(report, "cmd")
+    assert "load average 0.5 at the start, 1.2 at the end" in text
+    assert "q4: the int4 tower's feature error is above the 0.1 gate" in text
+    report["rows"] = report["rows"][:1] + report["rows"][2:]
+    assert "above the 0.1 gate" not in markdown(report, "cmd")

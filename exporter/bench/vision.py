@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -29,7 +30,7 @@ from exporter.onnx.vision import FLOAT_NAME, trace_vision, write_vision_variant
 from graphs.config import preset_config_dict, vision_config_from_dict
 from graphs.random_checkpoint import random_vision_block
 from graphs.vision import VisionEncoder, vision_parameter_shapes
-from quant.schemes import QuantOptions, parse_schemes
+from quant.schemes import VISION_FALLBACK_BITS, QuantOptions, parse_schemes
 from runtime_py.vision_preprocess import PUBLISHED_IMAGE, PixelSettings, preprocess_image
 
 IMAGE_SIZE = 448
@@ -60,6 +61,7 @@ def encode_seconds(path: Path, pixels: np.ndarray, grid: np.ndarray, threads: in
 
 
 def run(preset: str, quant: str, threads: tuple[int, ...]) -> dict:
+    load_before = os.getloadavg()[0]
     schemes = parse_schemes(quant)
     tower = random_tower(preset)
     params = sum(p.numel() for p in tower.parameters())
@@ -97,15 +99,18 @@ def run(preset: str, quant: str, threads: tuple[int, ...]) -> dict:
                                           for t in threads}})
     return {"preset": preset, "parameters": params, "image": f"{IMAGE_SIZE}x{IMAGE_SIZE}",
             "grid": list(visual.grid), "image_tokens": visual.tokens, "rows": rows,
-            "date": dt.date.today().isoformat(), "machine": machine()}
+            "date": dt.date.today().isoformat(), "machine": machine(),
+            "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
 def markdown(report: dict, command: str) -> str:
     threads = list(report["rows"][0]["encode_448_s"])
+    load = report["load_average"]
     lines = [f"## Vision tower of the {report['preset']} shape (random weights): export and 448×448 encode", "",
              f"{report['parameters'] / 1e6:.1f} M parameters; a {report['image']} image is grid {report['grid']} "
-             f"({report['image_tokens']} image tokens). {report['date']}, {report['machine']} (shared by other jobs: "
-             "times are indicative). Command: `" + command + "`.", "",
+             f"({report['image_tokens']} image tokens). {report['date']}, {report['machine']}; 1-minute load average "
+             f"{load[0]} at the start, {load[1]} at the end (times from a loaded machine are upper bounds). "
+             "Command: `" + command + "`.", "",
              "| variant | file | MiB | tower weights | int4 feature error (gate 0.1) | trace s | write s | "
              + " | ".join(f"encode 448² s, {t} thr" for t in threads) + " |",
              "|---|---|---|---|---|---|---|" + "---|" * len(threads)]
@@ -114,6 +119,10 @@ def markdown(report: dict, command: str) -> str:
         err = "" if r["int4_feature_error"] is None else f"{r['int4_feature_error']:.4f}"
         lines.append(f"| {r['variant']} | `{r['file']}` | {r['mib']} | {bits} | {err} | {r['trace_s']} | {r['write_s']} | "
                      + " | ".join(str(r["encode_448_s"][t]) for t in threads) + " |")
+    fell_back = [r["variant"] for r in report["rows"] if r["int4_feature_error"] is not None and r["weight_bits"] != 4]
+    if fell_back:
+        lines += ["", f"{', '.join(fell_back)}: the int4 tower's feature error is above the 0.1 gate, so these "
+                  f"variants store the tower in {VISION_FALLBACK_BITS} bits (exporter/onnx/vision.py)."]
     return "\n".join(lines) + "\n"
 
 
