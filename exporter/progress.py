@@ -101,11 +101,19 @@ def _maxrss(who: int) -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
 
 
-def helper_finished() -> None:
-    """Record that a helper process which ran beside this one (the vision trace) has been waited for.
-    Its peak plus this process's peak so far bounds what was resident while it ran."""
+def own_peak_rss_bytes() -> int:
+    """This process's own peak resident memory (the kernel's maxrss)."""
+    return _maxrss(resource.RUSAGE_SELF)
+
+
+def helper_finished(added: int | None = None) -> None:
+    """Record that a helper process which ran beside this one has been waited for: the vision trace
+    (its peak comes from the kernel), or a forked weight writer (`added`: the memory it added to what
+    it shares with this process). Its peak plus this process's peak so far bounds what was resident
+    while it ran."""
     global _with_helpers
-    _with_helpers = max(_with_helpers, _maxrss(resource.RUSAGE_SELF) + _maxrss(resource.RUSAGE_CHILDREN))
+    helper = _maxrss(resource.RUSAGE_CHILDREN) if added is None else added
+    _with_helpers = max(_with_helpers, _maxrss(resource.RUSAGE_SELF) + helper)
 
 
 def peak_rss_bytes() -> int:

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import tracemalloc
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
+import pytest
 import torch
 
 from exporter.onnx.backend import OnnxOptions, export_onnx
 from exporter.onnx.external_data import external_info
 from exporter.onnx.streamed import CheckpointWeight, Sink, stream_weights
 from graphs.checkpoint import expected_shapes, is_placeholder, open_checkpoint
+from graphs.errors import QwenEdgeError
 from graphs.random_checkpoint import write_random_checkpoint
 from quant.schemes import QuantOptions, WeightFormat
 from tests.conftest import TINY_TEXT
@@ -61,26 +64,34 @@ def _wide_config() -> dict:
     return cfg
 
 
-def test_weight_pass_memory_is_one_block(tmp_path: Path) -> None:
-    """The pass that fills the streamed tensors (here every large matrix as float32 [K, N] and as q4,
-    the decoder's two forms) peaks below the largest single tensor on the Python heap (numpy included),
-    while it writes over twenty times that; and each tensor's bytes are its whole-tensor value."""
-    ck = open_checkpoint(write_random_checkpoint(_wide_config(), tmp_path / "ck", seed=3, dtype=torch.float32))
-    largest = 128 * 2048 * 4  # one MLP projection in float32
+def _wide_sinks(ck, data: Path, reader=None) -> tuple[list[Sink], int]:
+    """Every large matrix of `ck` as float32 [K, N] and as q4 (the decoder's two forms), laid out in
+    `data`, read through `reader` (default: the checkpoint)."""
     fmt = WeightFormat(4, 32, True)
-    data, sinks, offset = tmp_path / "weights.bin", [], 0
+    sinks, offset = [], 0
     for name, shape in expected_shapes(ck.config).items():
         if not is_placeholder(name, shape) or name == "lm_head.weight":
             continue
-        weight = CheckpointWeight(ck, name, shape, ir.DataType.FLOAT, (1, 0))
+        weight = CheckpointWeight(reader or ck, name, shape, ir.DataType.FLOAT, (1, 0))
         for tensor in (weight, *weight.packed_parts(fmt).values()):
             sinks.append(Sink(tensor, data, offset))
             offset += tensor.nbytes
     with data.open("wb") as f:
         f.truncate(offset)
+    return sinks, offset
+
+
+def test_weight_pass_memory_is_one_block(tmp_path: Path) -> None:
+    """The pass that fills the streamed tensors peaks below the largest single tensor on the Python
+    heap (numpy included), while it writes over twenty times that; and each tensor's bytes are its
+    whole-tensor value. One writer: a forked second one does the same per-block work on its share."""
+    ck = open_checkpoint(write_random_checkpoint(_wide_config(), tmp_path / "ck", seed=3, dtype=torch.float32))
+    largest = 128 * 2048 * 4  # one MLP projection in float32
+    data = tmp_path / "weights.bin"
+    sinks, offset = _wide_sinks(ck, data)
     tracemalloc.start()
     try:
-        stream_weights(ck, sinks, block_bytes=largest // 8)
+        stream_weights(ck, sinks, block_bytes=largest // 8, writers=1)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -109,3 +120,41 @@ def test_streamed_equals_in_memory_with_mtp_head(tiny_mtp_checkpoint: Path, tiny
         locations = {external_info(t)["location"] for t in mtp.graph.initializer
                      if t.data_location == onnx.TensorProto.EXTERNAL}
         assert Path(variant["decoder"]).name + "_data" in locations  # the shared LM head
+
+
+def test_two_writers_write_the_same_bytes_and_report_progress(tmp_path: Path) -> None:
+    """The default weight pass deals the tensors to this process and a forked one: the file is the
+    one a single writer makes, and progress ends at every byte and tensor (both shares counted)."""
+    ck = open_checkpoint(write_random_checkpoint(_wide_config(), tmp_path / "ck", seed=3, dtype=torch.float32))
+    one, two = tmp_path / "one.bin", tmp_path / "two.bin"
+    stream_weights(ck, _wide_sinks(ck, one)[0], writers=1)
+    sinks, total = _wide_sinks(ck, two)
+    seen: list[tuple[int, int]] = []
+    stream_weights(ck, sinks, lambda b, t: seen.append((b, t)), writers=2)
+    assert two.read_bytes() == one.read_bytes()
+    assert seen[-1] == (total, len(sinks))
+    assert [b for b, _ in seen] == sorted(b for b, _ in seen)
+
+
+class _FailsInFork:
+    """A checkpoint reader whose reads fail in any process but the one that made it (the forked writer)."""
+
+    def __init__(self, reader) -> None:
+        self.reader, self.pid = reader, os.getpid()
+
+    def read_order(self, name: str):
+        return self.reader.read_order(name)
+
+    def read_rows(self, name: str, start: int = 0, stop: int | None = None):
+        if os.getpid() != self.pid:
+            raise QwenEdgeError(f"{name}: the file is truncated, re-download it")
+        return self.reader.read_rows(name, start, stop)
+
+
+def test_an_error_in_the_forked_writer_is_the_passes_error(tmp_path: Path) -> None:
+    """A read that fails in the forked writer's share fails the pass with that one-line message."""
+    ck = open_checkpoint(write_random_checkpoint(_wide_config(), tmp_path / "ck", seed=3, dtype=torch.float32))
+    reader = _FailsInFork(ck)
+    sinks, _ = _wide_sinks(ck, tmp_path / "w.bin", reader)
+    with pytest.raises(QwenEdgeError, match="the file is truncated, re-download it"):
+        stream_weights(reader, sinks, writers=2)

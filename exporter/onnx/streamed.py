@@ -32,6 +32,7 @@ import onnx_ir as ir
 from onnx_ir._core import TensorBase
 
 from exporter.onnx.external_data import set_external
+from exporter.progress import helper_finished, own_peak_rss_bytes
 from graphs.errors import QwenEdgeError
 from quant.onnx_weights import PackedWeight, contiguous, pack_blockwise, packed_shapes
 from quant.schemes import WeightFormat
@@ -254,35 +255,137 @@ def save_graph(model: ir.Model, path: Path, sinks: list[Sink] | None = None) -> 
     return path
 
 
+WRITERS = 2  # processes that fill the sinks: by the weight pass the export's traces are done, so a core is free
+
+
 def stream_weights(reader: RowReader, sinks: list[Sink], progress: Callable[[int, int], None] | None = None,
-                   block_bytes: int = BLOCK_BYTES) -> None:
+                   block_bytes: int = BLOCK_BYTES, writers: int = WRITERS) -> None:
     """Fill every sink: each source tensor is read once, in blocks of rows, and each block written to
-    all the sinks made from it. `progress(bytes, tensors)` is called after each source tensor."""
+    all the sinks made from it. `progress(bytes, tensors)` is called after each source tensor.
+
+    With `writers` 2 (and os.fork) the sources are dealt to this process and a forked one, balanced
+    by bytes and each share in file order. Quantizing holds the GIL (ONNX Runtime's packers), so a
+    thread would not help; the fork inherits the sinks and the open checkpoint, writes its share
+    into the same files at its own offsets, and reports progress and any error over a pipe."""
     by_source: dict[str, list[Sink]] = defaultdict(list)
     for sink in sinks:
         by_source[sink.tensor.source].append(sink)
+    order = sorted(by_source, key=reader.read_order)
+    shares: list[list[str]] = [[] for _ in range(max(1, writers if hasattr(os, "fork") else 1))]
+    share_bytes = [0] * len(shares)
+    for source in order:
+        i = share_bytes.index(min(share_bytes))
+        shares[i].append(source)
+        share_bytes[i] += sum(s.tensor.nbytes for s in by_source[source])
     files = {}
-    done_bytes = done_tensors = 0
     try:
         for path in {s.path for s in sinks}:
             files[path] = os.open(path, os.O_WRONLY)
-        for source in sorted(by_source, key=reader.read_order):
-            group = by_source[source]
-            shape = group[0].tensor.source_shape
-            row_elements = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
-            step = max(1, block_bytes // (4 * row_elements))
-            for start in range(0, shape[0], step):
-                block = Block(reader.read_rows(source, start, min(start + step, shape[0])), start)
-                for sink in group:
-                    for offset, data in sink.tensor.block_bytes(block):
-                        os.pwrite(files[sink.path], data, sink.offset + offset)
-            done_bytes += sum(s.tensor.nbytes for s in group)
-            done_tensors += len(group)
-            if progress:
-                progress(done_bytes, done_tensors)
+        if len(shares) == 1 or not shares[1]:
+            _write_share(reader, order, by_source, files, block_bytes, progress)
+        else:
+            _write_two_shares(reader, shares, by_source, files, block_bytes, progress)
     finally:
         for fd in files.values():
             os.close(fd)
+
+
+def _write_share(reader: RowReader, share: list[str], by_source: dict[str, list[Sink]], files: dict[Path, int],
+                 block_bytes: int, progress: Callable[[int, int], None] | None) -> None:
+    done_bytes = done_tensors = 0
+    for source in share:
+        group = by_source[source]
+        shape = group[0].tensor.source_shape
+        row_elements = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+        step = max(1, block_bytes // (4 * row_elements))
+        for start in range(0, shape[0], step):
+            block = Block(reader.read_rows(source, start, min(start + step, shape[0])), start)
+            for sink in group:
+                for offset, data in sink.tensor.block_bytes(block):
+                    os.pwrite(files[sink.path], data, sink.offset + offset)
+        done_bytes += sum(s.tensor.nbytes for s in group)
+        done_tensors += len(group)
+        if progress:
+            progress(done_bytes, done_tensors)
+
+
+def _write_two_shares(reader: RowReader, shares: list[list[str]], by_source: dict[str, list[Sink]],
+                      files: dict[Path, int], block_bytes: int, progress: Callable[[int, int], None] | None) -> None:
+    """Share 1 in a forked process, share 0 here; progress is the sum of both. The fork's messages are
+    lines on a pipe: `p BYTES TENSORS` after each tensor, `m BYTES` (the memory it added to what it
+    inherited) at its end, `e MESSAGE` on an error."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the forked writer: report through the pipe, never return into the caller's stack
+        os.close(read_end)
+        code = 0
+        try:
+            inherited = _rss_bytes()
+            _write_share(reader, shares[1], by_source, files, block_bytes,
+                         lambda b, t: os.write(write_end, f"p {b} {t}\n".encode()))
+            os.write(write_end, f"m {max(0, own_peak_rss_bytes() - inherited)}\n".encode())
+        except BaseException as error:  # noqa: BLE001  (every failure goes to the parent as one line)
+            message = str(error).replace("\n", " ") or type(error).__name__
+            os.write(write_end, f"e {message}\n".encode(errors="replace"))
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    os.set_blocking(read_end, False)
+    theirs = {"p": (0, 0)}
+    pending = b""
+    mine = (0, 0)
+
+    def drain(block: bool) -> None:
+        """Read what the fork has sent: all that is there, or (block) at least one chunk or its end."""
+        nonlocal pending
+        os.set_blocking(read_end, block)
+        while True:
+            try:
+                chunk = os.read(read_end, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                theirs["eof"] = True
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                kind, _, rest = line.decode(errors="replace").partition(" ")
+                theirs[kind] = tuple(int(v) for v in rest.split()) if kind in ("p", "m") else rest
+            if block:
+                break
+        if progress:
+            progress(mine[0] + theirs["p"][0], mine[1] + theirs["p"][1])
+
+    def report(done_bytes: int, done_tensors: int) -> None:
+        nonlocal mine
+        mine = (done_bytes, done_tensors)
+        drain(block=False)
+
+    try:
+        _write_share(reader, shares[0], by_source, files, block_bytes, report)
+        while "eof" not in theirs:
+            drain(block=True)
+    except BaseException:
+        os.kill(pid, 9)
+        raise
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(read_end)
+    if "e" in theirs or status != 0:
+        raise QwenEdgeError(theirs.get("e") or f"the weight writer process ended with status {status}")
+    if "m" in theirs:
+        helper_finished(theirs["m"][0])
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc; 0 where that is missing)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def save_proto(model: onnx.ModelProto, path: Path, tensors: dict[str, ir.TensorProtocol],
