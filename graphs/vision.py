@@ -18,6 +18,7 @@ are the checkpoint's minus `model.visual.`, so loading is a rename.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -166,6 +167,9 @@ class VisionEncoder(nn.Module):
         self.pos_embed = nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg)
+        # (x, i) -> x before block i and before the merger (i = depth): the ONNX exporter's block
+        # template sets a marker op there (exporter/onnx/layer_stack.py); every other use leaves None
+        self.block_boundary: Callable[[torch.Tensor, int], torch.Tensor] | None = None
 
     def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         return self.encode(pixel_values, patch_layout(image_grid_thw, pixel_values.shape[0], self.cfg))
@@ -185,9 +189,11 @@ class VisionEncoder(nn.Module):
         if not one_segment:  # -inf outside the patch's own frame (transformers' cu_seqlens segments)
             same = layout.segment[:, None] == layout.segment[None, :]
             mask = torch.where(same, 0.0, float("-inf"))[None]
-        for block in self.blocks:
+        mark = self.block_boundary
+        for i, block in enumerate(self.blocks):
+            x = x if mark is None else mark(x, i)
             x = block(x, cos, sin, mask)
-        return self.merger(x)[0]
+        return self.merger(x if mark is None else mark(x, len(self.blocks)))[0]
 
 
 def vision_parameter_shapes(cfg: VisionConfig) -> dict[str, tuple[int, ...]]:

@@ -15,11 +15,14 @@ import torch
 
 from exporter.onnx import trace
 from exporter.onnx.layer_stack import NotStackable
+from exporter.onnx.vision import trace_vision
 from graphs.checkpoint import open_checkpoint
+from graphs.config import vision_config_from_dict
 from graphs.random_checkpoint import write_random_checkpoint
 from graphs.state import state_tensors
 from quant.onnx_weights import module_path
 from tests.conftest import TINY_TEXT
+from tests.vision_checkpoint import TINY_VISION
 
 L, F = "linear_attention", "full_attention"
 CASES = {
@@ -101,3 +104,29 @@ def test_unstackable_template_falls_back_to_whole_trace(tiny_checkpoints: dict[s
     graph = trace.trace_decoder(model, "contrib")
     assert "tracing every decoder layer (a test refuses)" in capsys.readouterr().err
     assert _ops(graph) == _ops(trace.trace_decoder(model, "contrib", stack=False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_stacked_vision_tower_equals_whole_trace(dtype: torch.dtype, capsys: pytest.CaptureFixture) -> None:
+    """The vision tower traced with one block and stacked to its depth: the ops of a trace of every
+    block, every block's own weights (node scopes name blocks 0..depth-1), bit-identical features
+    for two images of different sizes."""
+    from graphs.random_checkpoint import random_vision_block
+    from graphs.vision import VisionEncoder, vision_parameter_shapes
+
+    cfg = vision_config_from_dict({"model_type": "qwen3_5", "vision_config": {**TINY_VISION, "depth": 3}})
+    gen = torch.Generator().manual_seed(5)
+    with torch.device("meta"):
+        tower = VisionEncoder(cfg)
+    tower.load_state_dict({n: random_vision_block(n, s, gen).to(dtype) for n, s in vision_parameter_shapes(cfg).items()},
+                          strict=True, assign=True)
+    stacked, whole = trace_vision(tower.eval()), trace_vision(tower, stack=False)
+    assert "tracing every vision block" not in capsys.readouterr().err  # stacked, not fallen back
+    assert _ops(stacked) == _ops(whole)
+    blocks = {int(p.split(".")[1]) for p in map(module_path, stacked.graph) if p and p.startswith("blocks.")}
+    assert blocks == {0, 1, 2}
+    grid = np.array([[1, 4, 6], [1, 2, 2]], np.int64)
+    pixels = np.random.default_rng(0).standard_normal((int(grid.prod(-1).sum()), cfg.patch_dim)).astype(np.float32)
+    feed = {"pixel_values": pixels, "image_grid_thw": grid}
+    a, b = _session(stacked).run(None, feed)[0], _session(whole).run(None, feed)[0]
+    assert a.shape == b.shape and np.array_equal(a, b)

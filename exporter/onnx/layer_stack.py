@@ -26,7 +26,7 @@ from __future__ import annotations
 import ast
 import re
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import onnx
 import onnx_ir as ir
@@ -105,22 +105,28 @@ def template_decoder(model: Qwen35Decoder, placeholders: set[str]) -> Qwen35Deco
     shell.embed_tokens, shell.norm, shell.lm_head = model.embed_tokens, model.norm, model.lm_head
     stand_in = torch.Generator().manual_seed(0)
     for j, i in enumerate(chosen):
-        values = {name: p if f"layers.{i}.{name}" in placeholders
-                  else (0.25 + 0.5 * torch.rand(p.shape, generator=stand_in)).to(p.dtype)
-                  for name, p in model.layers[i].named_parameters()}
-        shell.layers[j].load_state_dict(values, strict=True, assign=True)
+        shell.layers[j].load_state_dict(stand_in_values(model.layers[i], stand_in, f"layers.{i}.", placeholders),
+                                        strict=True, assign=True)
     shell.layer_boundary = torch.ops.qwen_edge.layer_boundary
     return shell.eval()
 
 
-def _split_param(name: str) -> tuple[int | None, str]:
+def stand_in_values(layer: torch.nn.Module, gen: torch.Generator, prefix: str = "",
+                    keep: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Distinct stand-in values for a template layer's parameters (those named in `keep`, with
+    `prefix`, stay as they are: the zero-memory placeholders)."""
+    return {name: p if prefix + name in keep else (0.25 + 0.5 * torch.rand(p.shape, generator=gen)).to(p.dtype)
+            for name, p in layer.named_parameters()}
+
+
+def _split_param(name: str, prefix: str = "layers") -> tuple[int | None, str]:
     """`layers.j.X` -> (j, X); any other name -> (None, name)."""
-    match = re.match(r"layers\.(\d+)\.", name)
+    match = re.match(rf"{prefix}\.(\d+)\.", name)
     return (None, name) if match is None else (int(match.group(1)), name[match.end():])
 
 
-def _layer_of_param(name: str) -> int | None:
-    return _split_param(name)[0]
+def _layer_of_param(name: str, prefix: str = "layers") -> int | None:
+    return _split_param(name, prefix)[0]
 
 
 def template_name(name: str, chosen: list[int]) -> str:
@@ -134,17 +140,36 @@ def _state_roles(cfg: TextConfig, past: bool) -> dict[str, tuple[int, str]]:
     return {t.past_name if past else t.present_name: (t.layer, t.role.role) for t in state_tensors(cfg)}
 
 
+@dataclass(frozen=True)
+class Repeats:
+    """What repeats in a graph: modules `prefix.i` of one kind each, their state inputs and outputs
+    {name: (i, role)}, and the graph input that enters copy 0 (None: a value the shared nodes compute,
+    as the vision tower's patch embedding)."""
+
+    prefix: str
+    kinds: tuple[str, ...]
+    past: dict[str, tuple[int, str]]
+    present: dict[str, tuple[int, str]]
+    hidden_input: str | None
+
+    @staticmethod
+    def of_decoder(cfg: TextConfig, hidden_input: str) -> "Repeats":
+        return Repeats("layers", tuple(cfg.layer_types), _state_roles(cfg, past=True), _state_roles(cfg, past=False),
+                       hidden_input)
+
+
 class _Template:
     """The optimized template graph, split into shared nodes, each layer's nodes and the head's."""
 
-    def __init__(self, traced: ir.Model, unoptimized: ir.Model, cfg: TextConfig) -> None:
-        self.unoptimized = unoptimized
+    def __init__(self, traced: ir.Model, unoptimized: ir.Model, repeats: Repeats) -> None:
+        self.unoptimized, self.prefix = unoptimized, repeats.prefix
         self.producers = {out.name: node for node in unoptimized.graph for out in node.outputs}
         graph = traced.graph
-        self.layers = cfg.num_hidden_layers
+        self.layers = len(repeats.kinds)
         self.inputs = {v.name: v for v in graph.inputs}
-        self.state_inputs, self.state_outputs = _state_roles(cfg, past=True), _state_roles(cfg, past=False)
-        self.initializer_layer = {name: self._initializer_layer(name) for name in graph.initializers}
+        self.hidden_input = repeats.hidden_input
+        self.state_inputs, self.state_outputs = repeats.past, repeats.present
+        self.initializer_layer = {name: self._initializer_layer(name, value) for name, value in graph.initializers.items()}
         self.markers: dict[int, ir.Node] = {}
         self.label: dict[ir.Value, object] = {}  # None: shared; int j: template layer j; "head"
         self.nodes: dict[object, list[ir.Node]] = {None: [], "head": [], **{j: [] for j in range(self.layers)}}
@@ -154,15 +179,21 @@ class _Template:
             if self.label.get(value) != want:
                 raise NotStackable(f"graph output {value.name} is computed in {self.label.get(value)!r}, not {want!r}")
 
-    def _initializer_layer(self, name: str) -> int | None:
-        """The template layer whose weights an initializer is (or was folded from); None when shared."""
-        if _layer_of_param(name) is not None:
-            return _layer_of_param(name)
+    def _initializer_layer(self, name: str, value: ir.Value) -> int | None:
+        """The template layer whose weights an initializer is (or was folded from); None when shared.
+
+        An int64 vector the optimizer made by a rewrite (a Reshape target with -1 for its one dynamic
+        dim, no node of its own) is a shape: every copy of a kind has the same shapes, so it is shared."""
+        if _layer_of_param(name, self.prefix) is not None:
+            return _layer_of_param(name, self.prefix)
         if name not in self.producers:
             if name in self.unoptimized.graph.initializers or name in {v.name for v in self.unoptimized.graph.inputs}:
                 return None
+            if value.const_value is not None and value.const_value.dtype == ir.DataType.INT64 \
+                    and len(value.const_value.shape) == 1:
+                return None
             raise NotStackable(f"initializer {name} has no origin in the traced template")
-        layers = {_layer_of_param(p) for p in _cone(self.unoptimized, [name])[1]} - {None}  # graph inputs: None
+        layers = {_layer_of_param(p, self.prefix) for p in _cone(self.unoptimized, [name])[1]} - {None}  # graph inputs: None
         if len(layers) > 1:
             raise NotStackable(f"initializer {name} is folded from the weights of several layers")
         return layers.pop() if layers else None
@@ -171,15 +202,15 @@ class _Template:
         self.graph_inputs = set(graph.inputs)
         for value in graph.inputs:
             self.label[value] = self.state_inputs[value.name][0] if value.name in self.state_inputs else None
-        embeds = graph.inputs[0]
-        self.label[embeds] = "embeds"
+        if self.hidden_input is not None:
+            self.label[self.inputs[self.hidden_input]] = "embeds"
         for name, value in graph.initializers.items():
             self.label[value] = self.initializer_layer[name]
         for node in graph:
             if node.domain == BOUNDARY_DOMAIN:
                 index = node.attributes["index"].as_int()
                 before = self.label.get(node.inputs[0])
-                expected = "embeds" if index == 0 else index - 1
+                expected = index - 1 if index else ("embeds" if self.hidden_input is not None else None)
                 if before != expected:
                     raise NotStackable(f"the boundary before layer {index} reads {before!r}")
                 self.markers[index] = node
@@ -295,23 +326,34 @@ def stack_layers(traced: ir.Model, unoptimized: ir.Model, template_cfg: TextConf
                  spec: GraphSpec, layer_tensor: LayerTensor) -> ir.Model:
     """The whole decoder graph from the template's: its shared nodes once, a copy of the template layer
     of each layer's type per layer (with that layer's weights and state), then the head."""
-    template = _Template(traced, unoptimized, template_cfg)
-    chosen = template_layers(cfg.layer_types)
-    kind = {cfg.layer_types[i]: j for j, i in enumerate(chosen)}
+    hidden = spec.input_names[0]
+    return stack_copies(traced, unoptimized, Repeats.of_decoder(template_cfg, hidden), Repeats.of_decoder(cfg, hidden),
+                        spec.input_names, spec.output_names, layer_tensor)
+
+
+def stack_copies(traced: ir.Model, unoptimized: ir.Model, template_repeats: Repeats, repeats: Repeats,
+                 input_names: list[str], output_names: list[str], layer_tensor: LayerTensor) -> ir.Model:
+    """A graph from its template's (traced with the first copy of each kind, boundary markers between
+    them): the shared nodes once, a copy of the template's copy of each kind per `repeats` copy (with
+    that copy's weights and state), then the head."""
+    template = _Template(traced, unoptimized, template_repeats)
+    prefix = repeats.prefix
+    chosen = template_layers(repeats.kinds)
+    kind = {repeats.kinds[i]: j for j, i in enumerate(chosen)}
     values: dict[str, ir.Value] = {}  # template value name -> value of the stacked graph (shared ones)
 
     def fresh(value: ir.Value, name: str, const: ir.TensorProtocol | None = None) -> ir.Value:
         return ir.Value(name=name, type=value.type, shape=None if value.shape is None else ir.Shape(value.shape),
                         const_value=const)
 
-    spec_roles = _state_roles(cfg, past=True)
+    spec_roles = repeats.past
     template_past = {v: k for k, v in template.state_inputs.items()}  # (j, role) -> template input name
     template_present = {v: k for k, v in template.state_outputs.items()}
     inputs = []
-    for name in spec.input_names:
+    for name in input_names:
         if name in spec_roles:
             layer, role = spec_roles[name]
-            source = template.inputs[template_past[(kind[cfg.layer_types[layer]], role)]]
+            source = template.inputs[template_past[(kind[repeats.kinds[layer]], role)]]
             inputs.append(fresh(source, name))
         else:
             inputs.append(fresh(template.inputs[name], name))
@@ -327,10 +369,10 @@ def stack_layers(traced: ir.Model, unoptimized: ir.Model, template_cfg: TextConf
             initializers.append(values[name])
     nodes = [_copy_node(n, values) for n in template.nodes[None]]
 
-    hidden = values[traced.graph.inputs[0].name]
+    hidden = values[template.markers[0].inputs[0].name]
     present: dict[tuple[int, str], ir.Value] = {}
     checked: set[int] = set()
-    for i, layer_type in enumerate(cfg.layer_types):
+    for i, layer_type in enumerate(repeats.kinds):
         j = kind[layer_type]
         local = dict(values)
         local[template.markers[j].outputs[0].name] = hidden
@@ -338,9 +380,9 @@ def stack_layers(traced: ir.Model, unoptimized: ir.Model, template_cfg: TextConf
             if tj == j:
                 local[name] = past[(i, role)]
         mine = [n for n, layer in template.initializer_layer.items() if layer == j]
-        params = [n for n in mine if _layer_of_param(n) is not None]
-        folded = [n for n in mine if _layer_of_param(n) is None]
-        real = {n: layer_tensor(f"layers.{i}.{_split_param(n)[1]}") for n in params}
+        params = [n for n in mine if _layer_of_param(n, prefix) is not None]
+        folded = [n for n in mine if _layer_of_param(n, prefix) is None]
+        real = {n: layer_tensor(f"{prefix}.{i}.{_split_param(n, prefix)[1]}") for n in params}
         if folded:
             if j not in checked:  # the refolding, on the template's own values, gives the optimizer's bytes
                 for n, tensor in refold(unoptimized, folded, {}).items():
@@ -348,19 +390,19 @@ def stack_layers(traced: ir.Model, unoptimized: ir.Model, template_cfg: TextConf
                         raise NotStackable(f"refolding {n} does not give the optimizer's constant")
                 checked.add(j)
             # the unoptimized template names its parameters as traced: layers.j.X
-            substitute = {n: layer_tensor(f"layers.{i}.{_split_param(n)[1]}")
-                          for n in _cone(unoptimized, folded)[1] if _layer_of_param(n) == j}
+            substitute = {n: layer_tensor(f"{prefix}.{i}.{_split_param(n, prefix)[1]}")
+                          for n in _cone(unoptimized, folded)[1] if _layer_of_param(n, prefix) == j}
             real.update(refold(unoptimized, folded, substitute))
         for n in mine:
-            local[n] = fresh(traced.graph.initializers[n], f"layers.{i}.{_split_param(n)[1]}"
-                             if _layer_of_param(n) is not None else f"layers.{i}/{n}", real[n])
+            local[n] = fresh(traced.graph.initializers[n], f"{prefix}.{i}.{_split_param(n, prefix)[1]}"
+                             if _layer_of_param(n, prefix) is not None else f"{prefix}.{i}/{n}", real[n])
             initializers.append(local[n])
 
         def rename(name: str, i: int = i) -> str:
-            return f"layers.{i}/{name}"
+            return f"{prefix}.{i}/{name}"
 
         def scopes(text: str, i: int = i, j: int = j) -> str:
-            return repr([re.sub(rf"^layers\.{j}(?=\.|$)", f"layers.{i}", s) for s in ast.literal_eval(text)])
+            return repr([re.sub(rf"^{prefix}\.{j}(?=\.|$)", f"{prefix}.{i}", s) for s in ast.literal_eval(text)])
 
         for node in template.nodes[j]:
             nodes.append(_copy_node(node, local, rename, scopes))
@@ -372,9 +414,9 @@ def stack_layers(traced: ir.Model, unoptimized: ir.Model, template_cfg: TextConf
     local = dict(values)
     local[template.markers[template.layers].outputs[0].name] = hidden
     nodes += [_copy_node(n, local) for n in template.nodes["head"]]
-    out_roles = _state_roles(cfg, past=False)
+    out_roles = repeats.present
     outputs = []
-    for name in spec.output_names:
+    for name in output_names:
         value = present[out_roles[name]] if name in out_roles else local[name]
         value.name = name
         outputs.append(value)
