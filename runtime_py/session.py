@@ -57,6 +57,11 @@ def graph_session(path: Path, threads: int | None, rewrite: GraphRewrite | None 
     if threads:
         opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    # Each session has its own intra-op threads, which spin for a while after a call. When sessions
+    # take turns (embedding, decoder and MTP head in a speculative round), the idle one's spinning
+    # threads take the cores from the running one: on 2 threads that cost the speculative loop a third
+    # of its speed (BENCHMARKS.md). Stopping the spin at the end of each call keeps it within calls.
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
     # A draftable decoder's `logit_positions` has a default (an initializer of the same name), which
     # ONNX Runtime reports with a warning at every load; only errors are worth showing here.
     opts.log_severity_level = 3

@@ -72,3 +72,13 @@ def test_runtime_does_not_import_torch():
     code = ("import sys, runtime_py.session, runtime_py.generate, runtime_py.tokenizer; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_sessions_stop_spinning_after_each_call(tiny_mtp_export):
+    """Every session of an export (embedding, decoder, MTP head) stops its threads' spin when a call
+    ends, so the sessions a speculative round alternates do not take the cores from each other."""
+    from runtime_py.session import OnnxModel
+
+    model = OnnxModel(tiny_mtp_export, "fp32", threads=2)
+    for session in (model.embed, model.decoder, model.mtp.session):
+        assert session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
