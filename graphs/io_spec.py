@@ -13,7 +13,8 @@ from graphs.config import TextConfig, VisionConfig
 from graphs.state import BATCH, TOTAL_LENGTH, Dim, StateTensor, mtp_state_tensors, state_tensors
 
 SEQUENCE = "sequence_length"  # new tokens in this call
-LOGIT_POSITIONS = "logit_positions"  # positions whose logits a draftable decoder returns
+LOGIT_POSITIONS = "logit_positions"  # positions whose logits a draftable decoder returns (input and axis)
+HIDDEN_STATES = "hidden_states"  # a draftable decoder's extra output, the MTP head's input
 DEFAULT_LOGIT_POSITIONS = (-1,)  # a draftable decoder's default: the last position, like the plain one
 
 
@@ -64,7 +65,7 @@ def decoder_spec(cfg: TextConfig, dtype: str = "float32", all_logits: bool = Fal
                    "1 for real tokens, 0 for padding, over past + current tokens"),
         TensorSpec("position_ids", (3, BATCH, SEQUENCE), "int64",
                    "multimodal RoPE positions (time, height, width); equal rows for text"),
-        *([TensorSpec("logit_positions", (LOGIT_POSITIONS,), "int64",
+        *([TensorSpec(LOGIT_POSITIONS, (LOGIT_POSITIONS,), "int64",
                       "positions to return logits for (negative: from the end); default [-1], the last")]
           if select else []),
         *state_specs(cfg, past=True, dtype=dtype),
@@ -74,7 +75,7 @@ def decoder_spec(cfg: TextConfig, dtype: str = "float32", all_logits: bool = Fal
         TensorSpec("logits", (BATCH, logit_rows, cfg.vocab_size), "float32",
                    "next-token logits" + ("" if all_logits else " (at logit_positions)" if select
                                           else " (last position only)")),
-        *([TensorSpec("hidden_states", (BATCH, SEQUENCE, cfg.hidden_size), dtype,
+        *([TensorSpec(HIDDEN_STATES, (BATCH, SEQUENCE, cfg.hidden_size), dtype,
                       "final-normed hidden state of every position (the MTP head's input)")] if draftable else []),
         *state_specs(cfg, past=False, dtype=dtype),
     ]
@@ -91,7 +92,7 @@ def mtp_spec(cfg: TextConfig, dtype: str = "float32") -> GraphSpec:
     inputs = [
         TensorSpec("inputs_embeds", (BATCH, SEQUENCE, cfg.hidden_size), dtype,
                    "embeddings of the tokens that follow each hidden state"),
-        TensorSpec("hidden_states", (BATCH, SEQUENCE, cfg.hidden_size), dtype,
+        TensorSpec(HIDDEN_STATES, (BATCH, SEQUENCE, cfg.hidden_size), dtype,
                    "the decoder's hidden_states (or the head's own, to draft further)"),
         TensorSpec("attention_mask", (BATCH, TOTAL_LENGTH), "int64",
                    "1 for real entries, over the head's past + current entries"),

@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from graphs.errors import QwenEdgeError
+from graphs.io_spec import HIDDEN_STATES, LOGIT_POSITIONS, SEQUENCE
 from graphs.state import is_state_input, is_state_output, past_name_for
 from runtime_py.export_format import mtp_variant_file, onnx_variant_files
 
@@ -146,11 +147,12 @@ class OnnxModel:
         self.state_inputs = [i for i in self.decoder.get_inputs() if is_state_input(i.name)]
         self.output_names = [o.name for o in self.decoder.get_outputs()]
         self.embeds_dtype = _NP_TYPES[self.decoder.get_inputs()[0].type]
-        # Exports give logits for the last position only unless exported with --all-logits.
-        self.all_logits = not isinstance(self.decoder.get_outputs()[0].shape[1], int)
         # An export with an MTP head: the decoder also returns hidden states, logits where asked.
-        self.draftable = "hidden_states" in self.output_names
-        self.selects_logits = any(i.name == "logit_positions" for i in self.decoder.get_overridable_initializers())
+        self.draftable = HIDDEN_STATES in self.output_names
+        self.selects_logits = any(i.name == LOGIT_POSITIONS for i in self.decoder.get_overridable_initializers())
+        # Exports give logits for the last position only unless exported with --all-logits (a draftable
+        # decoder's logit rows are a dynamic dim too, `logit_positions`, but default to the last one).
+        self.all_logits = self.decoder.get_outputs()[0].shape[1] == SEQUENCE
         self._mtp: MtpHead | None = None
 
     @property
@@ -221,8 +223,8 @@ class OnnxModel:
         if logits_last is None:
             return _run_stateful(self.decoder, feeds, state, new_mask, ["logits"], position_ids)
         if self.selects_logits:
-            feeds["logit_positions"] = np.arange(-logits_last, 0, dtype=np.int64)
-        return _run_stateful(self.decoder, feeds, state, new_mask, ["logits", "hidden_states"], position_ids)
+            feeds[LOGIT_POSITIONS] = np.arange(-logits_last, 0, dtype=np.int64)
+        return _run_stateful(self.decoder, feeds, state, new_mask, ["logits", HIDDEN_STATES], position_ids)
 
 
 class MtpHead:

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from graphs.config import load_text_config
-from graphs.io_spec import decoder_spec
+from graphs.io_spec import LOGIT_POSITIONS, decoder_spec
 from runtime_py.session import OnnxModel
 
 
@@ -98,7 +98,7 @@ def test_every_norm_is_one_node(layout, norm_op, tiny_exports, tiny_checkpoints)
     assert attrs["axis"] == -1 and attrs["stash_type"] == 1 and attrs["epsilon"] == pytest.approx(cfg.rms_norm_eps)
 
 
-DOCUMENTED_AXES = {"batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"}
+DOCUMENTED_AXES = {"batch_size", "sequence_length", "past_sequence_length", "total_sequence_length", LOGIT_POSITIONS}
 
 
 @pytest.mark.parametrize("layout", ["kv_equal_tied", "kv_double_untied"])

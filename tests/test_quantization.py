@@ -125,9 +125,13 @@ def test_float_variants_pass_their_gates_on_a_tiny_random_model(tiny_untied_quan
 
 
 def test_last_position_logits_by_default(default_all_variants, tiny_exports):
+    """A 512-token prefill allocates 1 × vocab logits, not 512 × vocab. The default model has an MTP
+    head, so its decoder is draftable: its logit rows are `logit_positions`, whose default is [-1]."""
     graph = _load(default_all_variants, "decoder_model_merged.onnx").graph
     dims = graph.output[0].type.tensor_type.shape.dim
-    assert dims[1].dim_value == 1  # a 512-token prefill allocates 1 × vocab logits, not 512 × vocab
+    assert dims[1].dim_param == "logit_positions"
+    default = next(t for t in graph.initializer if t.name == "logit_positions")
+    assert onnx.numpy_helper.to_array(default).tolist() == [-1]
     model = OnnxModel(default_all_variants, "fp32")
     long = model.forward(np.arange(512)[None] % 1000, model.new_state(1))
     assert long.shape == (1, 1, 1024)

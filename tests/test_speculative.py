@@ -127,3 +127,21 @@ def test_images_with_speculative_decoding_or_state_are_one_clear_error(tiny_mtp_
     assert result.exit_code == 1 and result.output.count("\n") == 1
     assert "images and video run with plain decoding only" in result.output
     assert not (tmp_path / "state.safetensors").exists()
+
+
+@pytest.mark.parametrize("variant", ["fp32", "q4"])
+def test_the_default_models_trained_head_drafts_the_plain_tokens(default_contrib_export, variant):
+    """The embedded default model carries a trained MTP head: on held-out text speculative greedy
+    gives the plain greedy tokens for k = 1..3, and the head's first drafts are mostly accepted
+    (BENCHMARKS.md has the measured acceptance; random heads accept almost none)."""
+    from default_model import CHECKPOINT_DIR
+    from runtime_py.tokenizer import TextTokenizer
+
+    model = OnnxModel(default_contrib_export, variant)
+    text = (CHECKPOINT_DIR.parent / "heldout.txt").read_text()
+    prompt = TextTokenizer(default_contrib_export).encode(text[:300])
+    plain = generate(model, prompt, 48)
+    for k in (1, 2, 3):
+        stats = []
+        assert generate_speculative(model, prompt, 48, k, stats=stats) == plain, f"k={k}"
+        assert stats[0].acceptance()[0] > 0.4, f"k={k}: first-draft acceptance {stats[0].acceptance()}"

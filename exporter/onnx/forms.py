@@ -6,8 +6,9 @@
   `SimplifiedLayerNormalization`, the rest of the graph on the trace opset (ORT >= 1.25, what web
   and mobile runtimes load).
 
-`to_contrib` turns a saved standard graph into the contrib form (the app bundles need it). It edits
-protobufs only, so packaging needs neither torch nor the weights in memory.
+`to_contrib` turns a saved standard graph into the contrib form (the app bundles need it), and
+`as_plain_decoder` gives a draftable decoder the plain decoder's I/O (what onnxruntime-genai binds).
+Both edit protobufs only, so packaging needs neither torch nor the weights in memory.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 
 import onnx
 
+from graphs.io_spec import HIDDEN_STATES, LOGIT_POSITIONS
 from runtime_py.export_format import RECURRENT_FORMS, TRACE_OPSET
 
 RECURRENT_OPS = ("LinearAttention", "CausalConvWithState")
@@ -56,3 +58,27 @@ def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
         for attr in node.attribute:
             for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
                 yield from all_nodes(sub)
+
+
+def as_plain_decoder(model: onnx.ModelProto) -> bool:
+    """Give a draftable decoder (an export with an MTP head) the plain decoder's inputs and outputs,
+    in place; returns whether it was draftable.
+
+    onnxruntime-genai allocates `logits` as [batch, new tokens, vocab] unless their second dim is a
+    fixed 1, and knows neither `logit_positions` nor `hidden_states`: fed a draftable decoder it fails
+    at the first call. Dropping the input leaves its default ([-1], the last position) as a constant,
+    so the logits are the last position's, a fixed 1 row; the hidden states stay an internal value."""
+    graph = model.graph
+    if not any(o.name == HIDDEN_STATES for o in graph.output):
+        return False
+    selects = any(i.name == LOGIT_POSITIONS for i in graph.input)
+    kept_inputs = [i for i in graph.input if i.name != LOGIT_POSITIONS]
+    kept_outputs = [o for o in graph.output if o.name != HIDDEN_STATES]
+    del graph.input[:], graph.output[:]
+    graph.input.extend(kept_inputs)
+    graph.output.extend(kept_outputs)
+    if selects:
+        rows = next(o for o in graph.output if o.name == "logits").type.tensor_type.shape.dim[1]
+        rows.Clear()
+        rows.dim_value = 1
+    return True

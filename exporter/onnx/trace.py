@@ -26,7 +26,7 @@ from exporter.onnx.layer_stack import (BOUNDARY_TRANSLATION, NotStackable, stack
 from exporter.onnx.norms import fuse_norms
 from exporter.onnx.recurrent import place_recurrent_ops, translation_table
 from exporter.onnx.streamed import CheckpointWeight, RowReader, adopt_folded, adopt_placeholders
-from graphs.io_spec import DEFAULT_LOGIT_POSITIONS, GraphSpec, decoder_spec, embed_spec, mtp_spec
+from graphs.io_spec import DEFAULT_LOGIT_POSITIONS, LOGIT_POSITIONS, GraphSpec, decoder_spec, embed_spec, mtp_spec
 from graphs.mtp import DraftableDecoder, MTPDraftStep
 from graphs.qwen3_5 import EmbedTokens, Qwen35Decoder
 from graphs.state import TOTAL_LENGTH, StateTensor, mtp_state_tensors, state_tensors
@@ -251,8 +251,8 @@ def finish_decoder_graph(graph: ir.Model, model: Qwen35Decoder, recurrent_ops: s
     """What every traced decoder graph gets: the default of `logit_positions`, the recurrent ops in
     their domain, fused norms, the spec's names and descriptions."""
     spec = decoder_spec(model.cfg, _dtype_name(model), model.logits_mode == "all", draftable)
-    if "logit_positions" in spec.input_names:
-        _give_default(graph, "logit_positions", np.array(DEFAULT_LOGIT_POSITIONS, np.int64))
+    if LOGIT_POSITIONS in spec.input_names:
+        _give_default(graph, LOGIT_POSITIONS, np.array(DEFAULT_LOGIT_POSITIONS, np.int64))
     place_recurrent_ops(graph, recurrent_ops)
     fuse_norms(graph, recurrent_ops)
     _describe(graph, spec, f"Qwen3.5 hybrid decoder, prefill and decode, recurrent ops: {recurrent_ops} (qwen-edge)")

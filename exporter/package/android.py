@@ -32,7 +32,7 @@ import onnx
 import onnxruntime as ort
 
 from exporter.onnx.external_data import relocate
-from exporter.onnx.forms import to_contrib
+from exporter.onnx.forms import as_plain_decoder, to_contrib
 from exporter.package.manifest import load_graph
 from graphs.config import TextConfig, TokenIds, declared_token_ids
 from graphs.errors import QwenEdgeError
@@ -63,6 +63,7 @@ def merge_embedding(embed_path: Path, decoder_path: Path, out_path: Path) -> boo
     if "inputs_embeds" not in [i.name for i in decoder.graph.input]:
         raise QwenEdgeError(f"{decoder_path}: has no 'inputs_embeds' input; package a folder written by 'qwen-edge export'")
     converted = to_contrib(decoder)
+    as_plain_decoder(decoder)
     _check_same_default_opset(embed, decoder, embed_path)
     clash = {t.name for t in embed.graph.initializer} & {t.name for t in decoder.graph.initializer}
     if clash:

@@ -26,7 +26,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from exporter.onnx.external_data import relocate, stored_tensors
-from exporter.onnx.forms import to_contrib
+from exporter.onnx.forms import as_plain_decoder, to_contrib
 from graphs.config import VisionConfig
 from graphs.errors import QwenEdgeError
 from runtime_py.vision_preprocess import PixelSettings
@@ -51,13 +51,16 @@ def _save(model: onnx.ModelProto, sources: list[tuple[onnx.TensorProto, Path]], 
     onnx.save(model, str(out_path))
 
 
-def copy_graph(src: Path, out_path: Path, contrib: bool = False) -> bool:
-    """Re-home a graph's weights beside `out_path` (and move its recurrent ops to com.microsoft);
-    returns whether any op was moved."""
+def copy_graph(src: Path, out_path: Path, decoder: bool = False) -> bool:
+    """Re-home a graph's weights beside `out_path`; a `decoder` also gets its recurrent ops in
+    com.microsoft and the plain decoder's inputs and outputs (exporter/onnx/forms.py). Returns
+    whether any recurrent op was moved."""
     if not src.is_file():
         raise QwenEdgeError(f"{src}: graph file missing from the export; re-run 'qwen-edge export'")
     model = onnx.load(str(src), load_external_data=False)
-    converted = to_contrib(model) if contrib else False
+    converted = to_contrib(model) if decoder else False
+    if decoder:
+        as_plain_decoder(model)
     _save(model, [(t, src.parent) for t in stored_tensors(model.graph)], out_path)
     return converted
 
@@ -141,7 +144,7 @@ def write_vision_graphs(export_dir: Path, out: Path, variants: dict[str, dict], 
         names = graph_names(entry["decoder"])
         copy_graph(export_dir / entry["vision_encoder"], out / names["vision"])
         embedding_graph(export_dir / entry["embed_tokens"], out / names["embedding"], vision.image_token_id)
-        converted = copy_graph(export_dir / entry["decoder"], out / names["decoder"], contrib=True)
+        converted = copy_graph(export_dir / entry["decoder"], out / names["decoder"], decoder=True)
         records[name] = {**names, "converted_to_contrib": converted}
     first = records[next(iter(variants))]
     (out / PROCESSOR_CONFIG).write_text(json.dumps(processor_config(settings), indent=2) + "\n")
