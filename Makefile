@@ -63,6 +63,13 @@ bench: $(STAMP)
 	$(PY) -m exporter.bench.export --preset qwen3.5-2b --quant q4,q4f16,fp16 --verify-all
 	$(PY) -m exporter.bench.export --preset qwen3.5-4b --quant q4,q4f16,fp16 --verify-all
 	$(PY) -m exporter.bench.export --preset qwen3.5-9b --quant q4,q4f16,fp16 --verify-all
+	$(PY) -m exporter.bench.vision --preset qwen3.5-0.8b
+	$(PY) -m exporter.bench.vision --preset qwen3.5-2b
+	# acceptance of the default model's trained MTP head on held-out text (BENCHMARKS.md, issue 14)
+	$(VENV)/bin/qwen-edge export default build/bench/default-q4 --quant q4 --force
+	$(PY) -m exporter.bench.speculative build/bench/default-q4 --variant q4 --prompt 64 --tokens 64 \
+		--draft-tokens 1,2,3 --acceptance 0,1 --repeats 1 --heldout default_model/heldout.txt --skip-restore \
+		--out bench_out/speculative_default.json
 
 clean:
 	rm -rf build $(VENV) tests/js/node_modules
