@@ -8,6 +8,7 @@ time and memory went.
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -99,6 +100,15 @@ _with_helpers = 0  # the largest (own peak so far + peak of the helpers waited f
 def _maxrss(who: int) -> int:
     peak = resource.getrusage(who).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc; 0 where that is missing)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def own_peak_rss_bytes() -> int:

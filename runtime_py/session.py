@@ -247,7 +247,7 @@ class MtpHead:
         for i in range(0, next_embeds.shape[1], self.chunk):
             e, h = next_embeds[:, i : i + self.chunk], hidden[:, i : i + self.chunk]
             feeds = {"inputs_embeds": np.ascontiguousarray(e, dtype=self.embeds_dtype),
-                     "hidden_states": np.ascontiguousarray(h, dtype=self.embeds_dtype)}
+                     HIDDEN_STATES: np.ascontiguousarray(h, dtype=self.embeds_dtype)}
             logits, head_hidden = _run_stateful(self.session, feeds, state, np.ones(e.shape[:2], np.int64),
                                                 ["logits", "mtp_hidden_states"])
         return logits[0, -1], head_hidden

@@ -32,7 +32,7 @@ import onnx_ir as ir
 from onnx_ir._core import TensorBase
 
 from exporter.onnx.external_data import set_external
-from exporter.progress import helper_finished, own_peak_rss_bytes
+from exporter.progress import helper_finished, own_peak_rss_bytes, rss_bytes
 from graphs.errors import QwenEdgeError
 from quant.onnx_weights import PackedWeight, contiguous, pack_blockwise, packed_shapes
 from quant.schemes import WeightFormat
@@ -320,7 +320,7 @@ def _write_two_shares(reader: RowReader, shares: list[list[str]], by_source: dic
         os.close(read_end)
         code = 0
         try:
-            inherited = _rss_bytes()
+            inherited = rss_bytes()
             _write_share(reader, shares[1], by_source, files, block_bytes,
                          lambda b, t: os.write(write_end, f"p {b} {t}\n".encode()))
             os.write(write_end, f"m {max(0, own_peak_rss_bytes() - inherited)}\n".encode())
@@ -377,15 +377,6 @@ def _write_two_shares(reader: RowReader, shares: list[list[str]], by_source: dic
         raise QwenEdgeError(theirs.get("e") or f"the weight writer process ended with status {status}")
     if "m" in theirs:
         helper_finished(theirs["m"][0])
-
-
-def _rss_bytes() -> int:
-    """This process's resident memory now (Linux /proc; 0 where that is missing)."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def save_proto(model: onnx.ModelProto, path: Path, tensors: dict[str, ir.TensorProtocol],
