@@ -114,7 +114,7 @@ def main() -> None:
     """Export, verify and run Qwen3.5 hybrid models for phones."""
 
 
-ONNX_ONLY = ("recurrent_ops", "block_size", "asymmetric", "accuracy_level", "all_logits", "no_mtp")
+ONNX_ONLY = ("recurrent_ops", "block_size", "asymmetric", "accuracy_level", "all_logits", "no_mtp", "draft_vocab")
 COREML_ONLY = ("chunk", "context", "recurrent_state", "image_sizes")
 
 
@@ -136,6 +136,9 @@ COREML_ONLY = ("chunk", "context", "recurrent_state", "image_sizes")
               help="ONNX: MatMulNBits compute: 4 = int8 activations (fastest on CPU), 1 = fp32, 0 = runtime default.")
 @click.option("--all-logits", is_flag=True, help="ONNX: logits for every position (default: last position only).")
 @click.option("--no-mtp", is_flag=True, help="ONNX: leave out the checkpoint's MTP head (no speculative decoding).")
+@click.option("--draft-vocab", type=click.IntRange(min=1), default=None,
+              help="ONNX: the MTP head drafts among the first N token ids only (cheaper drafts, the same output; "
+                   "int4/int8 variants). Default: the whole vocabulary.")
 @click.option("--chunk", type=click.IntRange(min=1), default=64, show_default=True, help="Core ML: tokens per prefill call.")
 @click.option("--context", type=ContextLength(), default=4096, show_default=True,
               help="Core ML: KV-cache capacity (a multiple of --chunk).")
@@ -148,7 +151,8 @@ COREML_ONLY = ("chunk", "context", "recurrent_state", "image_sizes")
 @click.pass_context
 def export(ctx: click.Context, checkpoint: str, out: Path, fmt: str, quant_names: str, recurrent_ops: str,
            block_size: str, asymmetric: bool, accuracy_level: int, all_logits: bool, chunk: int, context: int,
-           recurrent_state: str, image_sizes: str | None, force: bool, quiet: bool, no_mtp: bool) -> None:
+           recurrent_state: str, image_sizes: str | None, force: bool, quiet: bool, no_mtp: bool,
+           draft_vocab: int | None) -> None:
     """Export CHECKPOINT (a Hugging Face folder, or 'default') to ONNX or Core ML in OUT.
 
     \b
@@ -177,7 +181,7 @@ def export(ctx: click.Context, checkpoint: str, out: Path, fmt: str, quant_names
         from exporter.onnx.backend import OnnxBackend, OnnxOptions
 
         backend = OnnxBackend(OnnxOptions(recurrent_ops, QuantOptions(int(block_size), not asymmetric, accuracy_level),
-                                          all_logits, not no_mtp))
+                                          all_logits, not no_mtp, draft_vocab=draft_vocab))
     run_export(request, backend)
     label = "Core ML: " if fmt == "coreml" else ""
     click.echo(f"exported {checkpoint} -> {out} ({label}{', '.join(s.name for s in request.schemes)}) in "

@@ -163,7 +163,7 @@ class OnnxModel:
             if path is None or not self.draftable:
                 raise QwenEdgeError(f"{self.export_dir}: variant '{self.variant}' has no MTP head, so it cannot "
                                     "draft; export a checkpoint that carries one (`mtp.*` weights), without --no-mtp")
-            self._mtp = MtpHead(path, self.threads, self.prefill_chunk)
+            self._mtp = MtpHead(path, self.threads, self.prefill_chunk, vocab=self.decoder.get_outputs()[0].shape[-1])
         return self._mtp
 
     def new_state(self, batch: int) -> SequenceState:
@@ -228,12 +228,18 @@ class OnnxModel:
 
 
 class MtpHead:
-    """The `mtp` graph of an export: drafts the token after next from a hidden state and the next token."""
+    """The `mtp` graph of an export: drafts the token after next from a hidden state and the next token.
 
-    def __init__(self, path: Path, threads: int | None, chunk: int = 64) -> None:
+    A head exported with --draft-vocab N scores the first N tokens only (exporter/onnx/draft_vocab.py);
+    its logits are padded to the decoder's `vocab` with -inf, so the rest are never drafted and have
+    draft probability 0 (which the speculative sampling rule handles like any other q)."""
+
+    def __init__(self, path: Path, threads: int | None, chunk: int = 64, vocab: int | None = None) -> None:
         self.session = graph_session(path, threads)
         self.chunk = chunk
         self.embeds_dtype = _NP_TYPES[self.session.get_inputs()[0].type]
+        self.draft_vocab = self.session.get_outputs()[0].shape[-1]
+        self.vocab = vocab or self.draft_vocab
 
     def new_state(self, batch: int) -> SequenceState:
         """An empty cache for the head."""
@@ -250,4 +256,7 @@ class MtpHead:
                      HIDDEN_STATES: np.ascontiguousarray(h, dtype=self.embeds_dtype)}
             logits, head_hidden = _run_stateful(self.session, feeds, state, np.ones(e.shape[:2], np.int64),
                                                 ["logits", "mtp_hidden_states"])
-        return logits[0, -1], head_hidden
+        draft = logits[0, -1]
+        if self.draft_vocab < self.vocab:
+            draft = np.concatenate([draft, np.full(self.vocab - self.draft_vocab, -np.inf, draft.dtype)])
+        return draft, head_hidden

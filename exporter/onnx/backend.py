@@ -33,6 +33,7 @@ import onnx_ir as ir
 import onnxruntime
 import torch
 
+from exporter.onnx.draft_vocab import limit_draft_vocab
 from exporter.onnx.external_data import external_info, set_external, share_identical_weights
 from exporter.onnx.streamed import Sink, save_graph, save_proto, stream_weights
 from exporter.onnx.trace import (StreamedWeights, name_nodes_and_strip_trace_metadata, trace_decoder, trace_embed,
@@ -61,8 +62,11 @@ class OnnxOptions:
     all_logits: bool = False  # logits of every position (default: the last one)
     mtp: bool = True  # export the checkpoint's MTP head when it has one (--no-mtp: leave it out)
     stream_weights: bool = True  # False: trace and write with the weights in memory (the test reference)
+    draft_vocab: int | None = None  # the MTP head drafts among the first N tokens only (exporter/onnx/draft_vocab.py)
 
     def __post_init__(self) -> None:
+        if self.draft_vocab is not None and self.draft_vocab < 1:
+            raise QwenEdgeError(f"--draft-vocab {self.draft_vocab}: give a number of tokens, at least 1")
         if self.recurrent_ops not in RECURRENT_FORMS:
             raise QwenEdgeError(f"--recurrent-ops {self.recurrent_ops!r}: use one of {', '.join(RECURRENT_FORMS)}")
 
@@ -208,11 +212,14 @@ class OnnxBackend:
         self.sinks = []
 
     def _complete(self, folder: Path) -> None:
-        """With every byte written: the MTP graph reads the LM head from the decoder's data file, and
-        each record gets its size and fingerprint."""
+        """With every byte written: the MTP graph reads the LM head from the decoder's data file (the
+        first --draft-vocab rows of it, if given), and each record gets its size and fingerprint."""
         for record in self.written:
             if "mtp" in record:
                 share_identical_weights(folder / record["mtp"], folder / record["decoder"])
+                limited = self.options.draft_vocab and limit_draft_vocab(folder / record["mtp"], self.options.draft_vocab)
+                if limited:
+                    record["draft_vocab"] = limited
             _complete_record(record, folder)
         self.written = []
 
