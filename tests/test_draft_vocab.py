@@ -24,7 +24,7 @@ PROMPT = [3, 17, 42, 99, 5, 250, 8, 61, 777, 140, 12, 900]
 @pytest.fixture(scope="module")
 def limited_export(tiny_mtp_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("draft_vocab") / "export"
-    result = CliRunner().invoke(main, ["export", str(tiny_mtp_checkpoint), str(out), "--quant", "fp32,q4",
+    result = CliRunner().invoke(main, ["export", str(tiny_mtp_checkpoint), str(out), "--quant", "fp32,q4,q4f16",
                                        "--draft-vocab", str(DRAFT), "--quiet"])
     assert result.exit_code == 0, result.output
     return out
@@ -40,7 +40,7 @@ def _lm_head_tensors(graph_path: Path) -> dict[str, onnx.TensorProto]:
 def test_the_quantized_head_reads_a_prefix_of_the_decoders_lm_head(limited_export: Path) -> None:
     manifest = json.loads((limited_export / "qwen_edge.json").read_text())
     records = manifest["variants"]
-    assert records["q4"]["draft_vocab"] == DRAFT
+    assert records["q4"]["draft_vocab"] == records["q4f16"]["draft_vocab"] == DRAFT
     assert "draft_vocab" not in records["fp32"]  # a float head is stored transposed: no prefix to read
     head = _lm_head_tensors(limited_export / records["q4"]["mtp"])
     decoder = _lm_head_tensors(limited_export / records["q4"]["decoder"])
@@ -62,6 +62,17 @@ def test_limited_drafts_are_the_full_heads_first_scores(limited_export: Path, ti
     assert a.shape == b.shape == (1024,)
     np.testing.assert_allclose(a[:DRAFT], b[:DRAFT], rtol=0, atol=1e-5)
     assert np.all(a[DRAFT:] == -np.inf)  # never drafted, draft probability 0
+
+
+def test_an_fp16_head_is_limited_too(limited_export: Path) -> None:
+    """q4f16: fp16 scales, and the logits leave the head through a cast to float32."""
+    model = OnnxModel(limited_export, "q4f16")
+    assert model.mtp.draft_vocab == DRAFT
+    prefix = [5, 60, 700]
+    assert generate_speculative(model, prefix, 8, 2) == generate(model, prefix, 8)
+    hidden = np.zeros((1, 1, model.mtp.session.get_inputs()[1].shape[-1]), np.float32)
+    logits, _ = model.mtp.forward(model.embed_ids(np.array([[7]])), hidden, model.mtp.new_state(1))
+    assert logits.shape == (1024,) and np.isfinite(logits[:DRAFT]).all() and np.all(logits[DRAFT:] == -np.inf)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
