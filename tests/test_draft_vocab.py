@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from exporter.cli import main
+from exporter.onnx.draft_vocab import LM_HEAD_NODE
 from exporter.onnx.external_data import external_info
 from runtime_py.generate import Sampling, generate
 from runtime_py.session import OnnxModel
@@ -32,7 +33,7 @@ def limited_export(tiny_mtp_checkpoint: Path, tmp_path_factory: pytest.TempPathF
 
 def _lm_head_tensors(graph_path: Path) -> dict[str, onnx.TensorProto]:
     model = onnx.load(str(graph_path), load_external_data=False)
-    node = next(n for n in model.graph.node if n.name == "/lm_head/MatMulNBits")
+    node = next(n for n in model.graph.node if n.name == LM_HEAD_NODE)
     by_name = {t.name: t for t in model.graph.initializer}
     return {name: by_name[name] for name in node.input[1:] if name}
 
