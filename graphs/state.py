@@ -159,6 +159,15 @@ def is_state_output(name: str) -> bool:
     return any(regex.match(name) for regex, _ in _PRESENT)
 
 
+_FIXED_SIZE = [_pattern_regex(r.past_pattern) for r in ROLES if r.layer_type == "linear_attention"]
+
+
+def is_fixed_size_state(past_name: str) -> bool:
+    """True for the conv and recurrent state inputs: the same shape every call, so a runtime may let a
+    call write its output over its input (the attention caches grow, so they cannot)."""
+    return any(regex.match(past_name) for regex in _FIXED_SIZE)
+
+
 def name_patterns(direction: str) -> dict[str, str]:
     """{role: pattern} of graph inputs ("past") or outputs ("present"), e.g. for onnxruntime-genai."""
     attr = {"past": "past_pattern", "present": "present_pattern"}[direction]

@@ -49,11 +49,15 @@ class RecurrentForm:
     name: str
     domain: str  # "" is the default ONNX domain
     min_onnxruntime: str
+    # The kernels update conv and recurrent state in place when a call binds each state output to its
+    # input's buffer (onnxruntime-genai runs them so on CPU). ONNX Runtime expands the standard ops
+    # into a Scan, which makes no such promise.
+    state_in_place: bool
 
 
 RECURRENT_FORMS = {f.name: f for f in (
-    RecurrentForm("standard", "", "1.32"),  # opset 27 LinearAttention / CausalConvWithState
-    RecurrentForm("contrib", "com.microsoft", "1.25"),  # ONNX Runtime's contrib ops
+    RecurrentForm("standard", "", "1.32", False),  # opset 27 LinearAttention / CausalConvWithState
+    RecurrentForm("contrib", "com.microsoft", "1.25", True),  # ONNX Runtime's contrib ops
 )}
 STANDARD_OPSET = 27  # the opset that defines the standard recurrent ops
 TRACE_OPSET = 20  # the default-domain opset graphs are traced in; a contrib graph keeps it

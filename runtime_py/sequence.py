@@ -48,7 +48,12 @@ def prefill(model: OnnxModel, token_ids: list[int], after: PrefixState | None = 
         if after is None:
             raise ValueError("the prompt is empty; give at least one token")
         return after.fork()
-    start = after.fork() if after is not None else None
+    return extend(model, token_ids, after.fork() if after is not None else None, with_head)
+
+
+def extend(model: OnnxModel, token_ids: list[int], start: PrefixState | None, with_head: bool = False) -> PrefixState:
+    """`prefill` that consumes `start` instead of forking it: a loop that keeps only the newest prefix
+    lets each call update the recurrent state in place (runtime_py/session.py)."""
     state = start.state if start else model.new_state(1)
     ids = np.array([token_ids], np.int64)
     if not with_head:
@@ -104,7 +109,7 @@ class PlainSession:
         return [self.chosen]
 
     def round(self) -> list[int]:
-        self.current = prefill(self.model, [self.chosen], self.current, self.with_head)
+        self.current = extend(self.model, [self.chosen], self.current, self.with_head)
         self.chosen = choose_token(self.current.last_logits, self.sampling, self.rng)
         return [self.chosen]
 

@@ -1,7 +1,10 @@
 """ONNX Runtime sessions for an export, with the sequence state owned here between calls.
 
 State tensors stay ORT-owned `OrtValue`s: each step's state outputs are passed as the next step's
-state inputs (`run_with_ort_values`, names from graphs/state.py), so no state is copied through NumPy.
+state inputs (names from graphs/state.py), so no state is copied through NumPy. With the contrib
+recurrent ops, a call writes the conv and recurrent state over the buffers it read, as
+onnxruntime-genai does, when no other state shares them (copy on write: `SequenceState.owned`);
+the kernels then skip copying 1 MiB of state per layer and step (BENCHMARKS.md).
 Input names, shapes and dtypes are read from the graphs themselves (they carry the I/O spec).
 
 An export with an MTP head (graphs/mtp.py) has a draftable decoder, which also returns the hidden
@@ -12,7 +15,7 @@ it for the speculative loop (runtime_py/speculative.py).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +23,8 @@ import onnxruntime as ort
 
 from graphs.errors import QwenEdgeError
 from graphs.io_spec import HIDDEN_STATES, LOGIT_POSITIONS, SEQUENCE
-from graphs.state import is_state_input, is_state_output, past_name_for
-from runtime_py.export_format import mtp_variant_file, onnx_variant_files
+from graphs.state import is_fixed_size_state, is_state_input, is_state_output, past_name_for
+from runtime_py.export_format import RECURRENT_FORMS, mtp_variant_file, onnx_variant_files, read_manifest
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
@@ -33,15 +36,18 @@ class SequenceState:
     values: dict[str, ort.OrtValue]
     attention_mask: np.ndarray  # [B, past] int64
     positions: np.ndarray  # [B] next position per row (counts real tokens only)
+    # Values only this state holds (outputs of its own calls), which a call may overwrite in place.
+    owned: set[str] = field(default_factory=set)
 
     @property
     def past_length(self) -> int:
         return self.attention_mask.shape[1]
 
     def fork(self) -> "SequenceState":
-        """A copy to run ahead with: later calls on it leave this state as it is (no tensor is copied,
-        since every call's outputs are new values)."""
-        return replace(self, values=dict(self.values))
+        """A copy to run ahead with: later calls on either leave the other as it is. No tensor is copied:
+        both share every value, so neither owns one any more, and each one's next call returns new ones."""
+        self.owned.clear()
+        return replace(self, values=dict(self.values), owned=set())
 
 
 GraphRewrite = Callable[[Path], bytes]  # a graph file -> the serialized graph to load in its place
@@ -105,21 +111,42 @@ def call_positions(past_mask: np.ndarray, positions: np.ndarray, new_mask: np.nd
 
 
 def _run_stateful(session: ort.InferenceSession, feeds: dict[str, np.ndarray], state: SequenceState,
-                  new_mask: np.ndarray, wanted: list[str], position_ids: np.ndarray | None = None) -> list[np.ndarray]:
+                  new_mask: np.ndarray, wanted: list[str], position_ids: np.ndarray | None = None,
+                  in_place: frozenset[str] = frozenset()) -> list[np.ndarray]:
     """One call: `feeds` plus the mask, positions and state of `state`, which it then advances by
     the `new_mask` tokens. Returns the `wanted` outputs. `position_ids` [3, B, T]: explicit mRoPE
-    positions; the next call then continues from their maximum + 1."""
+    positions; the next call then continues from their maximum + 1. `in_place`: the state inputs
+    whose outputs may be written over them, when `state` owns them."""
     mask, position_ids, next_positions = call_positions(state.attention_mask, state.positions, new_mask, position_ids)
-    inputs = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in feeds.items()}
-    inputs["attention_mask"] = ort.OrtValue.ortvalue_from_numpy(mask)
-    inputs["position_ids"] = ort.OrtValue.ortvalue_from_numpy(position_ids)
-    inputs.update(state.values)
-    # run_with_ort_values, not IO binding: only it accepts an input that has a default (logit_positions)
+    arrays = {**feeds, "attention_mask": mask, "position_ids": position_ids}
     names = [o.name for o in session.get_outputs() if o.name in wanted or is_state_output(o.name)]
+    overwrite = in_place & state.owned
+    # IO binding refuses an input that has a default (logit_positions); run_with_ort_values takes it
+    # but cannot write an output into a given buffer.
+    if overwrite and LOGIT_POSITIONS not in feeds:
+        binding = session.io_binding()
+        for name, array in arrays.items():
+            binding.bind_cpu_input(name, array)
+        for name, value in state.values.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in names:
+            past = past_name_for(name) if is_state_output(name) else None
+            if past in overwrite:
+                binding.bind_ortvalue_output(name, state.values[past])
+            else:
+                binding.bind_output(name, "cpu")
+        session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+    else:
+        inputs = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
+        outputs = session.run_with_ort_values(names, {**inputs, **state.values})
     results = {}
-    for name, value in zip(names, session.run_with_ort_values(names, inputs)):
+    for name, value in zip(names, outputs):
         if is_state_output(name):
-            state.values[past_name_for(name)] = value
+            past = past_name_for(name)
+            state.values[past] = value
+            if past in in_place:
+                state.owned.add(past)
         else:
             results[name] = value.numpy()
     state.attention_mask = mask
@@ -145,6 +172,9 @@ class OnnxModel:
         self.decoder = graph_session(decoder, threads, rewrite)
         self.embed = graph_session(embed, threads, rewrite)
         self.state_inputs = [i for i in self.decoder.get_inputs() if is_state_input(i.name)]
+        form = RECURRENT_FORMS.get(read_manifest(self.export_dir).get("recurrent_ops", "standard"))
+        self.in_place = frozenset(i.name for i in self.state_inputs
+                                  if form is not None and form.state_in_place and is_fixed_size_state(i.name))
         self.output_names = [o.name for o in self.decoder.get_outputs()]
         self.embeds_dtype = _NP_TYPES[self.decoder.get_inputs()[0].type]
         # An export with an MTP head: the decoder also returns hidden states, logits where asked.
@@ -221,10 +251,11 @@ class OnnxModel:
         new_mask = np.ones((b, t), np.int64) if token_mask is None else token_mask.astype(np.int64)
         feeds = {"inputs_embeds": np.ascontiguousarray(embeds, dtype=self.embeds_dtype)}
         if logits_last is None:
-            return _run_stateful(self.decoder, feeds, state, new_mask, ["logits"], position_ids)
+            return _run_stateful(self.decoder, feeds, state, new_mask, ["logits"], position_ids, self.in_place)
         if self.selects_logits:
             feeds[LOGIT_POSITIONS] = np.arange(-logits_last, 0, dtype=np.int64)
-        return _run_stateful(self.decoder, feeds, state, new_mask, ["logits", HIDDEN_STATES], position_ids)
+        return _run_stateful(self.decoder, feeds, state, new_mask, ["logits", HIDDEN_STATES], position_ids,
+                             self.in_place)
 
 
 class MtpHead:
