@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
+from exporter.onnx.fusions import SKIP_NORM_OP
 from graphs.config import load_text_config
 from graphs.io_spec import LOGIT_POSITIONS, decoder_spec
 from runtime_py.session import OnnxModel
@@ -85,12 +86,15 @@ def test_state_shapes_and_constant_recurrent_memory(tiny_exports, tiny_checkpoin
                                             ("kv_double_untied", "SimplifiedLayerNormalization")])
 def test_every_norm_is_one_node(layout, norm_op, tiny_exports, tiny_checkpoints):
     """Two RMSNorms per layer; per Gated DeltaNet layer the gated norm and the L2 norms of q and k; per
-    attention layer the q and k norms; the final norm."""
+    attention layer the q and k norms; the final norm. In contrib graphs the norms after a residual
+    Add are fused with it (exporter/onnx/fusions.py)."""
     model = _decoder(tiny_exports[layout])
     cfg = load_text_config(tiny_checkpoints[layout])
     expected = 2 * len(cfg.layer_types) + 3 * len(cfg.linear_layers) + 2 * len(cfg.attention_layers) + 1
     norms = [n for n in model.graph.node if n.op_type == norm_op]
-    assert len(norms) == expected and {n.domain for n in norms} == {""}
+    skips = [n for n in model.graph.node if n.op_type == SKIP_NORM_OP]
+    assert len(norms) + len(skips) == expected and {n.domain for n in norms} == {""}
+    assert {n.domain for n in skips} == (set() if norm_op == "RMSNormalization" else {"com.microsoft"})
     assert not any(n.op_type in ("Pow", "Sqrt") for n in model.graph.node)  # each norm went into its fused node
     used = {name for n in model.graph.node for name in n.input}
     assert all(init.name in used for init in model.graph.initializer)  # the old chains' constants went too

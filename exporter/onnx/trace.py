@@ -23,6 +23,7 @@ from torch.onnx._internal._lazy_import import onnxscript_apis
 
 from exporter.onnx.layer_stack import (BOUNDARY_TRANSLATION, NotStackable, stack_layers, template_decoder,
                                        template_layers, template_name)
+from exporter.onnx.fusions import fuse_contrib
 from exporter.onnx.norms import fuse_norms
 from exporter.onnx.recurrent import place_recurrent_ops, translation_table
 from exporter.onnx.streamed import CheckpointWeight, RowReader, adopt_folded, adopt_placeholders
@@ -249,12 +250,15 @@ def trace_decoder(model: Qwen35Decoder, recurrent_ops: str, draftable: bool = Fa
 
 def finish_decoder_graph(graph: ir.Model, model: Qwen35Decoder, recurrent_ops: str, draftable: bool) -> None:
     """What every traced decoder graph gets: the default of `logit_positions`, the recurrent ops in
-    their domain, fused norms, the spec's names and descriptions."""
+    their domain, fused norms (and in the contrib form residual norms and softplus, exporter/onnx/fusions.py),
+    the spec's names and descriptions."""
     spec = decoder_spec(model.cfg, _dtype_name(model), model.logits_mode == "all", draftable)
     if LOGIT_POSITIONS in spec.input_names:
         _give_default(graph, LOGIT_POSITIONS, np.array(DEFAULT_LOGIT_POSITIONS, np.int64))
     place_recurrent_ops(graph, recurrent_ops)
     fuse_norms(graph, recurrent_ops)
+    if recurrent_ops == "contrib":
+        fuse_contrib(graph)
     _describe(graph, spec, f"Qwen3.5 hybrid decoder, prefill and decode, recurrent ops: {recurrent_ops} (qwen-edge)")
 
 
@@ -278,5 +282,6 @@ def trace_mtp(step: MTPDraftStep, weights: StreamedWeights | None = None) -> ir.
             *_sample_state(mtp_state_tensors(cfg), dtype))
     graph = _trace(step, args, spec, _dims(spec), weights)
     fuse_norms(graph, "contrib")
+    fuse_contrib(graph)
     _describe(graph, spec, "Qwen3.5 multi-token-prediction head: drafts the token after next (qwen-edge)")
     return graph
