@@ -28,7 +28,14 @@ def limited_export(tiny_mtp_checkpoint: Path, tmp_path_factory: pytest.TempPathF
     result = CliRunner().invoke(main, ["export", str(tiny_mtp_checkpoint), str(out), "--quant", "fp32,q4,q4f16",
                                        "--draft-vocab", str(DRAFT), "--quiet"])
     assert result.exit_code == 0, result.output
+    (out.parent / "export.log").write_text(result.output)
     return out
+
+
+def test_variants_it_does_not_apply_to_are_named(limited_export: Path) -> None:
+    notes = [line for line in (limited_export.parent / "export.log").read_text().splitlines() if "--draft-vocab" in line]
+    assert notes == [f"note: --draft-vocab {DRAFT} does not apply to variant fp32: its LM head is float, stored "
+                     "transposed, so only int4/int8 heads are limited"]
 
 
 def _lm_head_tensors(graph_path: Path) -> dict[str, onnx.TensorProto]:

@@ -24,6 +24,7 @@ decoder (`VisionTrace`).
 from __future__ import annotations
 
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +90,7 @@ class OnnxBackend:
         self.wants_mtp = options.mtp
         self.checkpoint: Checkpoint | None = None
         self.sinks: list[Sink] = []
-        self.written: list[dict] = []  # the variant records `finish` completes
+        self.written: list[tuple[str, dict]] = []  # (scheme name, variant record) that `finish` completes
         self.mtp_note: str | None = None
 
     @property
@@ -180,7 +181,7 @@ class OnnxBackend:
             patch_dim = self.checkpoint.vision.patch_dim
             record.update(write_vision_variant(traced.vision_dir, scheme, folder, self.options.quant, patch_dim))
             record["vision_bytes_on_disk"] = files_bytes(folder, [scheme.vision_file, scheme.vision_file + "_data"])
-        self.written.append(record)
+        self.written.append((scheme.name, record))
         return record
 
     def _write_quantized_embed(self, traced: Traced, scheme: Scheme, head: QuantizedHead | None,
@@ -214,12 +215,17 @@ class OnnxBackend:
     def _complete(self, folder: Path) -> None:
         """With every byte written: the MTP graph reads the LM head from the decoder's data file (the
         first --draft-vocab rows of it, if given), and each record gets its size and fingerprint."""
-        for record in self.written:
+        tokens = self.options.draft_vocab
+        for name, record in self.written:
             if "mtp" in record:
                 share_identical_weights(folder / record["mtp"], folder / record["decoder"])
-                limited = self.options.draft_vocab and limit_draft_vocab(folder / record["mtp"], self.options.draft_vocab)
+                limited = tokens and limit_draft_vocab(folder / record["mtp"], tokens)
                 if limited:
                     record["draft_vocab"] = limited
+                elif tokens:
+                    why = (f"the vocabulary has no more than {tokens} tokens" if "weight_bits" in record else
+                           "its LM head is float, stored transposed, so only int4/int8 heads are limited")
+                    print(f"note: --draft-vocab {tokens} does not apply to variant {name}: {why}", file=sys.stderr)
             _complete_record(record, folder)
         self.written = []
 
