@@ -10,7 +10,7 @@ target's own token there, so every round yields between 1 and k+1 tokens.
 Rolling back without copying state: the decoder state is committed lazily. After a round that
 accepts every draft, the verify call's output state is kept (it consumed exactly the accepted
 tokens). After a rejection, its output state is dropped and the state from before the call is kept
-(recurrent, conv and KV alike, since every call returns new tensors); the tokens accepted in that
+(recurrent, conv and KV alike: the call ran on a fork, which writes new tensors); the tokens accepted in that
 round stay pending and are run again at the front of the next verify call (decode reads every
 weight once per call, so a few more tokens in a call cost less than a call; BENCHMARKS.md has the
 measured cost). Once `max_pending` tokens wait, the next round drafts nothing: one decoder call
