@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import onnx
+import onnx_ir as ir
 
 from graphs.io_spec import HIDDEN_STATES, LOGIT_POSITIONS
 from runtime_py.export_format import RECURRENT_FORMS, TRACE_OPSET
@@ -28,11 +29,13 @@ CONTRIB_DOMAIN = RECURRENT_FORMS["contrib"].domain
 def to_contrib(model: onnx.ModelProto) -> bool:
     """Turn a standard (opset-27) graph into the contrib form, in place.
 
-    The recurrent nodes move to `com.microsoft` and each fused norm becomes
-    `SimplifiedLayerNormalization` (exporter/onnx/norms.py): same inputs, attributes and weights
-    (external data untouched), only op names, domains and opset imports change, so the result is the
-    graph `--recurrent-ops contrib` would have written. Returns False when the graph had no standard node.
+    The recurrent nodes move to `com.microsoft`, each fused norm becomes
+    `SimplifiedLayerNormalization` (exporter/onnx/norms.py), and the contrib fusions run
+    (exporter/onnx/fusions.py): same weights (external data untouched), so the result is the graph
+    `--recurrent-ops contrib` would have written. Returns False when the graph had no standard node.
     """
+    from exporter.onnx.fusions import fuse_contrib  # fusions.py reads this module's op names
+
     standard = [n for n in all_nodes(model.graph) if n.domain in ("", "ai.onnx")
                 and n.op_type in (*RECURRENT_OPS, NORM_OP["standard"])]
     if not standard:
@@ -48,6 +51,9 @@ def to_contrib(model: onnx.ModelProto) -> bool:
     imports.pop("ai.onnx", None)
     del model.opset_import[:]
     model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in sorted(imports.items()))
+    fused = ir.serde.deserialize_model(model)
+    if fuse_contrib(fused):
+        model.CopyFrom(ir.serde.serialize_model(fused))
     return True
 
 

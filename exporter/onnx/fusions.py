@@ -57,6 +57,7 @@ def fuse_skip_norms(model: ir.Model) -> int:
         names = norm.outputs[0].name, total.name
         model.graph.remove([norm, add], safe=True)
         out.name, summed.name = names
+        skip.outputs[1].name = skip.outputs[2].name = ""  # mean and inverse std: omitted optional outputs
         fused += 1
     if fused:
         model.opset_imports[CONTRIB_DOMAIN] = max(model.opset_imports.get(CONTRIB_DOMAIN, 1), 1)
