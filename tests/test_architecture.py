@@ -20,7 +20,7 @@ LAYERS = {
     "facts": ["graphs", "graphs.errors", "graphs.file_checks", "graphs.config", "graphs.state", "graphs.io_spec", "quant", "quant.schemes",
               "runtime_py.export_format", "default_model", "exporter"],
     "runtime": ["runtime_py", "runtime_py.*", "devices", "devices.*"],
-    "formats": ["exporter.onnx", "exporter.onnx.forms", "exporter.onnx.external_data", "exporter.onnx.norms",
+    "formats": ["exporter.onnx", "exporter.onnx.forms", "exporter.onnx.external_data", "exporter.onnx.norms", "exporter.onnx.fusions",
                 "exporter.package", "exporter.package.*", "exporter.atomic", "exporter.progress", "quant.onnx_weights"],
     "model": ["graphs.*", "default_model.*"],
     "export": ["exporter.pipeline", "exporter.onnx.*", "exporter.coreml", "exporter.coreml.*", "exporter.verify",
