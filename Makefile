@@ -39,8 +39,9 @@ $(BROWSER):
 install: $(STAMP) $(JS_DEPS) $(BROWSER)
 
 # Two workers (pytest-xdist) on the two cores; the exports many tests share are built once (tests/conftest.py).
+# The 25 slowest setups and calls are listed at the end: CI has 20 minutes.
 test: $(STAMP) $(JS_DEPS) $(BROWSER)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 demo: $(STAMP)
 	$(VENV)/bin/qwen-edge export default $(DEMO_OUT) --quant fp32,q4f16 --force
