@@ -121,6 +121,7 @@ def _run_stateful(session: ort.InferenceSession, feeds: dict[str, np.ndarray], s
     mask, position_ids, next_positions = call_positions(state.attention_mask, state.positions, new_mask, position_ids)
     arrays = {**feeds, "attention_mask": mask, "position_ids": position_ids}
     names = [o.name for o in session.get_outputs() if o.name in wanted or is_state_output(o.name)]
+    pasts = {name: past_name_for(name) for name in names if is_state_output(name)}  # present -> past
     overwrite = in_place & state.owned
     # IO binding refuses an input that has a default (logit_positions); run_with_ort_values takes it
     # but cannot write an output into a given buffer.
@@ -131,9 +132,8 @@ def _run_stateful(session: ort.InferenceSession, feeds: dict[str, np.ndarray], s
         for name, value in state.values.items():
             binding.bind_ortvalue_input(name, value)
         for name in names:
-            past = past_name_for(name) if is_state_output(name) else None
-            if past in overwrite:
-                binding.bind_ortvalue_output(name, state.values[past])
+            if pasts.get(name) in overwrite:
+                binding.bind_ortvalue_output(name, state.values[pasts[name]])
             else:
                 binding.bind_output(name, "cpu")
         session.run_with_iobinding(binding)
@@ -143,8 +143,8 @@ def _run_stateful(session: ort.InferenceSession, feeds: dict[str, np.ndarray], s
         outputs = session.run_with_ort_values(names, {**inputs, **state.values})
     results = {}
     for name, value in zip(names, outputs):
-        if is_state_output(name):
-            past = past_name_for(name)
+        past = pasts.get(name)
+        if past is not None:
             state.values[past] = value
             if past in in_place:
                 state.owned.add(past)

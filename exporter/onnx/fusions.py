@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from exporter.onnx.forms import CONTRIB_DOMAIN, NORM_OP
+from exporter.onnx.norms import drop_unused_initializers
 
 SKIP_NORM_OP = "SkipSimplifiedLayerNormalization"
 SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus's default
@@ -90,7 +91,5 @@ def fuse_contrib(model: ir.Model) -> int:
     before = len(model.graph)
     fuse_softplus_thresholds(model)
     fuse_skip_norms(model)
-    for name, value in list(model.graph.initializers.items()):
-        if not value.uses() and not value.is_graph_output():
-            del model.graph.initializers[name]
+    drop_unused_initializers(model)
     return before - len(model.graph)

@@ -94,6 +94,13 @@ def _match(square: ir.Node) -> NormChain | None:
     return NormChain(x, eps.item(), weight, [*nodes, scale_w])
 
 
+def drop_unused_initializers(model: ir.Model) -> None:
+    """Remove the constants a fusion left without a reader."""
+    for name, value in list(model.graph.initializers.items()):
+        if not value.uses() and not value.is_graph_output():
+            del model.graph.initializers[name]
+
+
 def fuse_norms(model: ir.Model, form: str) -> int:
     """Replace every RMSNorm and L2-normalisation chain in `model` by one node; returns how many."""
     op_type = NORM_OP[form]
@@ -127,9 +134,7 @@ def fuse_norms(model: ir.Model, form: str) -> int:
         model.graph.remove(chain.nodes, safe=True)
         norm.outputs[0].name = name
         fused += 1
-    for name, value in list(model.graph.initializers.items()):  # exponents, eps, axes of the old chains
-        if not value.uses() and not value.is_graph_output():
-            del model.graph.initializers[name]
+    drop_unused_initializers(model)  # exponents, eps, axes of the old chains
     if form == "standard" and fused:
         model.opset_imports[""] = max(model.opset_imports.get("", 23), 23)
     return fused
